@@ -1,0 +1,32 @@
+# GPT-2 small (124M) on OpenWebText, AdamW + cosine: the baseline every averaging run compares to.
+# Global batch ~0.5M tokens: 12 sequences x 1024 tokens x 40 micro-steps (5 per GPU on 8 GPUs).
+#   python data/openwebtext/prepare.py
+#   torchrun --standalone --nproc_per_node=8 train.py config/train_small.py
+
+out_dir = "out/small"
+dataset = "openwebtext"
+eval_interval = 1000
+eval_iters = 200
+log_interval = 10
+ckpt_interval = 1000
+snapshot_interval = 1000
+
+model_size = "gpt2"
+vocab_size = 50304      # 50257 padded to a multiple of 64 for faster matmuls
+block_size = 1024
+batch_size = 12
+gradient_accumulation_steps = 40
+dropout = 0.0
+bias = False
+
+learning_rate = 6e-4
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+lr_schedule = "cosine"
+max_iters = 600000
+warmup_iters = 2000
+min_lr = 6e-5
+
+compile = True

@@ -1,0 +1,110 @@
+"""checkpoint.py: atomic writes, pruning, safe loading, snapshots."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import CheckpointError
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 4)
+        self.head = torch.nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+        self.norm = torch.nn.LayerNorm(4)
+
+
+def payload(step, model=None):
+    model = model or Tied()
+    return {"model": checkpoint.model_state(model), "optimizer": {}, "iter_num": step,
+            "tokens_seen": 10 * step, "model_args": {"n": 1}, "config": {"lr": 1e-3}}
+
+
+def test_save_load_prune(tmp_path):
+    for step in (10, 20, 30):
+        checkpoint.save_resume(tmp_path, payload(step), keep_last=2)
+    names = [p.name for p in checkpoint.list_resume_checkpoints(tmp_path)]
+    assert names == ["ckpt_0000020.pt", "ckpt_0000030.pt"]
+    ckpt = checkpoint.load_resume(checkpoint.latest_resume(tmp_path))
+    assert ckpt["iter_num"] == 30 and ckpt["format"] == checkpoint.RESUME_FORMAT
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save_resume(tmp_path, payload(10), keep_last=1)
+    real_save = torch.save
+
+    def crash_midway(obj, f):
+        real_save(obj, f)
+        f.flush()
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_resume(tmp_path, payload(20), keep_last=1)
+    monkeypatch.undo()
+    # nothing half-written under a final name, no temp left behind, the old one intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_0000010.pt"]
+    assert checkpoint.load_resume(checkpoint.latest_resume(tmp_path))["iter_num"] == 10
+
+
+def test_corrupt_and_unsafe_checkpoints_are_refused(tmp_path):
+    path = checkpoint.save_resume(tmp_path, payload(10), keep_last=0)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        checkpoint.load_resume(truncated)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        checkpoint.load_resume(evil)
+    assert not (tmp_path / "pwned").exists()
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load_resume(tmp_path / "nope.pt")
+
+
+def test_snapshot_round_trip_with_tied_weights(tmp_path):
+    model = Tied()
+    path = checkpoint.save_snapshot(tmp_path / "snaps", model, step=40, tokens_seen=1234,
+                                    model_args={"n_layer": 2})
+    assert path.name == "step_0000040.safetensors"
+    state, info = checkpoint.load_snapshot(path)
+    assert info == {"step": 40, "tokens_seen": 1234, "model_args": {"n_layer": 2}}
+    assert "head.weight" not in state  # the tied copy is stored once
+    fresh = Tied()
+    checkpoint.load_model_state(fresh, state, path)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh.head.weight.data_ptr() == fresh.emb.weight.data_ptr()
+    assert checkpoint.list_snapshots(tmp_path / "snaps") == [path]
+
+
+def test_snapshot_corrupt_and_mismatched(tmp_path):
+    path = checkpoint.save_snapshot(tmp_path, Tied(), 1, 1, {})
+    bad = tmp_path / "step_0000002.safetensors"
+    bad.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="step_0000002"):
+        checkpoint.load_snapshot(bad)
+    other = torch.nn.Linear(3, 3)
+    state, _ = checkpoint.load_snapshot(path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        checkpoint.load_model_state(other, state, path)
+
+
+def test_compiled_prefix_is_stripped():
+    model = Tied()
+    state = {"_orig_mod." + k: v for k, v in checkpoint.model_state(model).items()}
+    fresh = Tied()
+    checkpoint.load_model_state(fresh, state, "nanogpt-style")
+    assert torch.equal(fresh.emb.weight, model.emb.weight)

@@ -1,0 +1,145 @@
+"""train.py end to end on a tiny model: exact resume, branching, stopping, logging, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from train import NonFiniteLossError, TrainConfig
+
+
+def final_state(out_dir):
+    return checkpoint.load_resume(checkpoint.latest_resume(out_dir))
+
+
+def assert_same_tensors(a, b):
+    """Bitwise equality of two nested structures of tensors/numbers."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_run_logs_evals_and_checkpoints(make_config):
+    cfg = make_config()
+    summary = train.train(cfg)
+    assert summary["iter_num"] == 8 and summary["stopped_by"] is None
+    assert summary["val_loss"] < math.log(22)  # learned something beyond uniform over the vocab
+    records = [json.loads(line) for line in open(f"{cfg.out_dir}/metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in steps] == [2, 4, 6, 8]
+    assert [r["iter"] for r in evals] == [0, 4, 8]
+    assert {"iter", "lr", "loss", "tokens", "ms_per_iter", "mfu"} <= steps[0].keys()
+    assert steps[-1]["tokens"] == 8 * 4 * 16
+    saved = json.load(open(f"{cfg.out_dir}/config.json"))
+    assert saved["max_iters"] == 8
+    ckpt = final_state(cfg.out_dir)
+    assert ckpt["iter_num"] == 8 and ckpt["config"]["max_iters"] == 8
+    assert [p.name for p in checkpoint.list_resume_checkpoints(cfg.out_dir)] == \
+        ["ckpt_0000004.pt", "ckpt_0000008.pt"]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_exact_resume_is_bitwise(make_config, tmp_path, grad_accum):
+    # dropout on, so the RNG matters too; the cosine schedule makes every step's LR different
+    common = dict(dropout=0.1, gradient_accumulation_steps=grad_accum, max_iters=10,
+                  ckpt_interval=3, eval_interval=5, log_interval=1)
+    train.train(make_config(out_dir=str(tmp_path / "once"), **common))
+    first = train.train(make_config(out_dir=str(tmp_path / "twice"), stop_iter=5, **common))
+    assert first["iter_num"] == 5 and first["stopped_by"] == "stop_iter"
+    train.train(make_config(out_dir=str(tmp_path / "twice"), init_from="resume", **common))
+    once, twice = final_state(tmp_path / "once"), final_state(tmp_path / "twice")
+    assert twice["iter_num"] == 10
+    assert_same_tensors(once["model"], twice["model"])
+    assert_same_tensors(once["optimizer"], twice["optimizer"])
+    # the metrics history of the resumed run is the uninterrupted one's (timings aside)
+    def history(path):
+        rows = [json.loads(line) for line in open(path / "metrics.jsonl")]
+        return [{k: v for k, v in r.items() if k not in ("ms_per_iter", "mfu")} for r in rows]
+    assert history(tmp_path / "once") == history(tmp_path / "twice")
+
+
+def test_branch_a_cooldown_from_a_checkpoint(make_config, tmp_path):
+    constant = make_config(out_dir=str(tmp_path / "const"), lr_schedule="constant", max_iters=8,
+                           keep_last=0, log_interval=1)
+    train.train(constant)
+    branch = make_config(out_dir=str(tmp_path / "cooldown"), lr_schedule="wsd", max_iters=8,
+                         init_from=str(tmp_path / "const" / "ckpt_0000004.pt"),
+                         cooldown_start=4, cooldown_shape="linear", log_interval=1)
+    summary = train.train(branch)
+    assert summary["iter_num"] == 8
+    lrs = {r["iter"]: r["lr"] for r in map(json.loads, open(tmp_path / "cooldown/metrics.jsonl"))
+           if "lr" in r}
+    assert sorted(lrs) == [5, 6, 7, 8]  # continued from the loaded step
+    # linear cooldown from step 4 to 8: multipliers 1, .75, .5, .25 at steps 4..7
+    assert [round(lrs[s] / 1e-2, 6) for s in (5, 6, 7, 8)] == [1.0, 0.75, 0.5, 0.25]
+    # up to the branch point the two runs saw the same weights: the branch loaded them exactly
+    const_4 = checkpoint.load_resume(tmp_path / "const" / "ckpt_0000004.pt")
+    assert final_state(tmp_path / "cooldown")["tokens_seen"] == 2 * const_4["tokens_seen"]
+
+
+def test_branch_from_a_snapshot(make_config, tmp_path):
+    train.train(make_config(out_dir=str(tmp_path / "a"), snapshot_interval=4))
+    snaps = checkpoint.list_snapshots(tmp_path / "a" / "snapshots")
+    assert [p.name for p in snaps] == ["step_0000004.safetensors", "step_0000008.safetensors"]
+    summary = train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[0])))
+    assert summary["iter_num"] == 8
+
+
+def test_existing_run_is_never_overwritten(make_config):
+    cfg = make_config(max_iters=4)
+    train.train(cfg)
+    before = checkpoint.latest_resume(cfg.out_dir).read_bytes()
+    with pytest.raises(FileExistsError, match="--init_from=resume"):
+        train.train(cfg)
+    assert checkpoint.latest_resume(cfg.out_dir).read_bytes() == before
+
+
+def test_resume_without_checkpoint_is_a_clear_error(make_config):
+    with pytest.raises(FileNotFoundError, match="--init_from=scratch"):
+        train.train(make_config(init_from="resume"))
+
+
+def test_non_finite_loss_stops_with_last_checkpoint_intact(make_config, monkeypatch):
+    cfg = make_config(max_iters=12, ckpt_interval=4, log_interval=2)
+    real_step = train.train_step
+    calls = {"n": 0}
+
+    def step_that_diverges(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(train, "train_step", step_that_diverges)
+    with pytest.raises(NonFiniteLossError, match="ckpt_0000004.pt"):
+        train.train(cfg)
+    ckpts = checkpoint.list_resume_checkpoints(cfg.out_dir)
+    assert [p.name for p in ckpts] == ["ckpt_0000004.pt"]
+    assert torch.isfinite(checkpoint.load_resume(ckpts[0])["model"]["transformer.wte.weight"]).all()
+
+
+def test_bad_sizes_fail_before_training(make_config):
+    with pytest.raises(ValueError, match="vocab_size"):
+        train.train(make_config(vocab_size=5))
+    with pytest.raises(ValueError, match="block_size"):
+        train.train(make_config(block_size=100_000))
+
+
+@pytest.mark.parametrize("key, value", [("max_iters", 0), ("dtype", "float16"),
+                                        ("model_size", "gpt5"), ("stop_iter", 99),
+                                        ("optimizer", "sgd"), ("lr_schedule", "linear")])
+def test_impossible_config_values_name_the_key(make_config, key, value):
+    with pytest.raises(ValueError, match=key):
+        make_config(**{key: value})
