@@ -523,4 +523,5 @@ def _train(cfg, runtime):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once under tee/nohup
     train(load_config(TrainConfig, sys.argv[1:]))
