@@ -268,6 +268,15 @@ def build(cfg, runtime, data):
     return model, optimizer, state, model_args
 
 
+def wrap_model(model, cfg, runtime):
+    """torch.compile and/or DDP around the bare model (checkpoints always save the bare one)."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if runtime.ddp:
+        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+    return model
+
+
 def _refuse_to_overwrite(cfg):
     if checkpoint.list_resume_checkpoints(cfg.out_dir):
         raise FileExistsError(
@@ -421,11 +430,7 @@ def _train(cfg, runtime):
     data = open_dataset(cfg)
     micro_steps_per_rank(cfg, runtime)  # fail before any work if the batch does not divide
     model, optimizer, state, model_args = build(cfg, runtime, data)
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if runtime.ddp:
-        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+    raw_model, model = model, wrap_model(model, cfg, runtime)
     schedule = schedules.from_config(cfg)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_args["block_size"]
     peak_flops = device_peak_flops(runtime.device, cfg.peak_flops)
