@@ -1,0 +1,501 @@
+"""
+Weight averaging along the training trajectory: the one implementation of the math of the
+averaging spec (SPEC-averaging.md), shared by the online averager in train.py and the offline tool
+over saved snapshots.
+
+Two layers:
+  1. pure functions over flat float32 state tensors (1-D, one entry per parameter): the update
+     rules (`ema_update_`, `bema_step_`, `dema_step_`, `ouema_update_`, `running_mean_update_`)
+     and the schedules as functions of t (`bema_beta`, `bema_alpha`, `ema_warmup_decay`,
+     `ouema_a`). θ may be float32 or bfloat16; it is upcast, state is always float32 (1/t-sized
+     increments are below bf16 resolution). A fused kernel replaces exactly one of these functions
+     and is tested against the same float64 reference.
+  2. one class per method behind the `Averager` interface, registered in AVERAGERS by name:
+
+method  class            config keys (default)                                          state
+ema     EMA              ema_decay .999, ema_warmup False, ema_warmup_power 2/3,        e
+                         ema_warmup_gamma 1, ema_update_after 0, ema_update_freq 1
+bema    BEMA             bema_ema_power .5, bema_bias_power .2, bema_lag 10,            θ0, e, out
+                         bema_multiplier 1, bema_min_ema_multiplier 0,
+                         bema_update_after 0, bema_update_freq 1
+dema    DEMA             dema_ema_power .5, dema_lag 10, dema_multiplier 1,             e1, e2
+                         dema_min_ema_multiplier 0, dema_update_after 0, dema_update_freq 1
+ouema   OUEMA            ouema_ema_power .5, ouema_bias_power .2, ouema_lag 1,          θ0, e
+                         ouema_multiplier 1, ouema_min_ema_multiplier 0,
+                         ouema_update_after 0, ouema_update_freq 1
+swa     SWA              swa_start 0, swa_freq 1                                        m
+lawa    LAWA             lawa_k 5, lawa_interval 500, lawa_start 0                      k copies
+wa      WindowedAverage  wa_interval 5, wa_horizon 500, wa_windows 1, wa_start 0        1+n copies
+
+Every method has its own key prefix (DEMA and OUEMA do not borrow bema_*), so one flat config can
+hold settings for several methods and a key always says which method it tunes.
+
+Conventions (pinned by tests/test_averaging.py):
+- Time. s is the optimizer step (θ_s = weights after the update of step s; train.py counts steps
+  from 0). An averager with burn-in τ (update_after / *_start) and period φ (update_freq /
+  *_freq / *_interval) acts at s = τ, τ+φ, τ+2φ, ... and ignores every other step. At s = τ it
+  initialises from a copy of θ_τ; at later acting steps it uses t = s − τ (so t = φ, 2φ, ...) in
+  b_t = ρ + γ·t. With τ = 0 this is TRL's BEMACallback schedule. (The published offline BEMA tool
+  uses max(s − τ + ρ, 1) with bases 1 + γ·t and 1 + t: one step later than ours.)
+- An averager must see its initialisation step: its first acting call must be s = τ, and after
+  that every acting step in order (s = previous + φ), else RuntimeError; this keeps an offline
+  replay from silently computing a different average than the online run.
+- average() is None before initialisation. Otherwise a float32 tensor that may be the averager's
+  own buffer: read it, do not modify it; clone it to keep it past the next update().
+- LAWA before k snapshots exist: the mean of those taken so far. Between snapshots: the mean of
+  the k latest ones (window ending at the last snapshot step).
+- Windowed averaging: samples at s = wa_start + j·wa_interval; window w holds the samples with
+  s in [wa_start + w·H, wa_start + (w+1)·H), H = wa_horizon (a multiple of wa_interval), so a
+  window finishes at its last sample, s = wa_start + (w+1)·H − wa_interval. average() is the
+  uniform mean of the last wa_windows finished windows; before the first window finishes, the
+  mean of the samples so far. Online only the last wa_windows finished windows are kept.
+- state_dict() holds only tensors and python numbers (torch.load(weights_only=True) works);
+  loading it and continuing is bitwise identical to never stopping. Hyperparameters must match.
+"""
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+
+# ---------------------------------------------------------------------------- schedules (pure)
+
+def bema_beta(t, ema_power, lag, multiplier, min_ema_multiplier=0.0):
+    """EMA weight β_t = max((ρ + γt)^(−κ), β_min); ema_power κ < 0 disables the EMA: β_t = 1."""
+    if ema_power < 0:
+        return 1.0
+    return max((lag + multiplier * t) ** -ema_power, min_ema_multiplier)
+
+
+def bema_alpha(t, bias_power, lag, multiplier):
+    """Bias-correction weight α_t = (ρ + γt)^(−η); bias_power η < 0 disables it (α_t = 0).
+    η = 0 is NOT off: it is α_t = 1, full correction."""
+    if bias_power < 0:
+        return 0.0
+    return (lag + multiplier * t) ** -bias_power
+
+
+def ema_warmup_decay(t, decay, power, gamma):
+    """timm ModelEmaV3 warmup: d_t = min(d, 1 − (1 + t/γ_w)^(−p)); d_0 = 0."""
+    return min(decay, 1.0 - (1.0 + t / gamma) ** -power)
+
+
+def ouema_a(t, bias_power, lag, multiplier):
+    """OUEMA pull-back weight a_t = (1 + ρ + γt)^(−η), < 1 whenever ρ + γt > 0 and η > 0."""
+    return (1.0 + lag + multiplier * t) ** -bias_power
+
+
+# ---------------------------------------------------------------------- update rules (pure)
+# All take flat float32 state tensors, θ float32 or bfloat16, and python floats; state in place.
+
+def _f32(theta):
+    return theta if theta.dtype == torch.float32 else theta.float()
+
+
+def ema_update_(ema, theta, beta):
+    """ema ← (1 − β)·ema + β·θ, computed as ema + β·(θ − ema) (torch.lerp)."""
+    return ema.lerp_(_f32(theta), beta)
+
+
+def bema_output(ema, theta, theta0, alpha, out):
+    """out ← ema + α·(θ − θ₀)."""
+    torch.sub(_f32(theta), theta0, out=out)
+    return out.mul_(alpha).add_(ema)
+
+
+def bema_step_(ema, theta, theta0, beta, alpha, out):
+    """One BEMA update: ema ← lerp(ema, θ, β), then out ← ema + α·(θ − θ₀) (the fused kernel)."""
+    ema_update_(ema, theta, beta)
+    return bema_output(ema, theta, theta0, alpha, out)
+
+
+def dema_step_(e1, e2, theta, beta, out=None):
+    """e1 ← lerp(e1, θ, β); e2 ← lerp(e2, e1_new, β); out ← 2·e1 − e2 if out is given."""
+    ema_update_(e1, theta, beta)
+    e2.lerp_(e1, beta)
+    if out is not None:
+        dema_output(e1, e2, out)
+    return out
+
+
+def dema_output(e1, e2, out):
+    torch.mul(e1, 2.0, out=out)
+    return out.sub_(e2)
+
+
+def ouema_update_(ema, theta, theta0, a, beta):
+    """ema ← lerp(ema, θ̃, β) with θ̃ = (θ − a·θ₀)/(1 − a)."""
+    tilde = torch.add(_f32(theta), theta0, alpha=-a).div_(1.0 - a)
+    return ema.lerp_(tilde, beta)
+
+
+def running_mean_update_(mean, theta, n):
+    """mean ← mean + (θ − mean)/n: the mean of n samples given that of the first n − 1."""
+    return mean.lerp_(_f32(theta), 1.0 / n)
+
+
+# ------------------------------------------------------------------- hyperparameter checks
+
+def _int(hp, key, minimum):
+    v = hp[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{key}={v!r}: must be an integer >= {minimum}")
+    return v
+
+
+def _real(hp, key, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, why=""):
+    v = hp[key]
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if ok:
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{key}={v!r}: must be a finite number in {rng}{why}")
+    return float(v)
+
+
+def _check_b(hp, prefix, phi):
+    """b_t = ρ + γt must be >= 1 at every acting t >= φ, so that β_t <= 1 (no extrapolation),
+    α_t <= 1, and OUEMA's a_t < 1."""
+    lag = _real(hp, f"{prefix}_lag", 0.0)
+    mult = _real(hp, f"{prefix}_multiplier", 0.0)
+    if lag + mult * phi < 1:
+        raise ValueError(f"{prefix}_lag={lag} with {prefix}_multiplier={mult} and "
+                         f"{prefix}_update_freq={phi}: need lag + multiplier*update_freq >= 1 "
+                         f"(b_t = lag + multiplier*t below 1 gives an EMA weight beta_t > 1)")
+    return lag, mult
+
+
+# -------------------------------------------------------------------------------- interface
+
+class Averager(ABC):
+    """Online average of the flat parameter vector. Subclasses set the class attributes and
+    implement _validate, _init, _update, average."""
+    name = ""
+    defaults = {}       # config key -> default value: the complete set of hyperparameters
+    start_key = ""      # the key holding τ (burn-in)
+    freq_key = ""       # the key holding φ (period)
+    buffers = ()        # names of float32 tensor attributes that form the state
+    counters = ()       # names of int attributes that form the state
+
+    def __init__(self, **hparams):
+        unknown = sorted(set(hparams) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a hyperparameter of averager {self.name!r}; "
+                             f"its keys are {', '.join(self.defaults)}")
+        self.hparams = {**self.defaults, **hparams}
+        self.tau = _int(self.hparams, self.start_key, 0)
+        self.phi = _int(self.hparams, self.freq_key, 1)
+        self._validate(self.hparams)
+        self.step = None    # the last step at which this averager acted
+        self.numel = None
+        for b in self.buffers:
+            setattr(self, b, None)
+        for c in self.counters:
+            setattr(self, c, 0)
+
+    def update(self, step, theta):
+        """Call after every optimizer step s with θ_s (flat, float32 or bf16). Returns whether it
+        acted (s = τ + jφ). θ is only read during the call: training may mutate it afterwards."""
+        if step < self.tau or (step - self.tau) % self.phi:
+            return False
+        if theta.dim() != 1 or theta.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"{self.name}: theta must be a flat float32/bfloat16 tensor, got "
+                             f"shape {tuple(theta.shape)} dtype {theta.dtype}")
+        with torch.no_grad():
+            if self.step is None:
+                if step != self.tau:
+                    raise RuntimeError(
+                        f"{self.name}: first update at step {step}, but it initialises at "
+                        f"{self.start_key}={self.tau}; load its state_dict to continue a run, or "
+                        f"set {self.start_key}={step}")
+                self.numel = theta.numel()
+                self._init(theta.detach())
+            else:
+                if step != self.step + self.phi:
+                    raise RuntimeError(f"{self.name}: update at step {step} after step "
+                                       f"{self.step}; expected step {self.step + self.phi} "
+                                       f"({self.freq_key}={self.phi})")
+                if theta.numel() != self.numel:
+                    raise ValueError(f"{self.name}: theta has {theta.numel()} entries, the "
+                                     f"state {self.numel}")
+                self._update(step - self.tau, theta.detach())
+        self.step = step
+        return True
+
+    @abstractmethod
+    def _validate(self, hp): ...
+
+    @abstractmethod
+    def _init(self, theta): ...
+
+    @abstractmethod
+    def _update(self, t, theta): ...
+
+    @abstractmethod
+    def average(self):
+        """The averaged weights (float32, read-only, valid until the next update), or None
+        before initialisation."""
+
+    def state_dict(self):
+        return {"method": self.name, "hparams": dict(self.hparams),
+                "step": -1 if self.step is None else self.step,
+                "numel": -1 if self.numel is None else self.numel,
+                "tensors": {b: getattr(self, b) for b in self.buffers
+                            if getattr(self, b) is not None},
+                "counters": {c: getattr(self, c) for c in self.counters}}
+
+    def load_state_dict(self, sd):
+        if sd["method"] != self.name:
+            raise ValueError(f"state_dict is of averager {sd['method']!r}, not {self.name!r}")
+        for k, v in sd["hparams"].items():
+            if self.hparams.get(k) != v:
+                raise ValueError(f"{k}={self.hparams.get(k)!r} but the saved averager used "
+                                 f"{k}={v!r}; resume with the saved value")
+        self.step = None if sd["step"] < 0 else sd["step"]
+        self.numel = None if sd["numel"] < 0 else sd["numel"]
+        for b in self.buffers:
+            t = sd["tensors"].get(b)
+            setattr(self, b, None if t is None else t.to(torch.float32).clone())
+        for c in self.counters:
+            setattr(self, c, int(sd["counters"][c]))
+
+    def memory_bytes(self):
+        return sum(getattr(self, b).nbytes for b in self.buffers if getattr(self, b) is not None)
+
+
+def _copy(theta):
+    return theta.to(torch.float32, copy=True)
+
+
+# ---------------------------------------------------------------------------------- methods
+
+class EMA(Averager):
+    name = "ema"
+    defaults = dict(ema_decay=0.999,          # d
+                    ema_warmup=False,         # d_t = min(d, 1 − (1 + t/γ_w)^(−p)) if True
+                    ema_warmup_power=2 / 3,   # p
+                    ema_warmup_gamma=1.0,     # γ_w
+                    ema_update_after=0,       # τ
+                    ema_update_freq=1)        # φ
+    start_key, freq_key, buffers = "ema_update_after", "ema_update_freq", ("e",)
+
+    def _validate(self, hp):
+        self.decay = _real(hp, "ema_decay", 0.0, 1.0, hi_open=True)
+        if not isinstance(hp["ema_warmup"], bool):
+            raise ValueError(f"ema_warmup={hp['ema_warmup']!r}: must be True or False")
+        self.warmup = hp["ema_warmup"]
+        self.warmup_power = _real(hp, "ema_warmup_power", 0.0, lo_open=True)
+        self.warmup_gamma = _real(hp, "ema_warmup_gamma", 0.0, lo_open=True)
+
+    def decay_at(self, t):
+        if self.warmup:
+            return ema_warmup_decay(t, self.decay, self.warmup_power, self.warmup_gamma)
+        return self.decay
+
+    def _init(self, theta):
+        self.e = _copy(theta)
+
+    def _update(self, t, theta):
+        ema_update_(self.e, theta, 1.0 - self.decay_at(t))
+
+    def average(self):
+        return self.e
+
+
+class _PowerSchedule(Averager):
+    """Shared by BEMA, DEMA, OUEMA: the β_t schedule with keys <name>_ema_power, _lag,
+    _multiplier, _min_ema_multiplier."""
+
+    def _validate(self, hp):
+        p = self.name
+        self.ema_power = _real(hp, f"{p}_ema_power")
+        self.lag, self.multiplier = _check_b(hp, p, self.phi)
+        self.min_ema_multiplier = _real(hp, f"{p}_min_ema_multiplier", 0.0, 1.0)
+
+    def beta_at(self, t):
+        return bema_beta(t, self.ema_power, self.lag, self.multiplier, self.min_ema_multiplier)
+
+
+def _power_defaults(p, lag, **extra):
+    return {f"{p}_ema_power": 0.5,            # κ (< 0: no EMA, e = θ_s)
+            **extra,
+            f"{p}_lag": lag,                  # ρ
+            f"{p}_multiplier": 1.0,           # γ, b_t = ρ + γ·t
+            f"{p}_min_ema_multiplier": 0.0,   # β_min
+            f"{p}_update_after": 0,           # τ
+            f"{p}_update_freq": 1}            # φ
+
+
+class BEMA(_PowerSchedule):
+    name = "bema"
+    defaults = _power_defaults("bema", 10.0, bema_bias_power=0.2)   # η (< 0: plain power EMA)
+    start_key, freq_key = "bema_update_after", "bema_update_freq"
+    buffers = ("theta0", "e", "out")
+
+    def _validate(self, hp):
+        super()._validate(hp)
+        self.bias_power = _real(hp, "bema_bias_power")
+
+    def alpha_at(self, t):
+        return bema_alpha(t, self.bias_power, self.lag, self.multiplier)
+
+    def _init(self, theta):
+        self.e = _copy(theta)
+        if self.bias_power >= 0:   # with the correction off, θ₀ and out are not needed
+            self.theta0 = _copy(theta)   # a copy: θ is mutated in place by the next step
+            self.out = _copy(theta)      # θ'_τ = θ_τ
+
+    def _update(self, t, theta):
+        if self.out is None:
+            ema_update_(self.e, theta, self.beta_at(t))
+        else:
+            bema_step_(self.e, theta, self.theta0, self.beta_at(t), self.alpha_at(t), self.out)
+
+    def average(self):
+        return self.e if self.out is None else self.out
+
+
+class DEMA(_PowerSchedule):
+    name = "dema"
+    defaults = _power_defaults("dema", 10.0)
+    start_key, freq_key, buffers = "dema_update_after", "dema_update_freq", ("e1", "e2")
+
+    def _validate(self, hp):
+        super()._validate(hp)
+        _real(hp, "dema_ema_power", 0.0, 1.0, lo_open=True, hi_open=True)
+
+    def _init(self, theta):
+        self.e1, self.e2 = _copy(theta), _copy(theta)
+
+    def _update(self, t, theta):
+        dema_step_(self.e1, self.e2, theta, self.beta_at(t))
+
+    def average(self):   # computed on demand: no third buffer in the state
+        return None if self.e1 is None else dema_output(self.e1, self.e2,
+                                                         torch.empty_like(self.e1))
+
+
+class OUEMA(_PowerSchedule):
+    name = "ouema"
+    defaults = _power_defaults("ouema", 1.0, ouema_bias_power=0.2)   # η, a_t = (1 + b_t)^(−η)
+    start_key, freq_key, buffers = "ouema_update_after", "ouema_update_freq", ("theta0", "e")
+
+    def _validate(self, hp):
+        super()._validate(hp)
+        self.bias_power = _real(hp, "ouema_bias_power", 0.0, lo_open=True,
+                                why=" (a_t = (1 + b_t)^(-bias_power) must stay below 1)")
+
+    def _init(self, theta):
+        self.theta0, self.e = _copy(theta), _copy(theta)
+
+    def _update(self, t, theta):
+        a = ouema_a(t, self.bias_power, self.lag, self.multiplier)
+        ouema_update_(self.e, theta, self.theta0, a, self.beta_at(t))
+
+    def average(self):
+        return self.e
+
+
+class SWA(Averager):
+    name = "swa"
+    defaults = dict(swa_start=0, swa_freq=1)
+    start_key, freq_key, buffers, counters = "swa_start", "swa_freq", ("m",), ("n",)
+
+    def _validate(self, hp):
+        pass
+
+    def _init(self, theta):
+        self.m, self.n = _copy(theta), 1
+
+    def _update(self, t, theta):
+        self.n += 1
+        running_mean_update_(self.m, theta, self.n)
+
+    def average(self):
+        return self.m
+
+
+class LAWA(Averager):
+    """Sliding window: the mean of θ at s, s − Δ, ..., s − (k−1)Δ, from a ring of k copies."""
+    name = "lawa"
+    defaults = dict(lawa_k=5,             # k snapshots in the window
+                    lawa_interval=500,    # Δ steps between snapshots
+                    lawa_start=0)         # first snapshot step
+    start_key, freq_key, buffers, counters = "lawa_start", "lawa_interval", ("ring",), ("count",)
+
+    def _validate(self, hp):
+        self.k = _int(hp, "lawa_k", 1)
+
+    def _init(self, theta):
+        self.ring = torch.zeros(self.k, theta.numel(), dtype=torch.float32, device=theta.device)
+        self.ring[0].copy_(theta)
+        self.count = 1
+
+    def _update(self, t, theta):
+        self.ring[self.count % self.k].copy_(theta)   # overwrites the oldest snapshot
+        self.count += 1
+
+    def average(self):
+        if self.ring is None:
+            return None
+        return self.ring[:min(self.count, self.k)].mean(dim=0)
+
+
+class WindowedAverage(Averager):
+    """Hägele et al.: uniform mean of every wa_interval-th iterate in consecutive windows of
+    wa_horizon steps; output the mean of the last wa_windows finished windows."""
+    name = "wa"
+    defaults = dict(wa_interval=5,      # steps between samples
+                    wa_horizon=500,     # window length in steps
+                    wa_windows=1,       # finished windows combined in the output
+                    wa_start=0)         # first sample step
+    start_key, freq_key = "wa_start", "wa_interval"
+    buffers, counters = ("current", "finished"), ("current_n", "finished_count")
+
+    def _validate(self, hp):
+        horizon = _int(hp, "wa_horizon", 1)
+        if horizon % self.phi:
+            raise ValueError(f"wa_horizon={horizon} must be a multiple of "
+                             f"wa_interval={self.phi}")
+        self.samples_per_window = horizon // self.phi
+        self.n_windows = _int(hp, "wa_windows", 1)
+
+    def _init(self, theta):
+        self.finished = torch.zeros(self.n_windows, theta.numel(), dtype=torch.float32,
+                                    device=theta.device)
+        self.current = _copy(theta)
+        self.current_n, self.finished_count = 0, 0
+        self._add(theta)
+
+    def _update(self, t, theta):
+        self._add(theta)
+
+    def _add(self, theta):
+        self.current_n += 1
+        if self.current_n == 1:
+            self.current.copy_(theta)
+        else:
+            running_mean_update_(self.current, theta, self.current_n)
+        if self.current_n == self.samples_per_window:   # the window is finished: keep its mean
+            self.finished[self.finished_count % self.n_windows].copy_(self.current)
+            self.finished_count += 1
+            self.current_n = 0
+
+    def average(self):
+        if self.current is None:
+            return None
+        if self.finished_count == 0:
+            return self.current
+        return self.finished[:min(self.finished_count, self.n_windows)].mean(dim=0)
+
+
+AVERAGERS = {c.name: c for c in (EMA, BEMA, DEMA, OUEMA, SWA, LAWA, WindowedAverage)}
+
+
+def build_averager(name, **hparams):
+    """The averager registered under `name`, e.g. build_averager("bema", bema_lag=10.0)."""
+    if name not in AVERAGERS:
+        raise ValueError(f"averager {name!r} is unknown; use one of {', '.join(AVERAGERS)}")
+    return AVERAGERS[name](**hparams)
