@@ -56,11 +56,9 @@ def config_to_dict(cfg):
 
 def save_config(cfg, path):
     """Write the resolved config as JSON (the record of what actually ran)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    from checkpoint import atomic_write  # the one atomic writer (fsync + rename)
+    text = json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _read_config_file(path):
