@@ -48,7 +48,7 @@ def bench(cfg):
     runtime = train.init_runtime(cfg)
     try:
         data = train.open_dataset(cfg)
-        model, optimizer, state, model_args = train.build(cfg, runtime, data)
+        model, optimizer, state, model_args, _ = train.build(cfg, runtime, data)
         raw_model, model = model, train.wrap_model(model, cfg, runtime)
         batches = train.train_batches(data, cfg, runtime, start_step=0)
         lr = cfg.learning_rate

@@ -165,7 +165,8 @@ def list_snapshots(snapshot_dir):
 
 def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None):
     """Write the model's float32 weights and where they sit on the trajectory."""
-    tensors = {k: v.float().contiguous().cpu() for k, v in model_state(model).items()}
+    # copies: the weights are views into one flat buffer, which safetensors refuses to share
+    tensors = {k: v.to("cpu", torch.float32, copy=True) for k, v in model_state(model).items()}
     metadata = {"format": SNAPSHOT_FORMAT, "step": str(step), "tokens_seen": str(tokens_seen),
                 "model_args": json.dumps(model_args, sort_keys=True)}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
@@ -202,14 +203,16 @@ def _safetensors_metadata(blob):
 def load_weights(path):
     """(state_dict, info) from a snapshot or a resume/nanoGPT checkpoint.
 
-    info: step, tokens_seen (None if unknown), model_args, and optimizer state when present.
+    info: step, tokens_seen (None if unknown), model_args, and the optimizer and averager
+    states when present (None otherwise).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
         state, info = load_snapshot(path)
-        return state, {**info, "optimizer": None}
+        return state, {**info, "optimizer": None, "averaging": None}
     ckpt = load_resume(path)
     return ckpt["model"], {"step": int(ckpt.get("iter_num", 0)),
                            "tokens_seen": ckpt.get("tokens_seen"),
                            "model_args": ckpt.get("model_args"),
-                           "optimizer": ckpt.get("optimizer")}
+                           "optimizer": ckpt.get("optimizer"),
+                           "averaging": ckpt.get("averaging")}

@@ -35,13 +35,15 @@ import checkpoint
 import schedules
 from configurator import load_config, save_config
 from dataloader import TokenDataset, get_batch, micro_batch_seed, to_device
+from flat_params import FlatParameters
 from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
+from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams
 
 REPO = Path(__file__).resolve().parent
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(AveragingConfig):
     # I/O
     out_dir: str = "out/shakespeare_char"
     eval_interval: int = 250       # evaluate train/val loss every this many steps (and at the end)
@@ -88,6 +90,16 @@ class TrainConfig:
     cooldown_start: int | None = None  # ... or from this step
     cooldown_shape: str = "1-sqrt"  # wsd: 'linear' | 'cosine' | '1-sqrt' | 'square'
     final_lr_frac: float = 0.0     # wsd: LR at the end of the cooldown, as a fraction of the peak
+    # weight averaging during training (averaging.py; every method's keys and defaults are in the
+    # table at the top of averaging.py, e.g. --bema_lag=5 --ema_decay=0.99). At each eval the raw
+    # and every averaged model are evaluated on the same val batches (val_loss/raw, val_loss/ema..)
+    averaging: str = "ema,bema,lawa"  # comma-separated subset of ema,bema,dema,ouema,swa,lawa,wa
+    save_averaged: bool = False    # also write out_dir/averaged/<method>/step_N.safetensors at
+                                   # every snapshot and at the end
+    # defaults for this 2000-step default run (the papers' values are in averaging.py)
+    ema_decay: float = 0.995       # EMA half-life ~140 steps
+    lawa_k: int = 5                # LAWA: mean of the 5 latest checkpoints ...
+    lawa_interval: int = 100       # ... spaced 100 steps apart
     # system
     device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
     dtype: str = "auto"            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16'
@@ -116,6 +128,7 @@ class TrainConfig:
         if self.stop_iter is not None and not 0 < self.stop_iter <= self.max_iters:
             raise ValueError(f"stop_iter={self.stop_iter} must be in (0, max_iters={self.max_iters}]")
         schedules.from_config(self)  # raises on an impossible schedule, naming the key
+        averager_hparams(self)       # raises on an unknown method or impossible hyperparameter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,10 +242,12 @@ class TrainState:
     iter_num: int = 0       # optimizer steps completed
     tokens_seen: int = 0
     source: str = "scratch"  # where the weights came from
+    averaging: dict | None = None  # saved averager states to continue (from a resume checkpoint)
 
 
 def build(cfg, runtime, data):
-    """Model, optimizer and TrainState, from scratch, the latest resume checkpoint, or a file."""
+    """Model, optimizer, TrainState, model_args and the FlatParameters the model's weights live
+    in, from scratch, the latest resume checkpoint, or a file."""
     loaded, state = None, TrainState()
     if cfg.init_from == "resume":
         path = checkpoint.latest_resume(cfg.out_dir)
@@ -252,20 +267,37 @@ def build(cfg, runtime, data):
         saved_args = info["model_args"] or {}
         # architecture comes from the file; dropout stays a training choice of this run
         model_args = {**model_args, **{k: v for k, v in saved_args.items() if k != "dropout"}}
-        state = TrainState(info["step"], info["tokens_seen"] or 0, str(path))
+        state = TrainState(info["step"], info["tokens_seen"] or 0, str(path), info["averaging"])
     data.check_fits(model_args["block_size"], model_args["vocab_size"])
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     model = GPT(GPTConfig(**model_args)).to(runtime.device)
+    # on its device, before the optimizer, compile and DDP see it: all weights in one buffer
+    flat = FlatParameters(model)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), runtime.device.type)
     if loaded is not None:
-        checkpoint.load_model_state(model, weights, path)
+        checkpoint.load_model_state(model, weights, path)   # copies into the flat buffer
         if info["optimizer"] is not None:
             optimizer.load_state_dict(info["optimizer"])
         elif runtime.master:
             print(f"{path} has no optimizer state: starting AdamW moments from zero")
-    return model, optimizer, state, model_args
+    flat.check()
+    return model, optimizer, state, model_args, flat
+
+
+def build_averaging(cfg, runtime, flat, state):
+    """The online averagers of cfg.averaging, continuing saved state where there is some, each
+    initialised at this run's first step if that is its burn-in step."""
+    online = OnlineAveraging(flat, averager_hparams(cfg), runtime.rank, runtime.world_size)
+    if state.averaging:
+        # resuming must continue the same averages; a branched run may average differently
+        loaded = online.load_state_dict(state.averaging, state.source,
+                                        strict=cfg.init_from == "resume")
+        if runtime.master and loaded:
+            print(f"continuing the {', '.join(loaded)} average(s) from {state.source}")
+    online.start(state.iter_num)
+    return online
 
 
 def wrap_model(model, cfg, runtime):
@@ -317,11 +349,13 @@ def train_step(model, optimizer, batches, cfg, runtime, lr):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, runtime):
-    """Mean loss over a fixed set of eval_iters batches per split, split across ranks."""
+def evaluate(model, data, cfg, runtime, splits=("train", "val")):
+    """Mean loss over a fixed set of eval_iters batches per split, split across ranks: the same
+    batches at every call, so losses of different weights are paired comparisons."""
     model.eval()
     losses = {}
-    for split, stream in (("train", "eval_train"), ("val", "val")):
+    for split in splits:
+        stream = "eval_train" if split == "train" else split
         total = torch.zeros((), dtype=torch.float64, device=runtime.device)
         for i in range(runtime.rank, cfg.eval_iters, runtime.world_size):
             x, y = get_batch(data.splits[split], cfg.block_size, cfg.batch_size,
@@ -429,7 +463,8 @@ def train(cfg):
 def _train(cfg, runtime):
     data = open_dataset(cfg)
     micro_steps_per_rank(cfg, runtime)  # fail before any work if the batch does not divide
-    model, optimizer, state, model_args = build(cfg, runtime, data)
+    model, optimizer, state, model_args, flat = build(cfg, runtime, data)
+    online = build_averaging(cfg, runtime, flat, state)
     raw_model, model = model, wrap_model(model, cfg, runtime)
     schedule = schedules.from_config(cfg)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_args["block_size"]
@@ -441,6 +476,9 @@ def _train(cfg, runtime):
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/step, "
               f"start at step {state.iter_num} ({state.source}), device {runtime.device}, "
               f"world size {runtime.world_size}")
+        if online.names:
+            print(f"averaging {', '.join(online.names)}: "
+                  f"{online.memory_bytes() / 2**20:.1f} MiB of state per rank")
     log = MetricsLog(cfg, runtime, state.iter_num)
     batches = train_batches(data, cfg, runtime, state.iter_num)
     last_loss, last_eval, stopped_by, saved_at = None, None, None, {}
@@ -451,25 +489,51 @@ def _train(cfg, runtime):
         if last_loss is not None and not math.isfinite(all_reduce_mean(last_loss, runtime)):
             raise NonFiniteLossError(f"loss is not finite at step {state.iter_num}; not saving")
         saved_at.update(step=state.iter_num, path=checkpoint.resume_path(out_dir, state.iter_num))
+        averaging_state = online.state_dict()  # gathers the DDP shards: every rank takes part
         if runtime.master:
             checkpoint.save_resume(out_dir, {
                 "model": checkpoint.model_state(model),
                 "optimizer": optimizer.state_dict(),
+                "averaging": averaging_state,
                 "iter_num": state.iter_num, "tokens_seen": state.tokens_seen,
                 "model_args": model_args, "config": dataclasses.asdict(cfg),
                 "sampler": {"seed": cfg.seed, "next_step": state.iter_num},
             }, cfg.keep_last)
         return saved_at["path"]
 
+    def save_snapshots(raw, averaged):
+        """The raw weights to snapshots/, each average to averaged/<method>/step_N.safetensors."""
+        if raw and runtime.master:
+            checkpoint.save_snapshot(out_dir / "snapshots", raw_model, state.iter_num,
+                                     state.tokens_seen, model_args)
+        for name in online.ready() if averaged else []:
+            with online.swapped_in(name):  # a collective under DDP
+                if runtime.master:
+                    checkpoint.save_snapshot(
+                        out_dir / "averaged" / name, raw_model, state.iter_num,
+                        state.tokens_seen, model_args,
+                        extra={"averager": name, "hparams": online.averagers[name].hparams})
+
     def run_eval():
         # the module under DDP: forward passes here are per-rank, with no collectives inside
-        losses = evaluate(model.module if runtime.ddp else model, data, cfg, runtime)
+        eval_model = model.module if runtime.ddp else model
+        losses = evaluate(eval_model, data, cfg, runtime)
+        averaged = {}
+        for name in online.ready():
+            with online.swapped_in(name):
+                averaged[name] = evaluate(eval_model, data, cfg, runtime, splits=("val",))["val"]
         if runtime.master:
             print(f"step {state.iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")
+            if averaged:
+                print("    val loss  " + " | ".join(
+                    f"{name} {loss:.4f}" for name, loss in [("raw", losses["val"]),
+                                                           *averaged.items()]))
         log.write({"iter": state.iter_num, "tokens": state.tokens_seen,
-                   "train_loss": losses["train"], "val_loss": losses["val"]})
-        return losses
+                   "train_loss": losses["train"], "val_loss": losses["val"],
+                   "val_loss/raw": losses["val"],
+                   **{f"val_loss/{name}": loss for name, loss in averaged.items()}})
+        return {**losses, "averaged": averaged}
 
     with StopSignal() as stop:
         timer, timed_steps = time.perf_counter(), 0
@@ -483,11 +547,10 @@ def _train(cfg, runtime):
             state.iter_num += 1
             state.tokens_seen += tokens_per_iter
             timed_steps += 1
+            online.update(state.iter_num)  # θ_s, s = updates applied; acts where it is due
 
-            if cfg.snapshot_interval and state.iter_num % cfg.snapshot_interval == 0 \
-                    and runtime.master:
-                checkpoint.save_snapshot(out_dir / "snapshots", raw_model, state.iter_num,
-                                         state.tokens_seen, model_args)
+            if cfg.snapshot_interval and state.iter_num % cfg.snapshot_interval == 0:
+                save_snapshots(raw=True, averaged=cfg.save_averaged)
             if state.iter_num % cfg.log_interval == 0:
                 loss = all_reduce_mean(last_loss, runtime)  # the one host sync per log interval
                 if not math.isfinite(loss):
@@ -519,13 +582,17 @@ def _train(cfg, runtime):
 
     if stopped_by is None:  # finished the schedule: final eval
         last_eval = run_eval()
+        if cfg.save_averaged and not (cfg.snapshot_interval
+                                      and state.iter_num % cfg.snapshot_interval == 0):
+            save_snapshots(raw=False, averaged=True)
     path = save_resume()
     if runtime.master:
         how = f"stopped by {stopped_by}" if stopped_by else "done"
         print(f"{how} at step {state.iter_num}; resume checkpoint {path}")
     return {"iter_num": state.iter_num, "stopped_by": stopped_by, "checkpoint": path,
             "val_loss": last_eval["val"] if last_eval else None,
-            "train_loss": last_eval["train"] if last_eval else None}
+            "train_loss": last_eval["train"] if last_eval else None,
+            "val_loss_averaged": last_eval["averaged"] if last_eval else {}}
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def make_config(tiny_data_dir, tmp_path):
         base = dict(data_dir=str(tiny_data_dir), out_dir=str(tmp_path / "out"), n_layer=2,
                     n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=8,
                     eval_interval=4, eval_iters=2, log_interval=2, ckpt_interval=4,
-                    warmup_iters=2, learning_rate=1e-2, min_lr=1e-3, dropout=0.0, device="cpu")
+                    warmup_iters=2, learning_rate=1e-2, min_lr=1e-3, dropout=0.0, device="cpu",
+                    lawa_interval=2)
         base.update(overrides)
         return TrainConfig(**base)
     return make

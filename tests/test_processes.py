@@ -1,5 +1,6 @@
 """train.py as users launch it: as a script, under torchrun with 2 CPU processes, and killed."""
 
+import json
 import os
 import signal
 import subprocess
@@ -24,29 +25,46 @@ def run(args, **kwargs):
                           **kwargs)
 
 
-def final_model(out_dir):
-    return checkpoint.load_resume(checkpoint.latest_resume(out_dir))["model"]
+def final_state(out_dir):
+    return checkpoint.load_resume(checkpoint.latest_resume(out_dir))
 
 
 def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
     # same global batch: 2 ranks x 1 micro-step == 1 process x 2 micro-steps
+    # averaging on: each rank averages half of the flat parameters (sharded state)
     common = TINY + [f"--data_dir={tiny_data_dir}", "--gradient_accumulation_steps=2",
                      "--max_iters=6", "--eval_interval=3", "--log_interval=3",
-                     "--ckpt_interval=3", "--dropout=0.0"]
+                     "--ckpt_interval=3", "--dropout=0.0", "--averaging=ema,bema,lawa,swa",
+                     "--lawa_interval=2", "--lawa_k=2"]
     single = run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *common])
     assert single.returncode == 0, single.stderr
     ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "train.py", f"--out_dir={tmp_path / 'ddp'}", *common])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "world size 2" in ddp.stdout
-    a, b = final_model(tmp_path / "single"), final_model(tmp_path / "ddp")
-    for name in a:  # the same math in another summation order: equal to float32 rounding
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
-    # and the logged eval losses agree (eval batches are split across the ranks)
-    def val_losses(out):
-        return [line.split("val loss ")[1] for line in out.splitlines() if "val loss" in line]
-    assert [float(x) for x in val_losses(single.stdout)] == \
-        pytest.approx([float(x) for x in val_losses(ddp.stdout)], abs=1e-4)
+    a, b = final_state(tmp_path / "single"), final_state(tmp_path / "ddp")
+    for name in a["model"]:  # the same math in another summation order: equal to fp32 rounding
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5,
+                                   msg=name)
+    # the gathered averager shards equal the single-process averages
+    assert a["averaging"].keys() == b["averaging"].keys() == {"ema", "bema", "lawa", "swa"}
+    for method in a["averaging"]:
+        for key, tensor in a["averaging"][method]["tensors"].items():
+            torch.testing.assert_close(tensor, b["averaging"][method]["tensors"][key],
+                                       rtol=1e-4, atol=1e-5, msg=f"{method}.{key}")
+    # and the logged eval losses agree, raw and averaged (eval batches are split across ranks)
+    single_evals, ddp_evals = evals(tmp_path / "single"), evals(tmp_path / "ddp")
+    assert [r["iter"] for r in ddp_evals] == [0, 3, 6]
+    for x, y in zip(single_evals, ddp_evals):
+        assert {k for k in x if k.startswith("val_loss/")} == \
+            {"val_loss/raw", "val_loss/ema", "val_loss/bema", "val_loss/lawa", "val_loss/swa"}
+        assert x == pytest.approx(y, abs=1e-4)
+
+
+def evals(out_dir):
+    records = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k == "iter" or "loss" in k}
+            for r in records if "val_loss" in r]
 
 
 def test_sigterm_saves_a_resume_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
@@ -86,6 +104,9 @@ def test_default_config_smoke_run(tmp_path):
                   "--eval_interval=10", "--log_interval=10", "--warmup_iters=5"])
     assert result.returncode == 0, result.stderr
     assert "step 20: train loss" in result.stdout and "val loss" in result.stdout
+    # the comparison the default config exists to print
+    assert "val loss  raw " in result.stdout and "| ema " in result.stdout
+    assert "| bema " in result.stdout and "| lawa " in result.stdout
 
 
 def test_bad_config_key_fails_before_any_work(tmp_path):

@@ -54,8 +54,11 @@ def test_run_logs_evals_and_checkpoints(make_config):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_exact_resume_is_bitwise(make_config, tmp_path, grad_accum):
     # dropout on, so the RNG matters too; the cosine schedule makes every step's LR different
+    # every averager on, acting at steps that straddle the stop at step 5
     common = dict(dropout=0.1, gradient_accumulation_steps=grad_accum, max_iters=10,
-                  ckpt_interval=3, eval_interval=5, log_interval=1)
+                  ckpt_interval=3, eval_interval=5, log_interval=1, averaging="ema,bema,dema,"
+                  "ouema,swa,lawa,wa", bema_update_freq=2, swa_start=3, lawa_interval=3,
+                  wa_interval=1, wa_horizon=3, wa_windows=2)
     train.train(make_config(out_dir=str(tmp_path / "once"), **common))
     first = train.train(make_config(out_dir=str(tmp_path / "twice"), stop_iter=5, **common))
     assert first["iter_num"] == 5 and first["stopped_by"] == "stop_iter"
@@ -64,6 +67,7 @@ def test_exact_resume_is_bitwise(make_config, tmp_path, grad_accum):
     assert twice["iter_num"] == 10
     assert_same_tensors(once["model"], twice["model"])
     assert_same_tensors(once["optimizer"], twice["optimizer"])
+    assert_same_tensors(once["averaging"], twice["averaging"])
     # the metrics history of the resumed run is the uninterrupted one's (timings aside)
     def history(path):
         rows = [json.loads(line) for line in open(path / "metrics.jsonl")]
@@ -94,8 +98,14 @@ def test_branch_from_a_snapshot(make_config, tmp_path):
     train.train(make_config(out_dir=str(tmp_path / "a"), snapshot_interval=4))
     snaps = checkpoint.list_snapshots(tmp_path / "a" / "snapshots")
     assert [p.name for p in snaps] == ["step_0000004.safetensors", "step_0000008.safetensors"]
-    summary = train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[0])))
+    # a snapshot carries no averager state: averaging in the branch starts where it starts
+    with pytest.raises(ValueError, match="--ema_update_after=4"):
+        train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[0])))
+    assert not (tmp_path / "b").exists()
+    summary = train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[0]),
+                                      ema_update_after=4, bema_update_after=4, lawa_start=4))
     assert summary["iter_num"] == 8
+    assert summary["val_loss_averaged"].keys() == {"ema", "bema", "lawa"}
 
 
 def test_existing_run_is_never_overwritten(make_config):

@@ -1,0 +1,179 @@
+"""
+Averaging during training: the averagers of averaging.py over the model's flat parameters,
+sharded across DDP ranks, with their config keys, evaluation swap and checkpoint state.
+
+    online = OnlineAveraging(flat, averager_hparams(cfg), rank, world_size)
+    online.update(step)                      # after every optimizer step (s = updates applied)
+    with online.swapped_in("bema"):          # the model now holds the BEMA weights
+        evaluate(model)
+    ckpt["averaging"] = online.state_dict()  # full (gathered) state, independent of world size
+
+Step convention: s counts optimizer updates applied, so θ_0 is the initial model and θ_s the
+weights saved in ckpt_<s>.pt and snapshots/step_<s>.safetensors. An averager with burn-in τ = 0
+initialises from θ_0.
+
+DDP: every rank holds the same θ after a step, so each rank averages only its contiguous slice
+of the flat buffer (slice r of ceil(n / world) entries): averager memory and update time per rank
+are 1/world of the whole. The slices are gathered only to evaluate or save an average. The
+update is elementwise, so the gathered result equals the single-process one.
+"""
+
+import dataclasses
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from averaging import AVERAGERS, build_averager
+
+
+def _config_fields():
+    fields = []
+    for cls in AVERAGERS.values():
+        for key, default in cls.defaults.items():
+            fields.append((key, type(default), dataclasses.field(default=default)))
+    return fields
+
+
+# One config key per averager hyperparameter, with averaging.py's defaults (the table in its
+# docstring); TrainConfig inherits them, so `--bema_lag=5` works and an unknown key is an error.
+AveragingConfig = dataclasses.make_dataclass("AveragingConfig", _config_fields())
+
+
+def parse_methods(spec):
+    """'ema, bema,lawa' -> ['ema', 'bema', 'lawa'], each known and listed once."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    for name in names:
+        if name not in AVERAGERS:
+            raise ValueError(f"averaging={spec!r}: {name!r} is not an averaging method; use a "
+                             f"comma-separated subset of {','.join(AVERAGERS)} (or '' for none)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"averaging={spec!r} lists a method twice")
+    return names
+
+
+def averager_hparams(cfg):
+    """{method: its hyperparameters from cfg} for the methods in cfg.averaging; validates them
+    (an impossible value raises here, naming the key, before any work is done)."""
+    methods = {name: {key: getattr(cfg, key) for key in AVERAGERS[name].defaults}
+               for name in parse_methods(cfg.averaging)}
+    for name, hparams in methods.items():
+        build_averager(name, **hparams)
+    return methods
+
+
+class OnlineAveraging:
+    def __init__(self, flat, methods, rank=0, world_size=1):
+        self.flat, self.rank, self.world_size = flat, rank, world_size
+        self.numel = flat.buffer.numel()
+        self.shard = -(-self.numel // world_size)
+        self.lo = min(rank * self.shard, self.numel)
+        self.hi = min(self.lo + self.shard, self.numel)
+        self.averagers = {name: build_averager(name, **hp) for name, hp in methods.items()}
+
+    @property
+    def names(self):
+        return list(self.averagers)
+
+    def _theta(self):
+        return self.flat.buffer[self.lo:self.hi]   # a view: no copy
+
+    def start(self, step):
+        """Initialise, at the run's first step, every averager without loaded state whose
+        burn-in is this step; refuse one whose burn-in has already passed."""
+        for name, averager in self.averagers.items():
+            if averager.step is not None:
+                continue
+            if averager.tau < step:
+                raise ValueError(
+                    f"{name}: {averager.start_key}={averager.tau}, but this run starts at step "
+                    f"{step} with no saved {name} state to continue from; set "
+                    f"--{averager.start_key}={step} (or later) to start averaging here, or "
+                    f"drop {name} from --averaging")
+            averager.update(step, self._theta())
+
+    def update(self, step):
+        """Call after the optimizer step that made `step` updates in total."""
+        theta = self._theta()
+        for averager in self.averagers.values():
+            averager.update(step, theta)
+
+    def ready(self):
+        """Methods with an average to evaluate (initialised); the same on every rank."""
+        return [name for name, a in self.averagers.items() if a.step is not None]
+
+    def gather(self, name):
+        """The full averaged flat vector of `name` on this device (a collective under DDP)."""
+        local = self.averagers[name].average()
+        if local is None:
+            return None
+        return self._gather_last_dim(local)
+
+    @contextmanager
+    def swapped_in(self, name):
+        """The model holds the `name` average inside the block; live weights restored after."""
+        self.flat.check()
+        averaged = self.gather(name)
+        if averaged is None:
+            raise RuntimeError(f"{name} has not started averaging yet (burn-in "
+                               f"{self.averagers[name].start_key}={self.averagers[name].tau})")
+        with self.flat.swapped(averaged):
+            del averaged   # the swap copied it: free the memory during evaluation
+            yield
+
+    def memory_bytes(self):
+        """Averager state on this rank."""
+        return sum(a.memory_bytes() for a in self.averagers.values())
+
+    # ---------------------------------------------------------------------------- state
+
+    def state_dict(self):
+        """Every averager's state with its slices gathered to full size (a collective under
+        DDP): a checkpoint resumes under any world size."""
+        out = {}
+        for name, averager in self.averagers.items():
+            sd = averager.state_dict()
+            sd["tensors"] = {k: self._gather_last_dim(v).cpu() for k, v in sd["tensors"].items()}
+            if sd["numel"] >= 0:
+                sd["numel"] = self.numel
+            out[name] = sd
+        return out
+
+    def load_state_dict(self, saved, source, strict=True):
+        """Load this rank's slice of each configured averager's saved state. A method in the
+        config but not in `saved` starts fresh (see start()); one saved but no longer configured
+        is dropped. strict=False skips, instead of rejecting, a saved state whose
+        hyperparameters differ (a branched run that averages differently). Returns the names
+        loaded."""
+        loaded = []
+        for name, averager in self.averagers.items():
+            if name not in saved:
+                continue
+            sd = dict(saved[name])
+            if sd["numel"] >= 0 and sd["numel"] != self.numel:
+                raise ValueError(f"{source}: the saved {name} state covers {sd['numel']} "
+                                 f"parameters, this model {self.numel}")
+            if not strict and sd["hparams"] != averager.hparams:
+                continue
+            sd["tensors"] = {k: v[..., self.lo:self.hi].to(self.flat.buffer.device)
+                             for k, v in sd["tensors"].items()}
+            if sd["numel"] >= 0:
+                sd["numel"] = self.hi - self.lo
+            try:
+                averager.load_state_dict(sd)
+            except ValueError as e:
+                raise ValueError(f"{source}: cannot continue its {name} average: {e}") from e
+            loaded.append(name)
+        return loaded
+
+    # ---------------------------------------------------------------------------- DDP
+
+    def _gather_last_dim(self, local):
+        if self.world_size == 1:
+            return local
+        # equal-sized pieces for all_gather (gloo and NCCL): pad this rank's slice to `shard`
+        padded = local.new_zeros(*local.shape[:-1], self.shard)
+        padded[..., :local.shape[-1]] = local
+        pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(pieces, padded.contiguous())
+        return torch.cat(pieces, dim=-1)[..., :self.numel]
