@@ -2,12 +2,13 @@
 # few minutes (nanoGPT's "baby" config: 4 layers, 4 heads, 128 wide, context 64).
 #   python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char.py
 # These are also train.py's defaults; the file is the place to start your own variant.
+# At every eval it prints the raw model's val loss next to EMA, BEMA and LAWA averages of it.
 
 out_dir = "out/shakespeare_char"
 dataset = "shakespeare_char"
 eval_interval = 250
 eval_iters = 100
-log_interval = 50
+log_interval = 10
 ckpt_interval = 250
 
 batch_size = 12
@@ -23,3 +24,12 @@ max_iters = 2000
 warmup_iters = 100
 min_lr = 1e-4
 beta2 = 0.99
+
+# weight averaging during training (averaging.py has every method's keys and defaults)
+averaging = "ema,bema,lawa"
+ema_decay = 0.995        # EMA half-life ~140 steps
+bema_ema_power = 0.5     # BEMA with the paper's defaults, from step 0
+bema_bias_power = 0.2
+bema_lag = 10.0
+lawa_k = 5               # LAWA: the mean of the 5 latest checkpoints, 100 steps apart
+lawa_interval = 100

@@ -30,3 +30,4 @@ warmup_iters = 2000
 min_lr = 6e-5
 
 compile = True
+averaging = ""          # the plain baseline; the _bema/_ema/_lawa/_swa configs average

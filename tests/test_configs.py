@@ -1,0 +1,54 @@
+"""Every shipped config parses, and the GPT-2 124M configs start on a CPU with a tiny dataset."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from configurator import load_config
+from online_averaging import parse_methods
+from train import TrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.py"))
+SMALL = [p for p in CONFIGS if p.name.startswith("train_small")]
+
+
+def test_the_configs_are_there():
+    names = {p.name for p in CONFIGS}
+    assert {"train_shakespeare_char.py", "train_small.py", "train_small_wsd.py",
+            "train_small_bema.py", "train_small_ema.py", "train_small_lawa.py",
+            "train_small_swa.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses(path):
+    cfg = load_config(TrainConfig, [str(path)])
+    assert cfg.out_dir.startswith("out/")
+
+
+def test_default_config_file_is_the_default():
+    from_file = load_config(TrainConfig, [str(CONFIGS[0].parent / "train_shakespeare_char.py")])
+    assert from_file == TrainConfig()
+
+
+@pytest.mark.parametrize("path", SMALL, ids=lambda p: p.name)
+def test_small_config_starts_on_cpu(path, tiny_data_dir, tmp_path):
+    """Build the 124M model with the config's optimizer and averagers, take 2 steps."""
+    cfg = load_config(TrainConfig, [str(path), "--device=cpu", "--max_iters=2", "--compile=False",
+                                    f"--data_dir={tiny_data_dir}", f"--out_dir={tmp_path}",
+                                    "--block_size=32", "--batch_size=1", "--eval_iters=1",
+                                    "--gradient_accumulation_steps=1", "--warmup_iters=1"])
+    runtime = train.init_runtime(cfg)
+    data = train.open_dataset(cfg)
+    model, optimizer, state, model_args, flat = train.build(cfg, runtime, data)
+    assert 123e6 < model.num_params() < 125e6
+    online = train.build_averaging(cfg, runtime, flat, state)
+    assert online.names == parse_methods(cfg.averaging)
+    batches = train.train_batches(data, cfg, runtime, 0)
+    for step in range(1, 3):
+        loss = train.train_step(model, optimizer, batches, cfg, runtime, cfg.learning_rate)
+        online.update(step)
+        assert torch.isfinite(loss)
+    # every averager whose burn-in has passed is averaging (BEMA's is step 2000)
+    assert online.ready() == [m for m, a in online.averagers.items() if a.tau <= 2]
