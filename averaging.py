@@ -58,6 +58,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+import kernels
+
 
 # ---------------------------------------------------------------------------- schedules (pure)
 
@@ -95,6 +97,8 @@ def _f32(theta):
 
 def ema_update_(ema, theta, beta):
     """ema ← (1 − β)·ema + β·θ, computed as ema + β·(θ − ema) (torch.lerp)."""
+    if kernels.use_triton(ema):
+        return kernels.triton_ops().ema_update_(ema, theta, beta)
     return ema.lerp_(_f32(theta), beta)
 
 
@@ -106,12 +110,16 @@ def bema_output(ema, theta, theta0, alpha, out):
 
 def bema_step_(ema, theta, theta0, beta, alpha, out):
     """One BEMA update: ema ← lerp(ema, θ, β), then out ← ema + α·(θ − θ₀) (the fused kernel)."""
+    if kernels.use_triton(ema):
+        return kernels.triton_ops().bema_step_(ema, theta, theta0, beta, alpha, out)
     ema_update_(ema, theta, beta)
     return bema_output(ema, theta, theta0, alpha, out)
 
 
 def dema_step_(e1, e2, theta, beta, out=None):
     """e1 ← lerp(e1, θ, β); e2 ← lerp(e2, e1_new, β); out ← 2·e1 − e2 if out is given."""
+    if kernels.use_triton(e1):
+        return kernels.triton_ops().dema_step_(e1, e2, theta, beta, out)
     ema_update_(e1, theta, beta)
     e2.lerp_(e1, beta)
     if out is not None:
@@ -126,12 +134,16 @@ def dema_output(e1, e2, out):
 
 def ouema_update_(ema, theta, theta0, a, beta):
     """ema ← lerp(ema, θ̃, β) with θ̃ = (θ − a·θ₀)/(1 − a)."""
+    if kernels.use_triton(ema):
+        return kernels.triton_ops().ouema_update_(ema, theta, theta0, a, beta)
     tilde = torch.add(_f32(theta), theta0, alpha=-a).div_(1.0 - a)
     return ema.lerp_(tilde, beta)
 
 
 def running_mean_update_(mean, theta, n):
     """mean ← mean + (θ − mean)/n: the mean of n samples given that of the first n − 1."""
+    if kernels.use_triton(mean):
+        return kernels.triton_ops().running_mean_update_(mean, theta, n)
     return mean.lerp_(_f32(theta), 1.0 / n)
 
 
