@@ -31,15 +31,17 @@ Every method has its own key prefix (DEMA and OUEMA do not borrow bema_*), so on
 hold settings for several methods and a key always says which method it tunes.
 
 Conventions (pinned by tests/test_averaging.py):
-- Time. s is the optimizer step (θ_s = weights after the update of step s; train.py counts steps
-  from 0). An averager with burn-in τ (update_after / *_start) and period φ (update_freq /
+- Time. s counts optimizer updates applied: θ_0 is the initial model, θ_s the weights after s
+  updates (train.py's iter_num, the number in ckpt_<s>.pt and snapshots/step_<s>). An averager with burn-in τ (update_after / *_start) and period φ (update_freq /
   *_freq / *_interval) acts at s = τ, τ+φ, τ+2φ, ... and ignores every other step. At s = τ it
   initialises from a copy of θ_τ; at later acting steps it uses t = s − τ (so t = φ, 2φ, ...) in
   b_t = ρ + γ·t. With τ = 0 this is TRL's BEMACallback schedule. (The published offline BEMA tool
   uses max(s − τ + ρ, 1) with bases 1 + γ·t and 1 + t: one step later than ours.)
 - An averager must see its initialisation step: its first acting call must be s = τ, and after
   that every acting step in order (s = previous + φ), else RuntimeError; this keeps an offline
-  replay from silently computing a different average than the online run.
+  replay from silently computing a different average than the online run. The offline tool,
+  which only has the saved snapshots, builds averagers with allow_gaps=True: acting steps may
+  then be skipped (the average is over the snapshots there are), but still come in order.
 - average() is None before initialisation. Otherwise a float32 tensor that may be the averager's
   own buffer: read it, do not modify it; clone it to keep it past the next update().
 - LAWA before k snapshots exist: the mean of those taken so far. Between snapshots: the mean of
@@ -191,7 +193,8 @@ class Averager(ABC):
     buffers = ()        # names of float32 tensor attributes that form the state
     counters = ()       # names of int attributes that form the state
 
-    def __init__(self, **hparams):
+    def __init__(self, allow_gaps=False, **hparams):
+        self.allow_gaps = allow_gaps
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not a hyperparameter of averager {self.name!r}; "
@@ -225,7 +228,7 @@ class Averager(ABC):
                 self.numel = theta.numel()
                 self._init(theta.detach())
             else:
-                if step != self.step + self.phi:
+                if step <= self.step if self.allow_gaps else step != self.step + self.phi:
                     raise RuntimeError(f"{self.name}: update at step {step} after step "
                                        f"{self.step}; expected step {self.step + self.phi} "
                                        f"({self.freq_key}={self.phi})")
@@ -275,6 +278,16 @@ class Averager(ABC):
 
     def memory_bytes(self):
         return sum(getattr(self, b).nbytes for b in self.buffers if getattr(self, b) is not None)
+
+    def swapped_in(self, flat):
+        """`with averager.swapped_in(flat): evaluate(model)`: the model whose weights are the
+        FlatParameters `flat` holds this average inside the block; the live weights are restored
+        bitwise after it. (Under DDP, OnlineAveraging.swapped_in gathers the shards first.)"""
+        averaged = self.average()
+        if averaged is None:
+            raise RuntimeError(f"{self.name} has no average yet: it starts at "
+                               f"{self.start_key}={self.tau}")
+        return flat.swapped(averaged)
 
 
 def _copy(theta):
@@ -506,8 +519,8 @@ class WindowedAverage(Averager):
 AVERAGERS = {c.name: c for c in (EMA, BEMA, DEMA, OUEMA, SWA, LAWA, WindowedAverage)}
 
 
-def build_averager(name, **hparams):
+def build_averager(name, allow_gaps=False, **hparams):
     """The averager registered under `name`, e.g. build_averager("bema", bema_lag=10.0)."""
     if name not in AVERAGERS:
         raise ValueError(f"averager {name!r} is unknown; use one of {', '.join(AVERAGERS)}")
-    return AVERAGERS[name](**hparams)
+    return AVERAGERS[name](allow_gaps=allow_gaps, **hparams)

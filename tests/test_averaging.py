@@ -428,3 +428,36 @@ def test_pure_bema_step_with_bf16_theta():
     e_ref = 0.7 * e64 + 0.3 * th64
     torch.testing.assert_close(ema.double(), e_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.double(), e_ref + 0.7 * (th64 - t064), rtol=1e-6, atol=1e-6)
+
+
+def test_allow_gaps_averages_the_steps_it_is_given_in_order():
+    """The offline tool's mode: snapshots at some acting steps only; t is still s − τ."""
+    tau, steps = 4, [4, 5, 9, 10, 30]
+    avg = build_averager("bema", allow_gaps=True, bema_update_after=tau)
+    got = run(avg, steps=steps)
+    th0 = e = TRAJ[tau]
+    for s in steps[1:]:
+        b = 10.0 + (s - tau)
+        e = (1 - b ** -0.5) * e + b ** -0.5 * TRAJ[s]
+    assert_matches({30: got[30]}, {30: e + b ** -0.2 * (TRAJ[30] - th0)})
+    with pytest.raises(RuntimeError, match="after step 30"):
+        avg.update(30, TRAJ[30].float())
+    # steps that are not acting steps are still ignored
+    swa = build_averager("swa", allow_gaps=True, swa_start=2, swa_freq=2)
+    run(swa, steps=[2, 3, 6, 7, 12])
+    assert_matches({0: swa.average().double()}, {0: TRAJ[[2, 6, 12]].mean(0)})
+
+
+def test_swapped_in_puts_the_average_into_the_model_and_restores_it():
+    from flat_params import FlatParameters
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    flat = FlatParameters(model)
+    avg = build_averager("ema", ema_decay=0.5)
+    with pytest.raises(RuntimeError, match="no average yet"):
+        avg.swapped_in(flat)
+    live = flat.buffer.clone()
+    avg.update(0, torch.randn_like(live))
+    with avg.swapped_in(flat):
+        assert torch.equal(flat.buffer, avg.average())
+        assert torch.equal(model[0].weight.flatten(), avg.average()[:12])
+    assert torch.equal(flat.buffer, live)
