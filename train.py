@@ -535,6 +535,8 @@ def _train(cfg, runtime):
                    **{f"val_loss/{name}": loss for name, loss in averaged.items()}})
         return {**losses, "averaged": averaged}
 
+    if cfg.snapshot_interval and state.iter_num == 0:
+        save_snapshots(raw=True, averaged=False)   # θ_0: offline averages may start there too
     with StopSignal() as stop:
         timer, timed_steps = time.perf_counter(), 0
         while state.iter_num < cfg.max_iters:

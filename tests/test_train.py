@@ -97,12 +97,13 @@ def test_branch_a_cooldown_from_a_checkpoint(make_config, tmp_path):
 def test_branch_from_a_snapshot(make_config, tmp_path):
     train.train(make_config(out_dir=str(tmp_path / "a"), snapshot_interval=4))
     snaps = checkpoint.list_snapshots(tmp_path / "a" / "snapshots")
-    assert [p.name for p in snaps] == ["step_0000004.safetensors", "step_0000008.safetensors"]
+    assert [p.name for p in snaps] == ["step_0000000.safetensors", "step_0000004.safetensors",
+                                       "step_0000008.safetensors"]
     # a snapshot carries no averager state: averaging in the branch starts where it starts
     with pytest.raises(ValueError, match="--ema_update_after=4"):
-        train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[0])))
+        train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1])))
     assert not (tmp_path / "b").exists()
-    summary = train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[0]),
+    summary = train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1]),
                                       ema_update_after=4, bema_update_after=4, lawa_start=4))
     assert summary["iter_num"] == 8
     assert summary["val_loss_averaged"].keys() == {"ema", "bema", "lawa"}

@@ -1,0 +1,412 @@
+"""
+Offline weight averaging over a saved trajectory: every method and every hyperparameter setting
+served from ONE pass over the checkpoints, each evaluated next to the raw weights.
+
+    python average.py --ckpt_dir=out/shakespeare_char/snapshots
+    python average.py --ckpt_dir=out/run/snapshots --methods=bema \\
+        --bema_ema_power=[0.2,0.5] --bema_bias_power=[-1,0.2,0.4]     # 6 BEMA settings, one pass
+    python average.py --ckpt_dir=out/run/snapshots --save=bema          # + the best BEMA weights
+    python average.py config/avg_compare.py --ckpt_dir=...              # a config file, as train.py
+
+Any averager key of averaging.py may be given a list; each method runs the cartesian product of
+its lists, every combination as its own averager, all fed the same snapshots. The snapshots are
+read in step order, each exactly once, one at a time (memory: the model + the averagers' state).
+
+Offline time: an averager acts at the snapshots it is given (averaging.py's allow_gaps mode), with
+t = s − τ from the real step s. The burn-in keys (bema_update_after, swa_start, lawa_start, ...)
+default to the first snapshot's step and the period keys (bema_update_freq, swa_freq,
+lawa_interval, wa_interval, ...) to 1, i.e. every snapshot; LAWA then averages the k latest
+snapshots. With a snapshot at every step this is exactly the online averager of train.py
+(tests/test_average.py checks it).
+
+Outputs in out_dir (never inside ckpt_dir; every file written atomically): results.csv and
+results.json (one row per step x setting: val loss; plus what was skipped and why), plot.png
+(val loss vs step, raw and the best setting of each method), and with --save the averaged
+weights as a snapshot that train.py --init_from, evaluation and sampling accept.
+"""
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import re
+import sys
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import checkpoint
+import trajectory
+import train
+from averaging import AVERAGERS, build_averager
+from checkpoint import CheckpointError
+from configurator import load_config
+from flat_params import FlatParameters
+from model import GPT, GPTConfig
+
+
+def _sweep_fields():
+    """Every averager key, sweepable (a value or a list); burn-in/period keys default to None =
+    "the first snapshot" / "every snapshot"."""
+    fields = []
+    for cls in AVERAGERS.values():
+        for key, default in cls.defaults.items():
+            kind = type(default)
+            if key in (cls.start_key, cls.freq_key):
+                fields.append((key, int | list[int] | None, dataclasses.field(default=None)))
+            else:
+                fields.append((key, kind | list[kind], dataclasses.field(default=default)))
+    return fields
+
+
+SweepConfig = dataclasses.make_dataclass("SweepConfig", _sweep_fields())
+
+
+@dataclass
+class AverageConfig(SweepConfig):
+    ckpt_dir: str = ""             # the trajectory: a run's snapshots/ (or any dir of checkpoints)
+    out_dir: str = "out/average"   # results.csv/json, plot.png, saved/ (must not be in ckpt_dir)
+    methods: str = "lawa,swa,ema,bema,dema,ouema,wa"   # any subset, comma-separated
+    # evaluation (the same val batches for the raw weights and every average: paired differences)
+    dataset: str = "shakespeare_char"  # a prepared folder under data/ ...
+    data_dir: str | None = None    # ... or an explicit path
+    eval_iters: int = 50           # val batches per evaluation
+    batch_size: int = 12
+    block_size: int | None = None  # None: the model's context length
+    seed: int = 1337               # picks the val batches
+    eval_every: int = 0            # 0: evaluate at every snapshot; N: at steps divisible by N
+                                   # (and the last)
+    device: str = "auto"
+    dtype: str = "auto"
+    skip_bad: bool = False         # warn and skip unreadable/mismatched files instead of stopping
+    save: str | None = None        # 'best' | a method | a setting label: save those weights ...
+    save_step: int | None = None   # ... at this step (None: the last)
+    plot: bool = True
+
+    def __post_init__(self):
+        if not self.ckpt_dir:
+            raise ValueError("ckpt_dir is not set: --ckpt_dir=out/<run>/snapshots (or any "
+                             "directory of checkpoints)")
+        for key in ("eval_iters", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every={self.eval_every} must be >= 0")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
+        ckpt, out = Path(self.ckpt_dir).resolve(), Path(self.out_dir).resolve()
+        if out == ckpt or ckpt in out.parents:
+            raise ValueError(f"out_dir={self.out_dir} is inside ckpt_dir={self.ckpt_dir}; the "
+                             f"input directory is never written to: choose another out_dir")
+        expand_settings(self, first_step=0)   # raises on a bad method name or hyperparameter
+
+
+# ---------------------------------------------------------------------------------------------
+# the settings of a sweep
+
+@dataclass
+class Setting:
+    label: str      # 'bema' or 'bema[bema_ema_power=0.2,bema_bias_power=-1]'
+    method: str
+    hparams: dict   # the averager's complete hyperparameters
+    swept: dict     # the keys given as lists, with this setting's values
+
+
+def parse_methods(spec):
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    for name in names:
+        if name not in AVERAGERS:
+            raise ValueError(f"methods={spec!r}: {name!r} is not an averaging method; use a "
+                             f"comma-separated subset of {','.join(AVERAGERS)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"methods={spec!r}: list each method once, at least one")
+    return names
+
+
+def expand_settings(cfg, first_step):
+    """One Setting per combination of each method's list-valued keys (validated)."""
+    settings = []
+    for method in parse_methods(cfg.methods):
+        cls = AVERAGERS[method]
+        grid = {}
+        for key in cls.defaults:
+            value = getattr(cfg, key)
+            if value is None:   # burn-in / period not given: from the trajectory
+                value = first_step if key == cls.start_key else 1
+            grid[key] = value if isinstance(value, list) else [value]
+            if not grid[key]:
+                raise ValueError(f"{key}=[]: give at least one value")
+        swept_keys = [k for k, v in grid.items() if len(v) > 1]
+        labels = set()
+        for combo in itertools.product(*grid.values()):
+            hparams = dict(zip(grid, combo))
+            swept = {k: hparams[k] for k in swept_keys}
+            label = method + ("[" + ",".join(f"{k}={_short(v)}" for k, v in swept.items())
+                              + "]" if swept else "")
+            if label in labels:
+                raise ValueError(f"the sweep lists the setting {label} twice")
+            labels.add(label)
+            build_averager(method, allow_gaps=True, **hparams)   # raises naming a bad key
+            settings.append(Setting(label, method, hparams, swept))
+    return settings
+
+
+def _short(value):
+    """-1.0 -> '-1', 0.2 -> '0.2' (exactly representable in the label, else repr)."""
+    if isinstance(value, float) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+
+class Trajectory:
+    """Reads each file once, in step order, and loads it into one model whose weights are a
+    flat buffer; a file that does not fit the first one is an error (or skipped)."""
+
+    def __init__(self, cfg, files, skipped, device):
+        self.cfg, self.files, self.skipped, self.device = cfg, files, skipped, device
+        self.model = self.flat = self.model_args = None
+
+    def __iter__(self):
+        for entry in tqdm(self.files, desc="snapshots", unit="file", file=sys.stderr,
+                          disable=None):
+            try:
+                weights = trajectory.read(entry.path)
+                self._load(weights, entry.path)
+            except CheckpointError as e:
+                if not self.cfg.skip_bad:
+                    raise
+                warnings.warn(f"skipped {entry.path.name}: {e}")
+                self.skipped.append({"file": entry.path.name, "step": entry.step,
+                                     "reason": str(e)})
+                continue
+            yield entry, weights
+
+    def _load(self, weights, path):
+        if self.model is None:
+            self.model_args = {**weights.model_args, "dropout": 0.0}
+            self.model = GPT(GPTConfig(**self.model_args)).to(self.device)
+            self.model.eval()
+            self.flat = FlatParameters(self.model)
+        elif {**weights.model_args, "dropout": 0.0} != self.model_args:
+            raise CheckpointError(f"{path} is a checkpoint of another model: model_args "
+                                  f"{weights.model_args} differ from the first file's "
+                                  f"{self.model_args}")
+        try:
+            with torch.no_grad():
+                checkpoint.load_model_state(self.model, weights.state, path)
+        except RuntimeError as e:   # a shape that differs from the first file's
+            raise CheckpointError(f"{path} does not fit the trajectory's model: {e}") from e
+
+
+def average(cfg):
+    """Run the pass; write results.csv/json and plot.png; return the summary (rows, best
+    settings, skipped files, and the final averagers)."""
+    files, ignored, bad = trajectory.discover(cfg.ckpt_dir)
+    skipped = []
+    for path, reason in bad:
+        if not cfg.skip_bad:
+            raise CheckpointError(reason)
+        warnings.warn(f"skipped {path.name}: {reason}")
+        skipped.append({"file": path.name, "step": None, "reason": reason})
+    if not files:
+        raise CheckpointError(f"{cfg.ckpt_dir}: no readable checkpoint")
+    steps = [f.step for f in files]
+    _check_burn_in_steps(cfg, steps)
+    eval_steps = {s for s in steps if cfg.eval_every == 0 or s % cfg.eval_every == 0}
+    eval_steps.add(steps[-1])
+    save_step = steps[-1] if cfg.save_step is None else cfg.save_step
+    if cfg.save and save_step not in steps:
+        raise ValueError(f"save_step={cfg.save_step} is not a step of the trajectory "
+                         f"({steps[0]}..{steps[-1]}, {len(steps)} files)")
+    eval_steps.add(save_step)
+
+    runtime = train.init_runtime(cfg)
+    data = train.open_dataset(cfg)
+    traj = Trajectory(cfg, files, skipped, runtime.device)
+    settings, averagers, rows, saved = None, None, [], None
+    eval_cfg = None
+    for entry, weights in traj:
+        if settings is None:   # the first readable snapshot fixes the model and the burn-ins
+            settings = expand_settings(cfg, first_step=entry.step)
+            _check_save_choice(cfg, settings)
+            averagers = {s.label: build_averager(s.method, allow_gaps=True, **s.hparams)
+                         for s in settings}
+            block = cfg.block_size or traj.model_args["block_size"]
+            data.check_fits(block, traj.model_args["vocab_size"])
+            eval_cfg = types.SimpleNamespace(eval_iters=cfg.eval_iters, block_size=block,
+                                             batch_size=cfg.batch_size, seed=cfg.seed)
+            print(f"{len(files)} checkpoints, steps {steps[0]}..{steps[-1]}; "
+                  f"{len(settings)} settings of {len(parse_methods(cfg.methods))} methods; "
+                  f"evaluating at {len(eval_steps)} steps on {eval_cfg.eval_iters} val batches")
+        for averager in averagers.values():
+            averager.update(entry.step, traj.flat.buffer)
+        if entry.step not in eval_steps:
+            continue
+
+        def val_loss():
+            return train.evaluate(traj.model, data, eval_cfg, runtime, splits=("val",))["val"]
+
+        step_rows = [_row(entry.step, "raw", "raw", {}, val_loss())]
+        for s in settings:
+            averager = averagers[s.label]
+            if averager.average() is None:
+                continue
+            with averager.swapped_in(traj.flat):
+                step_rows.append(_row(entry.step, s.method, s.label, s.hparams, val_loss()))
+        rows += step_rows
+        if cfg.save and entry.step == save_step:
+            saved = _save(cfg, traj, settings, averagers, step_rows, entry, weights)
+    if settings is None:
+        raise CheckpointError(f"{cfg.ckpt_dir}: every checkpoint was skipped")
+
+    best = best_settings(rows)
+    summary = {"rows": rows, "best": best, "skipped": skipped, "saved": saved,
+               "ignored": [p.name for p in ignored], "averagers": averagers,
+               "files": [{"file": f.path.name, "step": f.step} for f in files]}
+    _write_outputs(cfg, summary)
+    print(format_table(best))
+    if skipped:
+        print(f"skipped {len(skipped)} file(s): " +
+              "; ".join(f"{s['file']} ({s['reason'][:80]})" for s in skipped))
+    if saved:
+        print(f"saved {saved['label']} at step {saved['step']} to {saved['path']}")
+    return summary
+
+
+def _check_burn_in_steps(cfg, steps):
+    """An explicit burn-in must be a step the trajectory has: averaging starts from θ_τ."""
+    available = set(steps)
+    for method in parse_methods(cfg.methods):
+        key = AVERAGERS[method].start_key
+        values = getattr(cfg, key)
+        for tau in values if isinstance(values, list) else [values]:
+            if tau is not None and tau not in available:
+                later = [s for s in steps if s >= tau]
+                hint = f"the next snapshot is step {later[0]}" if later else \
+                    f"the last is step {steps[-1]}"
+                raise ValueError(f"{key}={tau}: there is no checkpoint of step {tau} in "
+                                 f"{cfg.ckpt_dir} to start from ({hint})")
+
+
+def _check_save_choice(cfg, settings):
+    if not cfg.save:
+        return
+    choices = {"best"} | {s.method for s in settings} | {s.label for s in settings}
+    if cfg.save not in choices:
+        raise ValueError(f"save={cfg.save!r}: use 'best', a method of this run "
+                         f"({', '.join(sorted({s.method for s in settings}))}) or a setting "
+                         f"label from results.csv")
+
+
+def _row(step, method, label, hparams, loss):
+    return {"step": step, "method": method, "setting": label,
+            "hparams": json.dumps(hparams, sort_keys=True), "val_loss": loss}
+
+
+def _save(cfg, traj, settings, averagers, step_rows, entry, weights):
+    """The lowest-loss setting among those `cfg.save` names, at this step, as a snapshot."""
+    losses = {r["setting"]: r["val_loss"] for r in step_rows}
+    candidates = [s for s in settings if s.label in losses and
+                  cfg.save in ("best", s.method, s.label)]
+    if not candidates:
+        raise ValueError(f"save={cfg.save!r}: no average of it exists at step {entry.step} "
+                         f"(its burn-in is later)")
+    choice = min(candidates, key=lambda s: losses[s.label])
+    directory = Path(cfg.out_dir) / "saved" / re.sub(r"[^\w.=,+-]+", "_", choice.label)
+    with averagers[choice.label].swapped_in(traj.flat):
+        path = checkpoint.save_snapshot(
+            directory, traj.model, entry.step, weights.tokens_seen or 0, traj.model_args,
+            extra={"averager": choice.method, "hparams": choice.hparams,
+                   "source": str(cfg.ckpt_dir)})
+    return {"label": choice.label, "step": entry.step, "path": str(path),
+            "val_loss": losses[choice.label]}
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+def best_settings(rows):
+    """Per method, the setting with the lowest val loss at the last evaluated step, its gain
+    over the raw weights there, and the lowest loss it reaches at any step."""
+    last = max(r["step"] for r in rows)
+    raw = {r["step"]: r["val_loss"] for r in rows if r["method"] == "raw"}
+    best = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        at_last = [r for r in rows if r["method"] == method and r["step"] == last]
+        if not at_last:
+            continue
+        top = min(at_last, key=lambda r: r["val_loss"])
+        curve = [r for r in rows if r["setting"] == top["setting"]]
+        lowest = min(curve, key=lambda r: r["val_loss"])
+        best.append({"method": method, "setting": top["setting"], "step": last,
+                     "val_loss": top["val_loss"], "gain": raw[last] - top["val_loss"],
+                     "lowest": lowest["val_loss"], "lowest_step": lowest["step"]})
+    return best
+
+
+def format_table(best):
+    lines = ["| method | best setting | val loss | gain over raw | lowest (step) |",
+             "|---|---|---|---|---|"]
+    for b in best:
+        gain = "" if b["method"] == "raw" else f"{b['gain']:+.4f}"
+        lines.append(f"| {b['method']} | {b['setting']} | {b['val_loss']:.4f} | {gain} | "
+                     f"{b['lowest']:.4f} ({b['lowest_step']}) |")
+    return "\n".join(lines)
+
+
+def _write_outputs(cfg, summary):
+    out = Path(cfg.out_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ["step", "method", "setting", "hparams", "val_loss"])
+    writer.writeheader()
+    writer.writerows(summary["rows"])
+    for s in summary["skipped"]:
+        writer.writerow({"step": s["step"], "method": "skipped", "setting": s["file"],
+                         "hparams": s["reason"], "val_loss": math.nan})
+    checkpoint.atomic_write(out / "results.csv", lambda f: f.write(buffer.getvalue().encode()))
+    record = {k: v for k, v in summary.items() if k != "averagers"}
+    record["config"] = dataclasses.asdict(cfg)
+    checkpoint.atomic_write(out / "results.json",
+                            lambda f: f.write(json.dumps(record, indent=1).encode()))
+    if cfg.plot:
+        plot(summary, out / "plot.png")
+
+
+def plot(summary, path):
+    """Val loss vs step: the raw weights and the best setting of each method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for b in summary["best"]:
+        curve = sorted((r["step"], r["val_loss"]) for r in summary["rows"]
+                       if r["setting"] == b["setting"])
+        x, y = zip(*curve)
+        style = dict(color="black", linewidth=2.5) if b["method"] == "raw" else {}
+        ax.plot(x, y, marker=".", label=b["setting"], **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss")
+    ax.set_title("raw weights vs averages (best setting per method at the last step)")
+    losses = [r["val_loss"] for r in summary["rows"]]
+    ax.set_ylim(min(losses) - 0.02, min(max(losses), sorted(losses)[len(losses) // 2] + 0.5))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)
+    average(load_config(AverageConfig, sys.argv[1:]))
