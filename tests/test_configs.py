@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from average import AverageConfig
 from configurator import load_config
 from online_averaging import parse_methods
 from train import TrainConfig
@@ -23,7 +24,8 @@ def test_the_configs_are_there():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(path):
-    cfg = load_config(TrainConfig, [str(path)])
+    # avg_*.py configure average.py, the others train.py
+    cfg = load_config(AverageConfig if path.name.startswith("avg_") else TrainConfig, [str(path)])
     assert cfg.out_dir.startswith("out/")
 
 
