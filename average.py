@@ -44,7 +44,7 @@ from tqdm import tqdm
 import checkpoint
 import trajectory
 import train
-from averaging import AVERAGERS, build_averager
+from averaging import AVERAGERS, build_averager, parse_method_list
 from checkpoint import CheckpointError
 from configurator import load_config
 from flat_params import FlatParameters
@@ -119,14 +119,7 @@ class Setting:
 
 
 def parse_methods(spec):
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    for name in names:
-        if name not in AVERAGERS:
-            raise ValueError(f"methods={spec!r}: {name!r} is not an averaging method; use a "
-                             f"comma-separated subset of {','.join(AVERAGERS)}")
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"methods={spec!r}: list each method once, at least one")
-    return names
+    return parse_method_list(spec, key="methods", allow_empty=False)
 
 
 def expand_settings(cfg, first_step):

@@ -519,6 +519,22 @@ class WindowedAverage(Averager):
 AVERAGERS = {c.name: c for c in (EMA, BEMA, DEMA, OUEMA, SWA, LAWA, WindowedAverage)}
 
 
+def parse_method_list(spec, key, allow_empty):
+    """'ema, bema,lawa' (the config value of `key`) -> ['ema', 'bema', 'lawa'], each method
+    known and listed once."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    for name in names:
+        if name not in AVERAGERS:
+            raise ValueError(f"{key}={spec!r}: {name!r} is not an averaging method; use a "
+                             f"comma-separated subset of {','.join(AVERAGERS)}"
+                             f"{' (or nothing for none)' if allow_empty else ''}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key}={spec!r} lists a method twice")
+    if not names and not allow_empty:
+        raise ValueError(f"{key}={spec!r}: name at least one method")
+    return names
+
+
 def build_averager(name, allow_gaps=False, **hparams):
     """The averager registered under `name`, e.g. build_averager("bema", bema_lag=10.0)."""
     if name not in AVERAGERS:

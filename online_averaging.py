@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from averaging import AVERAGERS, build_averager
+from averaging import AVERAGERS, build_averager, parse_method_list
 
 
 def _config_fields():
@@ -41,15 +41,7 @@ AveragingConfig = dataclasses.make_dataclass("AveragingConfig", _config_fields()
 
 
 def parse_methods(spec):
-    """'ema, bema,lawa' -> ['ema', 'bema', 'lawa'], each known and listed once."""
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    for name in names:
-        if name not in AVERAGERS:
-            raise ValueError(f"averaging={spec!r}: {name!r} is not an averaging method; use a "
-                             f"comma-separated subset of {','.join(AVERAGERS)} (or '' for none)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"averaging={spec!r} lists a method twice")
-    return names
+    return parse_method_list(spec, key="averaging", allow_empty=True)
 
 
 def averager_hparams(cfg):
