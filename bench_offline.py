@@ -1,0 +1,139 @@
+"""
+Offline averaging: ONE pass of average.py serving M settings over K snapshots, against M
+single-setting passes (how the published tools run a sweep: one method and setting per
+invocation, every snapshot re-read each time).
+
+    python bench_offline.py                                  # M = 12, K = 50, the default model
+    python bench_offline.py --ckpt_dir=out/run/snapshots     # an existing trajectory
+
+Without --ckpt_dir it first trains the default Shakespeare model for K − 1 steps with a snapshot
+at every step (the timing does not depend on how far apart the snapshots are). Two regimes:
+  averaging only  evaluation at the last snapshot only: the cost of reading + updating
+  with evals      evaluation at every snapshot (raw + each setting): what a curve costs
+and, to read them against: K snapshot reads alone, and the time of one evaluation.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import average
+import train
+import trajectory
+from average import AverageConfig
+from configurator import load_config
+
+# the M = 12 settings: 4 methods x 3 values, a typical first sweep
+SWEEP = {"bema": ("bema_bias_power", [-1.0, 0.2, 0.4]),
+         "ema": ("ema_decay", [0.7, 0.9, 0.95]),
+         "lawa": ("lawa_k", [3, 5, 10]),
+         "wa": ("wa_horizon", [5, 10, 20])}
+
+
+@dataclass
+class BenchOfflineConfig:
+    ckpt_dir: str | None = None    # a trajectory to time on; None: make one (below)
+    out_dir: str = "out/bench_offline"   # the made trajectory and the outputs of the passes
+    snapshots: int = 50            # K, when making the trajectory
+    dataset: str = "shakespeare_char"
+    data_dir: str | None = None
+    eval_iters: int = 20           # val batches per evaluation
+    device: str = "cpu"
+    repeats: int = 1               # timed repeats of each measurement (the median is reported)
+    bench_out: str | None = None   # append the result as a JSON line
+
+    def __post_init__(self):
+        for key in ("snapshots", "eval_iters", "repeats"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
+
+
+def make_trajectory(cfg):
+    snaps = Path(cfg.out_dir) / "run" / "snapshots"
+    if len(list(snaps.glob("step_*.safetensors"))) >= cfg.snapshots:
+        return snaps
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(train.TrainConfig(
+            out_dir=str(Path(cfg.out_dir) / "run"), dataset=cfg.dataset, data_dir=cfg.data_dir,
+            max_iters=cfg.snapshots - 1, snapshot_interval=1, eval_interval=10**6,
+            warmup_iters=0, eval_iters=1, averaging="", device=cfg.device))
+    return snaps
+
+
+def settings_config(cfg, ckpt_dir, methods, overrides, eval_every, name):
+    return AverageConfig(ckpt_dir=str(ckpt_dir), out_dir=str(Path(cfg.out_dir) / name),
+                         methods=methods, dataset=cfg.dataset, data_dir=cfg.data_dir,
+                         eval_iters=cfg.eval_iters, eval_every=eval_every, device=cfg.device,
+                         plot=False, **overrides)
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(cfg):
+    ckpt_dir = Path(cfg.ckpt_dir) if cfg.ckpt_dir else make_trajectory(cfg)
+    files, _, _ = trajectory.discover(ckpt_dir)
+    k, m = len(files), sum(len(values) for _, values in SWEEP.values())
+    everything = {key: values for key, values in SWEEP.values()}
+    methods = ",".join(SWEEP)
+    last_only = files[-1].step + 1   # eval_every past the end: only the last step is evaluated
+
+    def one_pass(eval_every):
+        return lambda: average.average(settings_config(cfg, ckpt_dir, methods, everything,
+                                                       eval_every, "one_pass"))
+
+    def separate_passes(eval_every):
+        def run():
+            for method, (key, values) in SWEEP.items():
+                for value in values:
+                    average.average(settings_config(cfg, ckpt_dir, method, {key: value},
+                                                    eval_every, "separate"))
+        return run
+
+    def reads():
+        for f in files:
+            trajectory.read(f.path)
+
+    result = {"snapshots": k, "settings": m, "eval_iters": cfg.eval_iters, "device": cfg.device}
+    result["reads_s"] = timed(reads, cfg.repeats)
+    for regime, eval_every in (("averaging_only", last_only), ("with_evals", 0)):
+        one = timed(one_pass(eval_every), cfg.repeats)
+        separate = timed(separate_passes(eval_every), cfg.repeats)
+        result[regime] = {"one_pass_s": one, "separate_s": separate, "ratio": separate / one}
+    # what the evaluations add, per evaluation (raw + M settings at each of K snapshots)
+    extra = result["with_evals"]["one_pass_s"] - result["averaging_only"]["one_pass_s"]
+    result["eval_s"] = extra / ((k - 1) * (m + 1))
+    print(f"K = {k} snapshots, M = {m} settings ({', '.join(SWEEP)} x 3), "
+          f"{cfg.eval_iters} val batches per evaluation, {cfg.device}")
+    print(f"reading the {k} snapshots alone: {result['reads_s']:.2f} s; one evaluation: "
+          f"{result['eval_s']:.3f} s")
+    print("| regime | one pass, M settings | M single-setting passes | ratio |")
+    print("|---|---|---|---|")
+    for regime in ("averaging_only", "with_evals"):
+        r = result[regime]
+        print(f"| {regime.replace('_', ' ')} | {r['one_pass_s']:.2f} s | {r['separate_s']:.2f} s "
+              f"| {r['ratio']:.1f}x |")
+    if cfg.bench_out:
+        with open(cfg.bench_out, "a") as f:
+            f.write(json.dumps({**result, "config": dataclasses.asdict(cfg)}) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    bench(load_config(BenchOfflineConfig, sys.argv[1:]))
