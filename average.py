@@ -47,6 +47,7 @@ import train
 from averaging import AVERAGERS, build_averager, parse_method_list
 from checkpoint import CheckpointError
 from configurator import load_config
+from embedding_metrics import count_tokens, embedding_metrics
 from flat_params import FlatParameters
 from model import GPT, GPTConfig
 
@@ -84,6 +85,8 @@ class AverageConfig(SweepConfig):
                                    # (and the last)
     device: str = "auto"
     dtype: str = "auto"
+    embeddings: bool = False       # also the embedding metrics (embedding_metrics.py: isotropy,
+                                   # norms, ...) of the raw and every averaged model, per eval
     skip_bad: bool = False         # warn and skip unreadable/mismatched files instead of stopping
     save: str | None = None        # 'best' | a method | a setting label: save those weights ...
     save_step: int | None = None   # ... at this step (None: the last)
@@ -224,6 +227,7 @@ def average(cfg):
 
     runtime = train.init_runtime(cfg)
     data = train.open_dataset(cfg)
+    token_counts = count_tokens(data.splits["train"], data.vocab_size) if cfg.embeddings else None
     traj = Trajectory(cfg, files, skipped, runtime.device)
     settings, averagers, rows, saved = None, None, [], None
     eval_cfg = None
@@ -245,16 +249,22 @@ def average(cfg):
         if entry.step not in eval_steps:
             continue
 
-        def val_loss():
-            return train.evaluate(traj.model, data, eval_cfg, runtime, splits=("val",))["val"]
+        def measure(step, method, label, hparams):
+            row = _row(step, method, label, hparams,
+                       train.evaluate(traj.model, data, eval_cfg, runtime, splits=("val",))["val"])
+            if cfg.embeddings:
+                metrics = embedding_metrics(traj.model.transformer.wte.weight, token_counts,
+                                            vocab_size=data.vocab_size)
+                row.update({k: metrics.get(k) for k in EMBEDDING_COLUMNS})
+            return row
 
-        step_rows = [_row(entry.step, "raw", "raw", {}, val_loss())]
+        step_rows = [measure(entry.step, "raw", "raw", {})]
         for s in settings:
             averager = averagers[s.label]
             if averager.average() is None:
                 continue
             with averager.swapped_in(traj.flat):
-                step_rows.append(_row(entry.step, s.method, s.label, s.hparams, val_loss()))
+                step_rows.append(measure(entry.step, s.method, s.label, s.hparams))
         rows += step_rows
         if cfg.save and entry.step == save_step:
             saved = _save(cfg, traj, settings, averagers, step_rows, entry, weights)
@@ -298,6 +308,10 @@ def _check_save_choice(cfg, settings):
         raise ValueError(f"save={cfg.save!r}: use 'best', a method of this run "
                          f"({', '.join(sorted({s.method for s in settings}))}) or a setting "
                          f"label from results.csv")
+
+
+EMBEDDING_COLUMNS = ("isotropy", "mean_norm", "norm_ratio", "singular_value_ratio",
+                     "norm_logfreq_pearson")
 
 
 def _row(step, method, label, hparams, loss):
@@ -359,7 +373,8 @@ def format_table(best):
 def _write_outputs(cfg, summary):
     out = Path(cfg.out_dir)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["step", "method", "setting", "hparams", "val_loss"])
+    columns = ["step", "method", "setting", "hparams", "val_loss"]
+    writer = csv.DictWriter(buffer, columns + (list(EMBEDDING_COLUMNS) if cfg.embeddings else []))
     writer.writeheader()
     writer.writerows(summary["rows"])
     for s in summary["skipped"]:

@@ -254,3 +254,17 @@ def test_a_burn_in_or_save_step_off_the_trajectory_is_an_error(run_dir, tiny_dat
     with pytest.raises(ValueError, match="save_step=5"):
         average.average(config(run_dir, tiny_data_dir, tmp_path, ckpt_dir=sparse, save="best",
                                save_step=5))
+
+
+def test_embedding_metrics_per_averaged_model(run_dir, tiny_data_dir, tmp_path):
+    from embedding_metrics import embedding_metrics
+    summary = average.average(config(run_dir, tiny_data_dir, tmp_path, methods="ema",
+                                     embeddings=True, eval_every=STEPS))
+    rows = {(r["step"], r["method"]): r for r in summary["rows"]}
+    assert set(rows) == {(0, "raw"), (0, "ema"), (8, "raw"), (8, "ema")}
+    # the raw row's metrics are those of the snapshot's embedding matrix
+    state, _ = checkpoint.load_snapshot(checkpoint.snapshot_path(run_dir / "snapshots", STEPS))
+    expected = embedding_metrics(state["transformer.wte.weight"])
+    assert rows[(8, "raw")]["isotropy"] == pytest.approx(expected["isotropy"])
+    assert rows[(8, "ema")]["isotropy"] != rows[(8, "raw")]["isotropy"]
+    assert "isotropy" in (tmp_path / "avg" / "results.csv").read_text().splitlines()[0]
