@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from coupled_adam import CoupledAdamW
+
 # The released GPT-2 shapes. Only the trunk differs; block_size and vocab_size stay the caller's.
 NAMED_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M params
@@ -216,7 +218,13 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             optimizer="adamw", coupled_adam_scale=1.0,
+                             embedding_weight_decay=0.0):
+        """AdamW over optimizer_groups, or with optimizer="coupled_adam" Coupled Adam
+        (coupled_adam.py): the token embedding (= the tied LM head) moves to a group of its own
+        with weight decay embedding_weight_decay and the vocabulary-coupled second moment scaled
+        by coupled_adam_scale; every other parameter keeps the AdamW groups above."""
         groups = self.optimizer_groups(weight_decay)
         # the fused CUDA kernel updates all params in one launch instead of several per tensor;
         # on CPU the default implementation is fine (and fused is not faster there)
@@ -224,7 +232,17 @@ class GPT(nn.Module):
             extra = dict(fused=True) if _adamw_has_fused() else dict(foreach=True)
         else:
             extra = {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **extra)
+        if optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **extra)
+        if optimizer != "coupled_adam":
+            raise ValueError(f"optimizer={optimizer!r} is unknown; use 'adamw' or 'coupled_adam'")
+        embedding = self.transformer.wte.weight
+        groups[0]["params"] = [p for p in groups[0]["params"] if p is not embedding]
+        if embedding.requires_grad:
+            groups.append({"params": [embedding], "weight_decay": embedding_weight_decay,
+                           "coupled": True})
+        return CoupledAdamW(groups, lr=learning_rate, betas=tuple(betas),
+                            coupled_scale=coupled_adam_scale, **extra)
 
     # -----------------------------------------------------------------------------------------
     # throughput accounting

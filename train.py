@@ -74,12 +74,16 @@ class TrainConfig(AveragingConfig):
     bias: bool = False
     vocab_size: int | None = None  # None: the dataset's vocab size (set 50304 for GPT-2 BPE speed)
     # optimizer
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"       # 'adamw' | 'coupled_adam' (AdamW, Coupled Adam on the embedding)
     learning_rate: float = 1e-3    # peak LR
     weight_decay: float = 0.1      # applied to >=2-D tensors only
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0         # clip the global gradient norm to this (0 = off)
+    coupled_adam_scale: float = 1.0  # coupled_adam: c times the vocabulary-mean second moment of
+                                   # the embedding (1 = the paper; its scaled runs use powers of 2)
+    embedding_weight_decay: float = 0.0  # coupled_adam: decoupled weight decay of the embedding
+                                   # (adamw decays it with weight_decay, like every matrix)
     # learning-rate schedule (schedules.py): lr = learning_rate * multiplier(step)
     lr_schedule: str = "cosine"    # 'constant' | 'cosine' | 'wsd' (warmup-stable-decay)
     max_iters: int = 2000          # total optimizer steps
@@ -114,14 +118,19 @@ class TrainConfig(AveragingConfig):
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
-        for key in ("keep_last", "snapshot_interval", "warmup_iters", "grad_clip"):
+        for key in ("keep_last", "snapshot_interval", "warmup_iters", "grad_clip",
+                    "embedding_weight_decay"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
         if self.model_size is not None and self.model_size not in NAMED_SIZES:
             raise ValueError(f"model_size={self.model_size!r} is unknown; use one of "
                              f"{sorted(NAMED_SIZES)} or None")
-        if self.optimizer != "adamw":
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; use 'adamw'")
+        if self.optimizer not in ("adamw", "coupled_adam"):
+            raise ValueError(f"optimizer={self.optimizer!r} is unknown; use 'adamw' or "
+                             f"'coupled_adam'")
+        if not self.coupled_adam_scale > 0:
+            raise ValueError(f"coupled_adam_scale={self.coupled_adam_scale} must be > 0 "
+                             f"(1 = the paper's Coupled Adam)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: use 'auto', 'float32' or 'bfloat16' "
                              "(float16 would need loss scaling, which this trainer does not do)")
@@ -275,7 +284,9 @@ def build(cfg, runtime, data):
     # on its device, before the optimizer, compile and DDP see it: all weights in one buffer
     flat = FlatParameters(model)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (cfg.beta1, cfg.beta2), runtime.device.type)
+                                           (cfg.beta1, cfg.beta2), runtime.device.type,
+                                           cfg.optimizer, cfg.coupled_adam_scale,
+                                           cfg.embedding_weight_decay)
     if loaded is not None:
         checkpoint.load_model_state(model, weights, path)   # copies into the flat buffer
         if info["optimizer"] is not None:
