@@ -48,7 +48,9 @@ Conventions (pinned by tests/test_averaging.py):
   the k latest ones (window ending at the last snapshot step).
 - Windowed averaging: samples at s = wa_start + j·wa_interval; window w holds the samples with
   s in [wa_start + w·H, wa_start + (w+1)·H), H = wa_horizon (a multiple of wa_interval), so a
-  window finishes at its last sample, s = wa_start + (w+1)·H − wa_interval. average() is the
+  window finishes at its last sample, s = wa_start + (w+1)·H − wa_interval (with gaps: at its
+  last sample or, if that one is missing, when a sample of a later window arrives; the window's
+  mean is then over the samples it got, so H stays in steps offline too). average() is the
   uniform mean of the last wa_windows finished windows; before the first window finishes, the
   mean of the samples so far. Online only the last wa_windows finished windows are kept.
 - state_dict() holds only tensors and python numbers (torch.load(weights_only=True) works);
@@ -484,7 +486,7 @@ class WindowedAverage(Averager):
         if horizon % self.phi:
             raise ValueError(f"wa_horizon={horizon} must be a multiple of "
                              f"wa_interval={self.phi}")
-        self.samples_per_window = horizon // self.phi
+        self.horizon = horizon
         self.n_windows = _int(hp, "wa_windows", 1)
 
     def _init(self, theta):
@@ -492,21 +494,29 @@ class WindowedAverage(Averager):
                                     device=theta.device)
         self.current = _copy(theta)
         self.current_n, self.finished_count = 0, 0
-        self._add(theta)
+        self._add(0, theta)
 
     def _update(self, t, theta):
-        self._add(theta)
+        # With gaps (offline) a window's last sample may be missing: the window then finishes
+        # when the first sample of a later window arrives. self.step is still the previous
+        # sample's step here, so the open window is the one that step fell in.
+        if self.current_n and t // self.horizon != (self.step - self.tau) // self.horizon:
+            self._finish_window()
+        self._add(t, theta)
 
-    def _add(self, theta):
+    def _add(self, t, theta):
         self.current_n += 1
         if self.current_n == 1:
             self.current.copy_(theta)
         else:
             running_mean_update_(self.current, theta, self.current_n)
-        if self.current_n == self.samples_per_window:   # the window is finished: keep its mean
-            self.finished[self.finished_count % self.n_windows].copy_(self.current)
-            self.finished_count += 1
-            self.current_n = 0
+        if t % self.horizon == self.horizon - self.phi:     # the window's last sample
+            self._finish_window()
+
+    def _finish_window(self):
+        self.finished[self.finished_count % self.n_windows].copy_(self.current)
+        self.finished_count += 1
+        self.current_n = 0
 
     def average(self):
         if self.current is None:

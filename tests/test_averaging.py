@@ -448,6 +448,29 @@ def test_allow_gaps_averages_the_steps_it_is_given_in_order():
     assert_matches({0: swa.average().double()}, {0: TRAJ[[2, 6, 12]].mean(0)})
 
 
+@pytest.mark.parametrize("horizon,windows", [(250, 1), (250, 2), (100, 1), (40, 1)])
+def test_windowed_average_with_gaps_keeps_windows_in_steps(horizon, windows):
+    """Offline: snapshots every 50 steps, wa_interval 1. A window of H steps holds the snapshots
+    inside it and finishes when its last sample or a later window's first sample arrives."""
+    steps = list(range(0, 1001, 50))
+    avg = build_averager("wa", allow_gaps=True, wa_interval=1, wa_horizon=horizon,
+                         wa_windows=windows)
+    got = run(avg, steps=steps)
+    ref = {}
+    for i, s in enumerate(steps):
+        by_window = {}
+        for k in steps[:i + 1]:
+            by_window.setdefault(k // horizon, []).append(k)
+        done = [w for w in by_window if w < s // horizon or s % horizon == horizon - 1]
+        if not done:
+            ref[s] = TRAJ[steps[:i + 1]].mean(0)
+        else:
+            ref[s] = TRAJ[[k for w in sorted(done)[-windows:] for k in by_window[w]]].mean(0)
+    assert_matches(got, ref)
+    if horizon == 250:      # 5 snapshots per window: no longer the running mean of everything
+        assert not torch.allclose(got[1000], TRAJ[steps].mean(0))
+
+
 def test_swapped_in_puts_the_average_into_the_model_and_restores_it():
     from flat_params import FlatParameters
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
