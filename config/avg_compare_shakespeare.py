@@ -8,13 +8,17 @@ out_dir = "out/compare_shakespeare/averaging"
 dataset = "shakespeare_char"
 methods = "lawa,swa,ema,bema,dema,ouema,wa"
 eval_iters = 50
+eval_every = 100
 
 lawa_k = [3, 5, 10]                 # the k latest snapshots (LAWA: 5)
 swa_start = [0, 1000]               # uniform mean from the start / from the second half
-ema_decay = [0.7, 0.9]              # per snapshot
-bema_bias_power = [-1.0, 0.2, 0.4]  # -1: the paper's power-EMA baseline; 0.2 its default
-bema_ema_power = [0.5]
-dema_ema_power = [0.5]
-ouema_bias_power = [0.2]
+ema_decay = [0.5, 0.7, 0.9]         # per snapshot
+# BEMA, DEMA, OUEMA: their schedules b_t = lag + multiplier*t assume an update every step; with a
+# snapshot every 50 steps, multiplier 0.02 counts t in snapshots instead. A burn-in of 1000 steps
+# anchors BEMA's correction at a trained model rather than the random init.
+bema_bias_power = [-1.0, 0.2]       # -1: the paper's power-EMA baseline; 0.2 its default
+bema_multiplier = [1.0, 0.02]
+bema_update_after = [0, 1000]
+dema_multiplier = [1.0, 0.02]
+ouema_multiplier = [1.0, 0.02]
 wa_horizon = [250, 500]             # windows of 5 or 10 snapshots
-wa_windows = [1]
