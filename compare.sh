@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The averaging-baselines experiment in one command: train once with snapshots, then run every
 # averaging method over them offline (one pass), print the table and write the plot.
-#   bash compare.sh                  # the default Shakespeare model on CPU (~15 min on 2 cores)
+#   bash compare.sh                  # the default Shakespeare model on CPU (~20 min on 2 cores)
 #   bash compare.sh owt              # GPT-2 124M on OpenWebText, LAWA's recipe, on 8 GPUs
 # Extra arguments go to train.py, e.g. `bash compare.sh shakespeare --max_iters=1000`.
 set -euo pipefail
