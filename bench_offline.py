@@ -5,11 +5,14 @@ invocation, every snapshot re-read each time).
 
     python bench_offline.py                                  # M = 12, K = 50, the default model
     python bench_offline.py --ckpt_dir=out/run/snapshots     # an existing trajectory
+    python bench_offline.py --n_layer=8 --n_embd=512 --out_dir=out/bench_offline_25m
 
-Without --ckpt_dir it first trains the default Shakespeare model for K − 1 steps with a snapshot
-at every step (the timing does not depend on how far apart the snapshots are). Two regimes:
-  averaging only  evaluation at the last snapshot only: the cost of reading + updating
-  with evals      evaluation at every snapshot (raw + each setting): what a curve costs
+Without --ckpt_dir it first trains the default Shakespeare model (or the shape given) for K − 1
+steps with a snapshot at every step (the timing does not depend on how far apart the snapshots
+are). Two regimes:
+  averaging only  the first and last snapshots evaluated on one batch: reading + updating
+  with evals      every snapshot evaluated (raw + each setting) on eval_iters batches: what a
+                  curve costs; the evaluations of the M settings are work no pass can share
 and, to read them against: K snapshot reads alone, and the time of one evaluation.
 """
 
@@ -44,7 +47,10 @@ class BenchOfflineConfig:
     snapshots: int = 50            # K, when making the trajectory
     dataset: str = "shakespeare_char"
     data_dir: str | None = None
-    eval_iters: int = 20           # val batches per evaluation
+    eval_iters: int = 20           # val batches per evaluation (with_evals regime)
+    n_layer: int | None = None     # model shape of the made trajectory; None: the default model
+    n_head: int | None = None
+    n_embd: int | None = None
     device: str = "cpu"
     repeats: int = 1               # timed repeats of each measurement (the median is reported)
     bench_out: str | None = None   # append the result as a JSON line
@@ -59,18 +65,20 @@ def make_trajectory(cfg):
     snaps = Path(cfg.out_dir) / "run" / "snapshots"
     if len(list(snaps.glob("step_*.safetensors"))) >= cfg.snapshots:
         return snaps
+    shape = {key: getattr(cfg, key) for key in ("n_layer", "n_head", "n_embd")
+             if getattr(cfg, key) is not None}
     with contextlib.redirect_stdout(io.StringIO()):
         train.train(train.TrainConfig(
             out_dir=str(Path(cfg.out_dir) / "run"), dataset=cfg.dataset, data_dir=cfg.data_dir,
             max_iters=cfg.snapshots - 1, snapshot_interval=1, eval_interval=10**6,
-            warmup_iters=0, eval_iters=1, averaging="", device=cfg.device))
+            warmup_iters=0, eval_iters=1, averaging="", device=cfg.device, **shape))
     return snaps
 
 
-def settings_config(cfg, ckpt_dir, methods, overrides, eval_every, name):
+def settings_config(cfg, ckpt_dir, methods, overrides, eval_every, eval_iters, name):
     return AverageConfig(ckpt_dir=str(ckpt_dir), out_dir=str(Path(cfg.out_dir) / name),
                          methods=methods, dataset=cfg.dataset, data_dir=cfg.data_dir,
-                         eval_iters=cfg.eval_iters, eval_every=eval_every, device=cfg.device,
+                         eval_iters=eval_iters, eval_every=eval_every, device=cfg.device,
                          plot=False, **overrides)
 
 
@@ -92,18 +100,20 @@ def bench(cfg):
     k, m = len(files), sum(len(values) for _, values in SWEEP.values())
     everything = {key: values for key, values in SWEEP.values()}
     methods = ",".join(SWEEP)
-    last_only = files[-1].step + 1   # eval_every past the end: only the last step is evaluated
+    # averaging only: eval_every past the end evaluates just the first and last snapshots, on
+    # one batch, so what is timed is reading + updating; with evals: every snapshot, eval_iters
+    regimes = {"averaging_only": (files[-1].step + 1, 1), "with_evals": (0, cfg.eval_iters)}
 
-    def one_pass(eval_every):
+    def one_pass(eval_every, eval_iters):
         return lambda: average.average(settings_config(cfg, ckpt_dir, methods, everything,
-                                                       eval_every, "one_pass"))
+                                                       eval_every, eval_iters, "one_pass"))
 
-    def separate_passes(eval_every):
+    def separate_passes(eval_every, eval_iters):
         def run():
             for method, (key, values) in SWEEP.items():
                 for value in values:
                     average.average(settings_config(cfg, ckpt_dir, method, {key: value},
-                                                    eval_every, "separate"))
+                                                    eval_every, eval_iters, "separate"))
         return run
 
     def reads():
@@ -112,9 +122,9 @@ def bench(cfg):
 
     result = {"snapshots": k, "settings": m, "eval_iters": cfg.eval_iters, "device": cfg.device}
     result["reads_s"] = timed(reads, cfg.repeats)
-    for regime, eval_every in (("averaging_only", last_only), ("with_evals", 0)):
-        one = timed(one_pass(eval_every), cfg.repeats)
-        separate = timed(separate_passes(eval_every), cfg.repeats)
+    for regime, (eval_every, eval_iters) in regimes.items():
+        one = timed(one_pass(eval_every, eval_iters), cfg.repeats)
+        separate = timed(separate_passes(eval_every, eval_iters), cfg.repeats)
         result[regime] = {"one_pass_s": one, "separate_s": separate, "ratio": separate / one}
     # what the evaluations add, per evaluation (raw + M settings at each of K snapshots)
     extra = result["with_evals"]["one_pass_s"] - result["averaging_only"]["one_pass_s"]
