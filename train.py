@@ -177,6 +177,10 @@ def init_runtime(cfg):
             raise RuntimeError(f"device={cfg.device!r} but CUDA is not available; use --device=cpu")
         if world_size > 1:
             device_name = f"cuda:{local_rank}"
+        elif device_name == "cuda":
+            # an explicit index: set_device rejects a bare "cuda", and the flat buffers, the
+            # averagers and the checkpoints compare devices, where cuda != cuda:0
+            device_name = f"cuda:{torch.cuda.current_device()}"
         torch.cuda.set_device(device_name)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True

@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -154,3 +155,26 @@ def test_bad_sizes_fail_before_training(make_config):
 def test_impossible_config_values_name_the_key(make_config, key, value):
     with pytest.raises(ValueError, match=key):
         make_config(**{key: value})
+
+
+@pytest.mark.parametrize("device,world_size,expected", [("cuda", 1, "cuda:0"),
+                                                        ("auto", 1, "cuda:0"),
+                                                        ("cuda:1", 1, "cuda:1"),
+                                                        ("cuda", 2, "cuda:1")])
+def test_cuda_device_gets_an_index(monkeypatch, device, world_size, expected):
+    """torch.cuda.set_device rejects a bare "cuda" (seen on an H100 with torch 2.11): the runtime
+    always names the GPU by index. CUDA is faked, so this runs without one."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("LOCAL_RANK", "1" if world_size > 1 else "0")
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)   # no process group here
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:   # init_runtime turns TF32 on; these flags are not plain attributes for monkeypatch
+        runtime = train.init_runtime(types.SimpleNamespace(device=device, dtype="auto"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert chosen == [expected] and runtime.device == torch.device(expected)
