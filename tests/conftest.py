@@ -55,3 +55,14 @@ def _reset_torch_state():
     yield
     torch.set_default_dtype(dtype)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: with 2+ threads on a busy machine every op waits for the other thread
+    (~15 ms), far longer than its math; one thread runs them 10-100x faster. A module that
+    wants it says `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

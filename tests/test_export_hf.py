@@ -17,14 +17,7 @@ from export_hf import ExportConfig
 from model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: with 2+ threads on a busy machine every op waits for the other thread
-    (~15 ms), far longer than its math; one thread runs them 10-100x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 
 
 def random_model(bias, vocab_size=40, seed=0):
