@@ -49,7 +49,7 @@ import averaging
 import bench
 import kernels
 import train
-from configurator import load_config
+from configurator import load_config, parse_choices
 from model import GPT, GPTConfig
 
 METHODS = ("ema", "bema")
@@ -90,8 +90,8 @@ class AveragingBenchConfig(bench.BenchConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _parse_list("methods", self.methods, METHODS)
-        _parse_list("approaches", self.approaches, APPROACHES)
+        parse_choices("methods", self.methods, METHODS)
+        parse_choices("approaches", self.approaches, APPROACHES)
         if self.rotate_mib < 0:
             raise ValueError(f"rotate_mib={self.rotate_mib} must be >= 0 (0: no rotation)")
         if self.copy_mib is not None and self.copy_mib <= 0:
@@ -100,16 +100,6 @@ class AveragingBenchConfig(bench.BenchConfig):
             raise ValueError(f"step_iters={self.step_iters} must be > 0")
         if self.step_warmup < 0:
             raise ValueError(f"step_warmup={self.step_warmup} must be >= 0")
-
-
-def _parse_list(key, text, allowed):
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if not items or bad or len(set(items)) != len(items):
-        why = f"{bad[0]!r} is unknown" if bad else "empty or repeated entries"
-        raise ValueError(f"{key}={text!r}: {why}; give a comma-separated subset of "
-                         f"{','.join(allowed)}")
-    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +284,8 @@ def _backend_rows(device, approaches):
 def run(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("bench_averaging.py times one device; run it without torchrun")
-    methods = _parse_list("methods", cfg.methods, METHODS)
-    approaches = _parse_list("approaches", cfg.approaches, APPROACHES)
+    methods = parse_choices("methods", cfg.methods, METHODS)
+    approaches = parse_choices("approaches", cfg.approaches, APPROACHES)
     runtime = train.init_runtime(cfg)
     device = runtime.device
     shapes, model_args = model_shapes(cfg)

@@ -32,7 +32,7 @@ import torch
 
 import averaging
 import kernels
-from configurator import load_config
+from configurator import load_config, parse_choices
 
 # kernel: (state buffers it reads and writes, buffers only written, whether it reads θ₀)
 KERNELS = {
@@ -44,6 +44,7 @@ KERNELS = {
 }
 SCALARS = {"beta": 0.29, "alpha": 0.63, "a": 2 ** -0.2, "n": 7}
 THETA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHOICES = {"kernels": KERNELS, "theta_dtypes": THETA_DTYPES}   # config keys holding a list
 TOL = 1e-6
 SENTINEL = 12345.0
 TAIL = 64
@@ -64,12 +65,8 @@ class KernelBenchConfig:
     bench_out: str | None = None       # append the results as one JSON line to this file
 
     def __post_init__(self):
-        for key, allowed in (("kernels", KERNELS), ("theta_dtypes", THETA_DTYPES)):
-            items = getattr(self, key).split(",")
-            bad = [s for s in items if s not in allowed]
-            if bad or len(set(items)) != len(items):
-                raise ValueError(f"{key}={getattr(self, key)!r}: give a comma-separated subset of "
-                                 f"{','.join(allowed)}")
+        for key in CHOICES:
+            self.list(key)
         if self.numel < 1:
             raise ValueError(f"numel={self.numel} must be >= 1")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -83,7 +80,7 @@ class KernelBenchConfig:
                                  f"only in the interpreter; set TRITON_INTERPRET=1")
 
     def list(self, key):
-        return getattr(self, key).split(",")
+        return parse_choices(key, getattr(self, key), CHOICES[key])
 
 
 # ------------------------------------------------------------------------- the five updates

@@ -61,6 +61,18 @@ def save_config(cfg, path):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def parse_choices(key, text, allowed):
+    """'a, b' (the string value of config key `key`) -> ['a', 'b'], each entry one of `allowed`
+    and listed once; at least one."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if not items or bad or len(set(items)) != len(items):
+        why = f"{bad[0]!r} is unknown" if bad else "empty or repeated entries"
+        raise ValueError(f"{key}={text!r}: {why}; give a comma-separated subset of "
+                         f"{','.join(allowed)}")
+    return items
+
+
 def _read_config_file(path):
     path = Path(path)
     if not path.is_file():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from configurator import ConfigError, load_config, save_config
+from configurator import ConfigError, load_config, parse_choices, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,6 +70,14 @@ def test_list_values():
 def test_bad_command_line_is_a_clear_error(arg, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
         load_config(Demo, [arg])
+
+
+def test_parse_choices():
+    assert parse_choices("kernels", " ema, bema ", ("ema", "bema", "dema")) == ["ema", "bema"]
+    for text, why in (("ema,lawa", "'lawa' is unknown"), ("ema,ema", "empty or repeated"),
+                      (" , ", "empty or repeated")):
+        with pytest.raises(ValueError, match=f"kernels='{text}': {why}.*subset of ema,bema"):
+            parse_choices("kernels", text, ("ema", "bema"))
 
 
 def test_config_file_keys_types_and_typos(tmp_path):
