@@ -6,7 +6,8 @@ served from ONE pass over the checkpoints, each evaluated next to the raw weight
     python average.py --ckpt_dir=out/run/snapshots --methods=bema \\
         --bema_ema_power=[0.2,0.5] --bema_bias_power=[-1,0.2,0.4]     # 6 BEMA settings, one pass
     python average.py --ckpt_dir=out/run/snapshots --save=bema          # + the best BEMA weights
-    python average.py config/avg_compare.py --ckpt_dir=...              # a config file, as train.py
+    python average.py config/avg_compare_shakespeare.py                 # a config file, as train.py
+    python average.py --help                                            # every key and its default
 
 Any averager key of averaging.py may be given a list; each method runs the cartesian product of
 its lists, every combination as its own averager, all fed the same snapshots. The snapshots are
@@ -33,7 +34,6 @@ import json
 import math
 import re
 import sys
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,39 +42,37 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-import trajectory
-import train
 from averaging import AVERAGERS, build_averager, parse_method_list
 from checkpoint import CheckpointError
-from configurator import load_config
+from configurator import ConfigError, main
+from dataloader import EvalBatches, evaluate_loss, open_dataset
 from embedding_metrics import count_tokens, embedding_metrics
 from flat_params import FlatParameters
 from model import GPT, GPTConfig
+from online_averaging import averager_fields
+from report import markdown_table, plot_curves
+from runtime import check_dtype, init_runtime, teardown
 
 
-def _sweep_fields():
-    """Every averager key, sweepable (a value or a list); burn-in/period keys default to None =
-    "the first snapshot" / "every snapshot"."""
-    fields = []
-    for cls in AVERAGERS.values():
-        for key, default in cls.defaults.items():
-            kind = type(default)
-            if key in (cls.start_key, cls.freq_key):
-                fields.append((key, int | list[int] | None, dataclasses.field(default=None)))
-            else:
-                fields.append((key, kind | list[kind], dataclasses.field(default=default)))
-    return fields
+def _sweepable(cls, key, default):
+    """Every averager key takes a value or a list; burn-in/period keys default to None = "the
+    first snapshot" / "every snapshot"."""
+    if key in (cls.start_key, cls.freq_key):
+        return int | list[int] | None, None
+    return type(default) | list[type(default)], default
 
 
-SweepConfig = dataclasses.make_dataclass("SweepConfig", _sweep_fields())
+SweepConfig = dataclasses.make_dataclass("SweepConfig", averager_fields(_sweepable))
 
 
 @dataclass
 class AverageConfig(SweepConfig):
+    # input and output
     ckpt_dir: str = ""             # the trajectory: a run's snapshots/ (or any dir of checkpoints)
     out_dir: str = "out/average"   # results.csv/json, plot.png, saved/ (must not be in ckpt_dir)
-    methods: str = "lawa,swa,ema,bema,dema,ouema,wa"   # any subset, comma-separated
-    # evaluation (the same val batches for the raw weights and every average: paired differences)
+    methods: str = "all"           # 'all' or a comma-separated subset of the methods
+    # evaluation
+    # The same val batches for the raw weights and every average: paired differences.
     dataset: str = "shakespeare_char"  # a prepared folder under data/ ...
     data_dir: str | None = None    # ... or an explicit path
     eval_iters: int = 50           # val batches per evaluation
@@ -83,14 +81,14 @@ class AverageConfig(SweepConfig):
     seed: int = 1337               # picks the val batches
     eval_every: int = 0            # 0: evaluate at every snapshot; N: at steps divisible by N
                                    # (and the last)
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
+    dtype: str = "auto"            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | ...
     embeddings: bool = False       # also the embedding metrics (embedding_metrics.py: isotropy,
                                    # norms, ...) of the raw and every averaged model, per eval
     skip_bad: bool = False         # warn and skip unreadable/mismatched files instead of stopping
     save: str | None = None        # 'best' | a method | a setting label: save those weights ...
     save_step: int | None = None   # ... at this step (None: the last)
-    plot: bool = True
+    plot: bool = True              # write plot.png
 
     def __post_init__(self):
         if not self.ckpt_dir:
@@ -101,8 +99,7 @@ class AverageConfig(SweepConfig):
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every} must be >= 0")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
+        check_dtype(self.dtype)
         ckpt, out = Path(self.ckpt_dir).resolve(), Path(self.out_dir).resolve()
         if out == ckpt or ckpt in out.parents:
             raise ValueError(f"out_dir={self.out_dir} is inside ckpt_dir={self.ckpt_dir}; the "
@@ -137,7 +134,7 @@ def expand_settings(cfg, first_step):
                 value = first_step if key == cls.start_key else 1
             grid[key] = value if isinstance(value, list) else [value]
             if not grid[key]:
-                raise ValueError(f"{key}=[]: give at least one value")
+                raise ConfigError(f"{key}=[]: give at least one value")
         swept_keys = [k for k, v in grid.items() if len(v) > 1]
         labels = set()
         for combo in itertools.product(*grid.values()):
@@ -146,9 +143,12 @@ def expand_settings(cfg, first_step):
             label = method + ("[" + ",".join(f"{k}={_short(v)}" for k, v in swept.items())
                               + "]" if swept else "")
             if label in labels:
-                raise ValueError(f"the sweep lists the setting {label} twice")
+                raise ConfigError(f"the sweep lists the setting {label} twice")
             labels.add(label)
-            build_averager(method, allow_gaps=True, **hparams)   # raises naming a bad key
+            try:
+                build_averager(method, allow_gaps=True, **hparams)   # raises naming a bad key
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             settings.append(Setting(label, method, hparams, swept))
     return settings
 
@@ -175,7 +175,7 @@ class Trajectory:
         for entry in tqdm(self.files, desc="snapshots", unit="file", file=sys.stderr,
                           disable=None):
             try:
-                weights = trajectory.read(entry.path)
+                weights = checkpoint.read_checkpoint(entry.path)
                 self._load(weights, entry.path)
             except CheckpointError as e:
                 if not self.cfg.skip_bad:
@@ -196,17 +196,14 @@ class Trajectory:
             raise CheckpointError(f"{path} is a checkpoint of another model: model_args "
                                   f"{weights.model_args} differ from the first file's "
                                   f"{self.model_args}")
-        try:
-            with torch.no_grad():
-                checkpoint.load_model_state(self.model, weights.state, path)
-        except RuntimeError as e:   # a shape that differs from the first file's
-            raise CheckpointError(f"{path} does not fit the trajectory's model: {e}") from e
+        with torch.no_grad():
+            checkpoint.load_model_state(self.model, weights.weights, path)
 
 
 def average(cfg):
     """Run the pass; write results.csv/json and plot.png; return the summary (rows, best
     settings, skipped files, and the final averagers)."""
-    files, ignored, bad = trajectory.discover(cfg.ckpt_dir)
+    files, ignored, bad = checkpoint.discover(cfg.ckpt_dir)
     skipped = []
     for path, reason in bad:
         if not cfg.skip_bad:
@@ -221,16 +218,32 @@ def average(cfg):
     eval_steps.add(steps[-1])
     save_step = steps[-1] if cfg.save_step is None else cfg.save_step
     if cfg.save and save_step not in steps:
-        raise ValueError(f"save_step={cfg.save_step} is not a step of the trajectory "
-                         f"({steps[0]}..{steps[-1]}, {len(steps)} files)")
+        raise ConfigError(f"save_step={cfg.save_step} is not a step of the trajectory "
+                          f"({steps[0]}..{steps[-1]}, {len(steps)} files)")
     eval_steps.add(save_step)
 
-    runtime = train.init_runtime(cfg)
-    data = train.open_dataset(cfg)
+    runtime = init_runtime(cfg.device, cfg.dtype)
+    try:
+        data = open_dataset(cfg.dataset, cfg.data_dir)
+        summary = _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped)
+    finally:
+        teardown(runtime)
+    summary["ignored"] = [p.name for p in ignored]
+    _write_outputs(cfg, summary)
+    print(format_table(summary["best"]))
+    if skipped:
+        print(f"skipped {len(skipped)} file(s): " +
+              "; ".join(f"{s['file']} ({s['reason'][:80]})" for s in skipped))
+    if summary["saved"]:
+        saved = summary["saved"]
+        print(f"saved {saved['label']} at step {saved['step']} to {saved['path']}")
+    return summary
+
+
+def _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped):
     token_counts = count_tokens(data.splits["train"], data.vocab_size) if cfg.embeddings else None
     traj = Trajectory(cfg, files, skipped, runtime.device)
-    settings, averagers, rows, saved = None, None, [], None
-    eval_cfg = None
+    settings, averagers, rows, saved, batches = None, None, [], None, None
     for entry, weights in traj:
         if settings is None:   # the first readable snapshot fixes the model and the burn-ins
             settings = expand_settings(cfg, first_step=entry.step)
@@ -239,19 +252,18 @@ def average(cfg):
                          for s in settings}
             block = cfg.block_size or traj.model_args["block_size"]
             data.check_fits(block, traj.model_args["vocab_size"])
-            eval_cfg = types.SimpleNamespace(eval_iters=cfg.eval_iters, block_size=block,
-                                             batch_size=cfg.batch_size, seed=cfg.seed)
+            batches = EvalBatches(cfg.eval_iters, cfg.batch_size, block, cfg.seed)
             print(f"{len(files)} checkpoints, steps {steps[0]}..{steps[-1]}; "
                   f"{len(settings)} settings of {len(parse_methods(cfg.methods))} methods; "
-                  f"evaluating at {len(eval_steps)} steps on {eval_cfg.eval_iters} val batches")
+                  f"evaluating at {len(eval_steps)} steps on {cfg.eval_iters} val batches")
         for averager in averagers.values():
             averager.update(entry.step, traj.flat.buffer)
         if entry.step not in eval_steps:
             continue
 
         def measure(step, method, label, hparams):
-            row = _row(step, method, label, hparams,
-                       train.evaluate(traj.model, data, eval_cfg, runtime, splits=("val",))["val"])
+            loss = evaluate_loss(traj.model, data, batches, runtime, splits=("val",))["val"]
+            row = _row(step, method, label, hparams, loss)
             if cfg.embeddings:
                 metrics = embedding_metrics(traj.model.transformer.wte.weight, token_counts,
                                             vocab_size=data.vocab_size)
@@ -270,19 +282,9 @@ def average(cfg):
             saved = _save(cfg, traj, settings, averagers, step_rows, entry, weights)
     if settings is None:
         raise CheckpointError(f"{cfg.ckpt_dir}: every checkpoint was skipped")
-
-    best = best_settings(rows)
-    summary = {"rows": rows, "best": best, "skipped": skipped, "saved": saved,
-               "ignored": [p.name for p in ignored], "averagers": averagers,
-               "files": [{"file": f.path.name, "step": f.step} for f in files]}
-    _write_outputs(cfg, summary)
-    print(format_table(best))
-    if skipped:
-        print(f"skipped {len(skipped)} file(s): " +
-              "; ".join(f"{s['file']} ({s['reason'][:80]})" for s in skipped))
-    if saved:
-        print(f"saved {saved['label']} at step {saved['step']} to {saved['path']}")
-    return summary
+    return {"rows": rows, "best": best_settings(rows), "skipped": skipped, "saved": saved,
+            "averagers": averagers,
+            "files": [{"file": f.path.name, "step": f.step} for f in files]}
 
 
 def _check_burn_in_steps(cfg, steps):
@@ -296,8 +298,8 @@ def _check_burn_in_steps(cfg, steps):
                 later = [s for s in steps if s >= tau]
                 hint = f"the next snapshot is step {later[0]}" if later else \
                     f"the last is step {steps[-1]}"
-                raise ValueError(f"{key}={tau}: there is no checkpoint of step {tau} in "
-                                 f"{cfg.ckpt_dir} to start from ({hint})")
+                raise ConfigError(f"{key}={tau}: there is no checkpoint of step {tau} in "
+                                  f"{cfg.ckpt_dir} to start from ({hint})")
 
 
 def _check_save_choice(cfg, settings):
@@ -305,9 +307,9 @@ def _check_save_choice(cfg, settings):
         return
     choices = {"best"} | {s.method for s in settings} | {s.label for s in settings}
     if cfg.save not in choices:
-        raise ValueError(f"save={cfg.save!r}: use 'best', a method of this run "
-                         f"({', '.join(sorted({s.method for s in settings}))}) or a setting "
-                         f"label from results.csv")
+        raise ConfigError(f"save={cfg.save!r}: use 'best', a method of this run "
+                          f"({', '.join(sorted({s.method for s in settings}))}) or a setting "
+                          f"label from results.csv")
 
 
 EMBEDDING_COLUMNS = ("isotropy", "mean_norm", "norm_ratio", "singular_value_ratio",
@@ -325,8 +327,8 @@ def _save(cfg, traj, settings, averagers, step_rows, entry, weights):
     candidates = [s for s in settings if s.label in losses and
                   cfg.save in ("best", s.method, s.label)]
     if not candidates:
-        raise ValueError(f"save={cfg.save!r}: no average of it exists at step {entry.step} "
-                         f"(its burn-in is later)")
+        raise ConfigError(f"save={cfg.save!r}: no average of it exists at step {entry.step} "
+                          f"(its burn-in is later)")
     choice = min(candidates, key=lambda s: losses[s.label])
     directory = Path(cfg.out_dir) / "saved" / re.sub(r"[^\w.=,+-]+", "_", choice.label)
     with averagers[choice.label].swapped_in(traj.flat):
@@ -361,13 +363,11 @@ def best_settings(rows):
 
 
 def format_table(best):
-    lines = ["| method | best setting | val loss | gain over raw | lowest (step) |",
-             "|---|---|---|---|---|"]
-    for b in best:
-        gain = "" if b["method"] == "raw" else f"{b['gain']:+.4f}"
-        lines.append(f"| {b['method']} | {b['setting']} | {b['val_loss']:.4f} | {gain} | "
-                     f"{b['lowest']:.4f} ({b['lowest_step']}) |")
-    return "\n".join(lines)
+    return markdown_table(best, [
+        ("method", "method"), ("best setting", "setting"),
+        ("val loss", lambda b: f"{b['val_loss']:.4f}"),
+        ("gain over raw", lambda b: "" if b["method"] == "raw" else f"{b['gain']:+.4f}"),
+        ("lowest (step)", lambda b: f"{b['lowest']:.4f} ({b['lowest_step']})")])
 
 
 def _write_outputs(cfg, summary):
@@ -380,41 +380,21 @@ def _write_outputs(cfg, summary):
     for s in summary["skipped"]:
         writer.writerow({"step": s["step"], "method": "skipped", "setting": s["file"],
                          "hparams": s["reason"], "val_loss": math.nan})
-    checkpoint.atomic_write(out / "results.csv", lambda f: f.write(buffer.getvalue().encode()))
+    checkpoint.atomic_write(out / "results.csv", buffer.getvalue())
     record = {k: v for k, v in summary.items() if k != "averagers"}
     record["config"] = dataclasses.asdict(cfg)
-    checkpoint.atomic_write(out / "results.json",
-                            lambda f: f.write(json.dumps(record, indent=1).encode()))
+    checkpoint.atomic_write(out / "results.json", json.dumps(record, indent=1))
     if cfg.plot:
         plot(summary, out / "plot.png")
 
 
 def plot(summary, path):
     """Val loss vs step: the raw weights and the best setting of each method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for b in summary["best"]:
-        curve = sorted((r["step"], r["val_loss"]) for r in summary["rows"]
-                       if r["setting"] == b["setting"])
-        x, y = zip(*curve)
-        style = dict(color="black", linewidth=2.5) if b["method"] == "raw" else {}
-        ax.plot(x, y, marker=".", label=b["setting"], **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val loss")
-    ax.set_title("raw weights vs averages (best setting per method at the last step)")
-    losses = [r["val_loss"] for r in summary["rows"]]
-    ax.set_ylim(min(losses) - 0.02, min(max(losses), sorted(losses)[len(losses) // 2] + 0.5))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    curves = {b["setting"]: [(r["step"], r["val_loss"]) for r in summary["rows"]
+                             if r["setting"] == b["setting"]] for b in summary["best"]}
+    return plot_curves(curves, path,
+                       "raw weights vs averages (best setting per method at the last step)")
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)
-    average(load_config(AverageConfig, sys.argv[1:]))
+    main(AverageConfig, average, __doc__)

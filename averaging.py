@@ -1,42 +1,31 @@
 """
-Weight averaging along the training trajectory: the one implementation of the math of the
-averaging spec (SPEC-averaging.md), shared by the online averager in train.py and the offline tool
-over saved snapshots.
+Weight averaging along the training trajectory: the one implementation of the math in
+docs/averaging.md, shared by the online averagers of train.py (online_averaging.py) and the
+offline tool over saved snapshots (average.py).
 
 Two layers:
   1. pure functions over flat float32 state tensors (1-D, one entry per parameter): the update
      rules (`ema_update_`, `bema_step_`, `dema_step_`, `ouema_update_`, `running_mean_update_`)
      and the schedules as functions of t (`bema_beta`, `bema_alpha`, `ema_warmup_decay`,
      `ouema_a`). θ may be float32 or bfloat16; it is upcast, state is always float32 (1/t-sized
-     increments are below bf16 resolution). A fused kernel replaces exactly one of these functions
-     and is tested against the same float64 reference.
-  2. one class per method behind the `Averager` interface, registered in AVERAGERS by name:
+     increments are below bf16 resolution). A fused kernel (kernels/) replaces exactly one of
+     these functions and is tested against the same float64 reference.
+  2. one class per method behind the `Averager` interface, registered in AVERAGERS by name. A
+     class's `defaults` dict is the complete, literal list of its hyperparameters (each key
+     prefixed with the method's name, so a key always says which method it tunes); train.py and
+     average.py make their config keys, --help and sweeps from it, and README's method table is
+     checked against it.
 
-method  class            config keys (default)                                          state
-ema     EMA              ema_decay .999, ema_warmup False, ema_warmup_power 2/3,        e
-                         ema_warmup_gamma 1, ema_update_after 0, ema_update_freq 1
-bema    BEMA             bema_ema_power .5, bema_bias_power .2, bema_lag 10,            θ0, e, out
-                         bema_multiplier 1, bema_min_ema_multiplier 0,
-                         bema_update_after 0, bema_update_freq 1
-dema    DEMA             dema_ema_power .5, dema_lag 10, dema_multiplier 1,             e1, e2
-                         dema_min_ema_multiplier 0, dema_update_after 0, dema_update_freq 1
-ouema   OUEMA            ouema_ema_power .5, ouema_bias_power .2, ouema_lag 1,          θ0, e
-                         ouema_multiplier 1, ouema_min_ema_multiplier 0,
-                         ouema_update_after 0, ouema_update_freq 1
-swa     SWA              swa_start 0, swa_freq 1                                        m
-lawa    LAWA             lawa_k 5, lawa_interval 500, lawa_start 0                      k copies
-wa      WindowedAverage  wa_interval 5, wa_horizon 500, wa_windows 1, wa_start 0        1+n copies
+Adding a method: write a class (name, defaults, start_key, freq_key, buffers/counters, and
+_validate/_init/_update/average), decorate it with @register, and test it against a float64
+reference. README.md, "Add an averaging method", has the steps.
 
-Every method has its own key prefix (DEMA and OUEMA do not borrow bema_*), so one flat config can
-hold settings for several methods and a key always says which method it tunes.
-
-Conventions (pinned by tests/test_averaging.py):
+Conventions (docs/averaging.md; pinned by tests/test_averaging.py):
 - Time. s counts optimizer updates applied: θ_0 is the initial model, θ_s the weights after s
-  updates (train.py's iter_num, the number in ckpt_<s>.pt and snapshots/step_<s>). An averager with burn-in τ (update_after / *_start) and period φ (update_freq /
-  *_freq / *_interval) acts at s = τ, τ+φ, τ+2φ, ... and ignores every other step. At s = τ it
-  initialises from a copy of θ_τ; at later acting steps it uses t = s − τ (so t = φ, 2φ, ...) in
-  b_t = ρ + γ·t. With τ = 0 this is TRL's BEMACallback schedule. (The published offline BEMA tool
-  uses max(s − τ + ρ, 1) with bases 1 + γ·t and 1 + t: one step later than ours.)
+  updates (train.py's iter_num, the number in ckpt_<s>.pt and snapshots/step_<s>). An averager
+  with burn-in τ (start_key) and period φ (freq_key) acts at s = τ, τ+φ, τ+2φ, ... and ignores
+  every other step. At s = τ it initialises from a copy of θ_τ; at later acting steps it uses
+  t = s − τ (so t = φ, 2φ, ...).
 - An averager must see its initialisation step: its first acting call must be s = τ, and after
   that every acting step in order (s = previous + φ), else RuntimeError; this keeps an offline
   replay from silently computing a different average than the online run. The offline tool,
@@ -44,15 +33,6 @@ Conventions (pinned by tests/test_averaging.py):
   then be skipped (the average is over the snapshots there are), but still come in order.
 - average() is None before initialisation. Otherwise a float32 tensor that may be the averager's
   own buffer: read it, do not modify it; clone it to keep it past the next update().
-- LAWA before k snapshots exist: the mean of those taken so far. Between snapshots: the mean of
-  the k latest ones (window ending at the last snapshot step).
-- Windowed averaging: samples at s = wa_start + j·wa_interval; window w holds the samples with
-  s in [wa_start + w·H, wa_start + (w+1)·H), H = wa_horizon (a multiple of wa_interval), so a
-  window finishes at its last sample, s = wa_start + (w+1)·H − wa_interval (with gaps: at its
-  last sample or, if that one is missing, when a sample of a later window arrives; the window's
-  mean is then over the samples it got, so H stays in steps offline too). average() is the
-  uniform mean of the last wa_windows finished windows; before the first window finishes, the
-  mean of the samples so far. Online only the last wa_windows finished windows are kept.
 - state_dict() holds only tensors and python numbers (torch.load(weights_only=True) works);
   loading it and continuing is bitwise identical to never stopping. Hyperparameters must match.
 """
@@ -296,16 +276,40 @@ def _copy(theta):
     return theta.to(torch.float32, copy=True)
 
 
+AVERAGERS = {}   # method name -> class: the registry, the one list of methods
+
+
+def register(cls):
+    """Class decorator: make an Averager subclass a method of train.py and average.py."""
+    if not (isinstance(cls, type) and issubclass(cls, Averager)):
+        raise TypeError(f"{cls!r} is not an Averager subclass")
+    if not cls.name or cls.name in AVERAGERS or cls.name == "all":
+        raise ValueError(f"averager name {cls.name!r} is empty, reserved or already registered")
+    for key in cls.defaults:
+        if not key.startswith(cls.name + "_"):
+            raise ValueError(f"{cls.__name__}.defaults key {key!r} must start with "
+                             f"'{cls.name}_' (every key says which method it tunes)")
+    for key in (cls.start_key, cls.freq_key):
+        if key not in cls.defaults:
+            raise ValueError(f"{cls.__name__}: {key!r} (start_key/freq_key) is not in defaults")
+    AVERAGERS[cls.name] = cls
+    return cls
+
+
 # ---------------------------------------------------------------------------------- methods
 
+@register
 class EMA(Averager):
+    """Exponential moving average, optionally with timm's warmup of the decay."""
     name = "ema"
-    defaults = dict(ema_decay=0.999,          # d
-                    ema_warmup=False,         # d_t = min(d, 1 − (1 + t/γ_w)^(−p)) if True
-                    ema_warmup_power=2 / 3,   # p
-                    ema_warmup_gamma=1.0,     # γ_w
-                    ema_update_after=0,       # τ
-                    ema_update_freq=1)        # φ
+    defaults = {
+        "ema_decay": 0.999,          # d: e ← d·e + (1 − d)·θ
+        "ema_warmup": False,         # decay d_t = min(d, 1 − (1 + t/γ_w)^(−p)) if True
+        "ema_warmup_power": 2 / 3,   # p of the warmup
+        "ema_warmup_gamma": 1.0,     # γ_w of the warmup
+        "ema_update_after": 0,       # τ: burn-in step, e starts as θ_τ
+        "ema_update_freq": 1,        # φ: acts every φ steps
+    }
     start_key, freq_key, buffers = "ema_update_after", "ema_update_freq", ("e",)
 
     def _validate(self, hp):
@@ -332,8 +336,8 @@ class EMA(Averager):
 
 
 class _PowerSchedule(Averager):
-    """Shared by BEMA, DEMA, OUEMA: the β_t schedule with keys <name>_ema_power, _lag,
-    _multiplier, _min_ema_multiplier."""
+    """Shared by BEMA, DEMA, OUEMA: the β_t schedule of the keys <name>_ema_power, _lag,
+    _multiplier and _min_ema_multiplier."""
 
     def _validate(self, hp):
         p = self.name
@@ -345,19 +349,19 @@ class _PowerSchedule(Averager):
         return bema_beta(t, self.ema_power, self.lag, self.multiplier, self.min_ema_multiplier)
 
 
-def _power_defaults(p, lag, **extra):
-    return {f"{p}_ema_power": 0.5,            # κ (< 0: no EMA, e = θ_s)
-            **extra,
-            f"{p}_lag": lag,                  # ρ
-            f"{p}_multiplier": 1.0,           # γ, b_t = ρ + γ·t
-            f"{p}_min_ema_multiplier": 0.0,   # β_min
-            f"{p}_update_after": 0,           # τ
-            f"{p}_update_freq": 1}            # φ
-
-
+@register
 class BEMA(_PowerSchedule):
+    """Bias-corrected EMA (Block & Zhang 2025): a power-schedule EMA plus α_t·(θ − θ₀)."""
     name = "bema"
-    defaults = _power_defaults("bema", 10.0, bema_bias_power=0.2)   # η (< 0: plain power EMA)
+    defaults = {
+        "bema_ema_power": 0.5,            # κ: EMA weight β_t = max((ρ + γt)^(−κ), β_min); < 0: no EMA
+        "bema_bias_power": 0.2,           # η: correction α_t = (ρ + γt)^(−η); < 0: off (0 is full)
+        "bema_lag": 10.0,                 # ρ
+        "bema_multiplier": 1.0,           # γ, b_t = ρ + γ·t
+        "bema_min_ema_multiplier": 0.0,   # β_min
+        "bema_update_after": 0,           # τ: burn-in step, θ₀ = e = θ_τ
+        "bema_update_freq": 1,            # φ: acts every φ steps
+    }
     start_key, freq_key = "bema_update_after", "bema_update_freq"
     buffers = ("theta0", "e", "out")
 
@@ -384,9 +388,18 @@ class BEMA(_PowerSchedule):
         return self.e if self.out is None else self.out
 
 
+@register
 class DEMA(_PowerSchedule):
+    """Double EMA 2e₁ − e₂ on BEMA's β_t schedule (Block & Zhang 2025)."""
     name = "dema"
-    defaults = _power_defaults("dema", 10.0)
+    defaults = {
+        "dema_ema_power": 0.5,            # κ in (0, 1): β_t = max((ρ + γt)^(−κ), β_min)
+        "dema_lag": 10.0,                 # ρ
+        "dema_multiplier": 1.0,           # γ, b_t = ρ + γ·t
+        "dema_min_ema_multiplier": 0.0,   # β_min
+        "dema_update_after": 0,           # τ: burn-in step, e₁ = e₂ = θ_τ
+        "dema_update_freq": 1,            # φ: acts every φ steps
+    }
     start_key, freq_key, buffers = "dema_update_after", "dema_update_freq", ("e1", "e2")
 
     def _validate(self, hp):
@@ -404,9 +417,19 @@ class DEMA(_PowerSchedule):
                                                          torch.empty_like(self.e1))
 
 
+@register
 class OUEMA(_PowerSchedule):
+    """Ornstein-Uhlenbeck-motivated EMA (Block & Zhang 2025) of (θ − a_t·θ₀)/(1 − a_t)."""
     name = "ouema"
-    defaults = _power_defaults("ouema", 1.0, ouema_bias_power=0.2)   # η, a_t = (1 + b_t)^(−η)
+    defaults = {
+        "ouema_ema_power": 0.5,           # κ: β_t = max((ρ + γt)^(−κ), β_min)
+        "ouema_bias_power": 0.2,          # η > 0: a_t = (1 + ρ + γt)^(−η)
+        "ouema_lag": 1.0,                 # ρ
+        "ouema_multiplier": 1.0,          # γ, b_t = ρ + γ·t
+        "ouema_min_ema_multiplier": 0.0,  # β_min
+        "ouema_update_after": 0,          # τ: burn-in step, θ₀ = e = θ_τ
+        "ouema_update_freq": 1,           # φ: acts every φ steps
+    }
     start_key, freq_key, buffers = "ouema_update_after", "ouema_update_freq", ("theta0", "e")
 
     def _validate(self, hp):
@@ -425,9 +448,14 @@ class OUEMA(_PowerSchedule):
         return self.e
 
 
+@register
 class SWA(Averager):
+    """Uniform running mean from swa_start, every swa_freq steps (torch AveragedModel's SWA)."""
     name = "swa"
-    defaults = dict(swa_start=0, swa_freq=1)
+    defaults = {
+        "swa_start": 0,    # τ: first sample step
+        "swa_freq": 1,     # φ: steps between samples
+    }
     start_key, freq_key, buffers, counters = "swa_start", "swa_freq", ("m",), ("n",)
 
     def _validate(self, hp):
@@ -444,12 +472,16 @@ class SWA(Averager):
         return self.m
 
 
+@register
 class LAWA(Averager):
-    """Sliding window: the mean of θ at s, s − Δ, ..., s − (k−1)Δ, from a ring of k copies."""
+    """LAWA (Sanyal et al. 2024): the mean of the k latest snapshots, Δ steps apart, a sliding
+    window kept as a ring of k copies."""
     name = "lawa"
-    defaults = dict(lawa_k=5,             # k snapshots in the window
-                    lawa_interval=500,    # Δ steps between snapshots
-                    lawa_start=0)         # first snapshot step
+    defaults = {
+        "lawa_k": 5,             # k: snapshots in the window
+        "lawa_interval": 500,    # Δ (φ): steps between snapshots
+        "lawa_start": 0,         # τ: first snapshot step
+    }
     start_key, freq_key, buffers, counters = "lawa_start", "lawa_interval", ("ring",), ("count",)
 
     def _validate(self, hp):
@@ -470,14 +502,18 @@ class LAWA(Averager):
         return self.ring[:min(self.count, self.k)].mean(dim=0)
 
 
+@register
 class WindowedAverage(Averager):
-    """Hägele et al.: uniform mean of every wa_interval-th iterate in consecutive windows of
-    wa_horizon steps; output the mean of the last wa_windows finished windows."""
+    """Windowed averaging (Hägele et al. 2024): the uniform mean of every wa_interval-th iterate
+    in consecutive windows of wa_horizon steps; output the mean of the last wa_windows finished
+    windows."""
     name = "wa"
-    defaults = dict(wa_interval=5,      # steps between samples
-                    wa_horizon=500,     # window length in steps
-                    wa_windows=1,       # finished windows combined in the output
-                    wa_start=0)         # first sample step
+    defaults = {
+        "wa_interval": 5,      # φ: steps between samples
+        "wa_horizon": 500,     # H: window length in steps (a multiple of wa_interval)
+        "wa_windows": 1,       # finished windows combined in the output
+        "wa_start": 0,         # τ: first sample step
+    }
     start_key, freq_key = "wa_start", "wa_interval"
     buffers, counters = ("current", "finished"), ("current_n", "finished_count")
 
@@ -526,17 +562,16 @@ class WindowedAverage(Averager):
         return self.finished[:min(self.finished_count, self.n_windows)].mean(dim=0)
 
 
-AVERAGERS = {c.name: c for c in (EMA, BEMA, DEMA, OUEMA, SWA, LAWA, WindowedAverage)}
-
-
 def parse_method_list(spec, key, allow_empty):
     """'ema, bema,lawa' (the config value of `key`) -> ['ema', 'bema', 'lawa'], each method
-    known and listed once."""
+    known and listed once; 'all' is every registered method."""
+    if spec.strip() == "all":
+        return list(AVERAGERS)
     names = [name.strip() for name in spec.split(",") if name.strip()]
     for name in names:
         if name not in AVERAGERS:
-            raise ValueError(f"{key}={spec!r}: {name!r} is not an averaging method; use a "
-                             f"comma-separated subset of {','.join(AVERAGERS)}"
+            raise ValueError(f"{key}={spec!r}: {name!r} is not an averaging method; use 'all' "
+                             f"or a comma-separated subset of {','.join(AVERAGERS)}"
                              f"{' (or nothing for none)' if allow_empty else ''}")
     if len(set(names)) != len(names):
         raise ValueError(f"{key}={spec!r} lists a method twice")

@@ -9,17 +9,18 @@ It runs the same train_step as train.py on the same batches, so what it measures
 pays per step. Results go to stdout, and as one JSON line to --bench_out if given.
 """
 
-import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 import train
-from configurator import load_config
+from configurator import main
+from dataloader import open_dataset
 from model import device_peak_flops
+from report import append_jsonl
+from runtime import init_runtime, teardown
 
 
 @dataclass
@@ -45,9 +46,9 @@ def synchronize(device):
 
 
 def bench(cfg):
-    runtime = train.init_runtime(cfg)
+    runtime = init_runtime(cfg.device, cfg.dtype)
     try:
-        data = train.open_dataset(cfg)
+        data = open_dataset(cfg.dataset, cfg.data_dir)
         model, optimizer, state, model_args, _ = train.build(cfg, runtime, data)
         raw_model, model = model, train.wrap_model(model, cfg, runtime)
         batches = train.train_batches(data, cfg, runtime, start_step=0)
@@ -81,12 +82,11 @@ def bench(cfg):
                   f"(blocks {', '.join(f'{b:.2f}' for b in block_ms)}), "
                   f"{result['tokens_per_s']:,.0f} tokens/s, MFU {mfu_text}")
             if cfg.bench_out:
-                with open(cfg.bench_out, "a") as f:
-                    f.write(json.dumps(result) + "\n")
+                append_jsonl(cfg.bench_out, result)
         return result
     finally:
-        train.teardown(runtime)
+        teardown(runtime)
 
 
 if __name__ == "__main__":
-    bench(load_config(BenchConfig, sys.argv[1:]))
+    main(BenchConfig, bench, __doc__)

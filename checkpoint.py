@@ -1,26 +1,38 @@
 """
-Checkpoint and snapshot files.
+Checkpoint files: the one writer, the one reader, and a directory of them as a trajectory.
 
-Two kinds of files, both safe to load (no pickle that can run code):
+Files this project writes (every one atomically, see atomic_path):
 
-    out_dir/ckpt_0001000.pt                  resume checkpoint (torch.save, loaded weights_only=True):
-                                             model, optimizer, iter_num, tokens_seen, config, model_args.
-                                             The keys model/model_args/iter_num are nanoGPT's, so
-                                             nanoGPT tools read it. The last `keep_last` are kept.
+    out_dir/ckpt_0001000.pt                  resume checkpoint (torch.save, read weights_only=True):
+                                             model, optimizer, averaging, iter_num, tokens_seen,
+                                             config, model_args, sampler. The keys model/model_args/
+                                             iter_num are nanoGPT's, so nanoGPT tools read it. The
+                                             last `keep_last` are kept.
     out_dir/snapshots/step_0001000.safetensors
                                              model-only snapshot of the trajectory, never pruned: the
                                              float32 weights (tied lm_head stored once) plus metadata
                                              {format, step, tokens_seen, model_args (JSON)}. This is
                                              what offline averaging reads.
+    out_dir/averaged/<method>/step_....safetensors
+                                             an average, as a snapshot whose metadata adds
+                                             `averager` and `hparams` (JSON)
 
-Every file is written atomically: to a temporary file in the same directory, flushed and fsynced,
-then os.replace'd over the final name. A crash mid-write leaves the previous files untouched and
-loadable; a file counts as written only once it has its final name.
+Files it reads (`read_checkpoint`, one record for all of them): those three, and nanoGPT-style
+checkpoints as nanoGPT, the LAWA code and the Coupled Adam code write them: a torch.save'd dict
+with `model` (keys may carry `_orig_mod.`; the `attn.bias` mask buffers of non-flash attention are
+dropped), `model_args` and `iter_num`. Nothing is unpickled that could run code
+(weights_only=True); a .pt is memory-mapped, so only the tensors that are used are paged in.
+
+Writes go to a temporary name in the same directory (`.<name>.tmp<pid>`), are fsynced, renamed
+over the final name, and the directory is fsynced: a crash mid-write leaves the previous files
+untouched and loadable, and a file counts as written only once it has its final name.
 """
 
 import json
 import os
 import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,29 +40,39 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from configurator import UserError
+from model import GPT, GPTConfig
+
 RESUME_FORMAT = "wa-resume-v1"
 SNAPSHOT_FORMAT = "wa-snapshot-v1"
+SUFFIXES = (".safetensors", ".pt", ".pth")
 _RESUME_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _SNAPSHOT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
+_MASK_BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")   # nanoGPT's non-flash causal mask
 
 
-class CheckpointError(ValueError):
-    """A missing, corrupt or unsafe checkpoint; the message names the file."""
+class CheckpointError(UserError, ValueError):
+    """A missing, corrupt, unsafe or mismatched checkpoint; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------
-# atomic writes
+# the one atomic writer
 
-def atomic_write(path, write_fn):
-    """Call write_fn(file_object) on a temp file, fsync it, then rename it to `path`."""
+@contextmanager
+def atomic_path(path):
+    """`with atomic_path(path) as tmp:` write the file `tmp` (any way: open, np.memmap, tofile);
+    when the block succeeds it is fsynced and renamed to `path` and the directory fsynced. On an
+    exception the temporary file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -61,8 +83,22 @@ def atomic_write(path, write_fn):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
+
+def atomic_write(path, content):
+    """Write `content` (bytes, str, or a function of a binary file object) to `path`
+    atomically. Returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# model state
 
 def unwrap_model(model):
     """The bare module under DDP and/or torch.compile wrappers."""
@@ -82,15 +118,23 @@ def model_state(model):
 
 
 def load_model_state(model, state, source):
-    """Load `state` into the bare model; names missing only because they are tied are fine."""
+    """Copy `state` into the bare model; names missing only because they are tied are fine."""
     model = unwrap_model(model)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # a tensor whose shape differs from the model's
+        raise CheckpointError(f"{source} does not fit the model: {one_line_shapes(e)}") from None
     tied = _tied_names(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CheckpointError(f"{source} does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+
+
+def one_line_shapes(error):
+    lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+    return "; ".join(lines[:3]) or " ".join(str(error).split())[:300]
 
 
 def _tied_names(model):
@@ -103,7 +147,7 @@ def _tied_names(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# resume checkpoints
+# writing resume checkpoints and snapshots
 
 def resume_path(out_dir, iter_num):
     return Path(out_dir) / f"ckpt_{iter_num:07d}.pt"
@@ -118,6 +162,12 @@ def list_resume_checkpoints(out_dir):
     return [p for _, p in sorted(found)]
 
 
+def latest_resume(out_dir):
+    """The newest resume checkpoint in out_dir (complete: writes are atomic), or None."""
+    checkpoints = list_resume_checkpoints(out_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
 def save_resume(out_dir, payload, keep_last):
     """Write payload (with its iter_num) as the newest resume checkpoint; prune older ones."""
     path = resume_path(out_dir, payload["iter_num"])
@@ -127,30 +177,6 @@ def save_resume(out_dir, payload, keep_last):
             old.unlink(missing_ok=True)
     return path
 
-
-def load_resume(path):
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        # weights_only=True: only tensors and plain containers; a pickle that would run code fails
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a loadable checkpoint (truncated, corrupt, or "
-                              f"contains objects that are unsafe to unpickle): {e}") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry)")
-    return ckpt
-
-
-def latest_resume(out_dir):
-    """The newest resume checkpoint in out_dir (complete: writes are atomic), or None."""
-    checkpoints = list_resume_checkpoints(out_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
-# ---------------------------------------------------------------------------------------------
-# snapshots
 
 def snapshot_path(snapshot_dir, step):
     return Path(snapshot_dir) / f"step_{step:07d}.safetensors"
@@ -171,48 +197,203 @@ def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None
                 "model_args": json.dumps(model_args, sort_keys=True)}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     blob = safetensors_save(tensors, metadata=metadata)
-    return atomic_write(snapshot_path(snapshot_dir, step), lambda f: f.write(blob))
-
-
-def load_snapshot(path):
-    """(state_dict, info) of a snapshot; info has step, tokens_seen, model_args."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"snapshot {path} does not exist")
-    blob = path.read_bytes()
-    try:
-        state = safetensors_load(blob)
-        metadata = _safetensors_metadata(blob)
-        info = {"step": int(metadata["step"]), "tokens_seen": int(metadata["tokens_seen"]),
-                "model_args": json.loads(metadata["model_args"])}
-    except (SafetensorError, KeyError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a valid snapshot (truncated, corrupt or missing "
-                              f"metadata): {e}") from e
-    return state, info
-
-
-def _safetensors_metadata(blob):
-    # safetensors layout: 8-byte little-endian header length, then a JSON header
-    header_len = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
+    return atomic_write(snapshot_path(snapshot_dir, step), blob)
 
 
 # ---------------------------------------------------------------------------------------------
-# any weights file (for --init_from=PATH)
+# the one reader
 
-def load_weights(path):
-    """(state_dict, info) from a snapshot or a resume/nanoGPT checkpoint.
+@dataclass
+class Checkpoint:
+    """What any supported file holds. Fields a kind of file does not have are None."""
+    path: Path
+    kind: str                    # 'resume' | 'snapshot' | 'nanogpt'
+    model_args: dict             # GPTConfig fields
+    step: int | None             # the file's own record, else the last number in its name
+    tokens_seen: int | None = None
+    weights: dict | None = None  # name -> tensor (no _orig_mod. prefix, no mask buffers);
+                                 # None when read with tensors=False
+    optimizer: dict | None = None   # resume checkpoints
+    averaging: dict | None = None   # resume checkpoints: every averager's state
+    averager: str | None = None     # averaged snapshots: the method ...
+    hparams: dict | None = None     # ... and its hyperparameters
+    config: dict | None = None      # resume checkpoints: the run's resolved config
 
-    info: step, tokens_seen (None if unknown), model_args, and the optimizer and averager
-    states when present (None otherwise).
-    """
+
+def read_checkpoint(path, tensors=True):
+    """The record of any checkpoint file (see the module docstring); raises CheckpointError
+    naming the file when it is missing, truncated, corrupt, unsafe to unpickle, not a model
+    checkpoint, or of an architecture model.py does not have. tensors=False reads only what
+    describes the file (for a snapshot, its header)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; give one file "
+                              f"(ckpt_*.pt or *.safetensors)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        state, info = load_snapshot(path)
-        return state, {**info, "optimizer": None, "averaging": None}
-    ckpt = load_resume(path)
-    return ckpt["model"], {"step": int(ckpt.get("iter_num", 0)),
-                           "tokens_seen": ckpt.get("tokens_seen"),
-                           "model_args": ckpt.get("model_args"),
-                           "optimizer": ckpt.get("optimizer"),
-                           "averaging": ckpt.get("averaging")}
+        return _read_safetensors(path, tensors)
+    return _read_torch(path, tensors)
+
+
+def read_step(path):
+    """The step of a checkpoint file from its header alone (fast: for ordering a directory)."""
+    record = read_checkpoint(path, tensors=False)
+    if record.step is None:
+        raise CheckpointError(f"{path}: no step recorded in the file (metadata 'step' or "
+                              f"'iter_num') and no number in its name")
+    return record.step
+
+
+def load_model(path, device="cpu"):
+    """(GPT in eval mode on `device`, its Checkpoint record) from any checkpoint file."""
+    record = read_checkpoint(path)
+    try:
+        model = GPT(GPTConfig(**record.model_args))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: model_args {record.model_args} do not build a GPT: "
+                              f"{e}") from None
+    load_model_state(model, record.weights, path)
+    return model.to(device).eval(), record
+
+
+def _read_safetensors(path, tensors):
+    try:
+        if tensors:
+            blob = path.read_bytes()
+            weights = safetensors_load(blob)
+            header = _safetensors_header(blob[:8], blob[8:], path)
+        else:
+            with open(path, "rb") as f:
+                size_bytes = f.read(8)
+                header = _safetensors_header(size_bytes, f.read(_header_size(size_bytes, path)),
+                                             path)
+            weights = None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
+                              f"corrupt?): {e}") from None
+    metadata = header.get("__metadata__") or {}
+    if "model_args" not in metadata:
+        raise CheckpointError(f"{path} has no model_args metadata: not a snapshot of this "
+                              f"project (checkpoint.save_snapshot writes them)")
+    try:
+        model_args = json.loads(metadata["model_args"])
+        tokens = metadata.get("tokens_seen")
+        averaging_info = {k: json.loads(metadata[k]) for k in ("averager", "hparams")
+                          if k in metadata}
+        step = _int_step(metadata["step"], path) if "step" in metadata else _name_step(path)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
+    return Checkpoint(path, "snapshot", _check_model_args(model_args, path), step,
+                      tokens_seen=int(tokens) if tokens is not None else None, weights=weights,
+                      averager=averaging_info.get("averager"),
+                      hparams=averaging_info.get("hparams"))
+
+
+def _header_size(size_bytes, path):
+    size = int.from_bytes(size_bytes, "little")
+    if len(size_bytes) != 8 or not 0 < size < 100_000_000:
+        raise ValueError(f"header length {size}")
+    return size
+
+
+def _safetensors_header(size_bytes, rest, path):
+    size = _header_size(size_bytes, path)
+    if len(rest) < size:
+        raise ValueError("the file ends inside its header")
+    return json.loads(rest[:size])
+
+
+def _read_torch(path, tensors):
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt.get("model"), dict) or "model_args" not in ckpt:
+        raise CheckpointError(f"{path} is not a model checkpoint: it needs 'model' and "
+                              f"'model_args' entries (has {sorted(ckpt)[:6]})")
+    weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    weights = {k: v for k, v in weights.items() if not _MASK_BUFFER.search(k)}
+    step = _int_step(ckpt["iter_num"], path) if "iter_num" in ckpt else _name_step(path)
+    tokens = ckpt.get("tokens_seen")
+    return Checkpoint(path, "resume" if ckpt.get("format") == RESUME_FORMAT else "nanogpt",
+                      _check_model_args(ckpt["model_args"], path), step,
+                      tokens_seen=int(tokens) if tokens is not None else None,
+                      weights=weights if tensors else None, optimizer=ckpt.get("optimizer"),
+                      averaging=ckpt.get("averaging"), config=ckpt.get("config"))
+
+
+def _torch_load(path):
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            # a legacy (pre-zip) torch.save file: readable, only not mappable
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a loadable checkpoint (truncated, corrupt, not "
+                              f"saved by torch.save, or holding objects that are unsafe to "
+                              f"unpickle): {' '.join(str(e).split())[:300]}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def _check_model_args(model_args, path):
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"{path}: model_args is a {type(model_args).__name__}, not a dict")
+    known = set(GPTConfig.__dataclass_fields__)
+    extra = {k: v for k, v in model_args.items() if k not in known}
+    changes_the_model = {k: v for k, v in extra.items() if v not in (None, False, 0)}
+    if changes_the_model:
+        raise CheckpointError(f"{path}: model_args {changes_the_model} describe an architecture "
+                              f"model.py does not have; its loss here would be wrong")
+    return {k: v for k, v in model_args.items() if k in known}
+
+
+def _int_step(value, path):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: its step {value!r} is not an integer") from None
+
+
+def _name_step(path):
+    numbers = re.findall(r"\d+", Path(path).stem)
+    return int(numbers[-1]) if numbers else None
+
+
+# ---------------------------------------------------------------------------------------------
+# a directory of checkpoints: a trajectory
+
+@dataclass
+class TrajectoryFile:
+    path: Path
+    step: int
+
+
+def discover(directory):
+    """(files in step order, other files ignored, [(path, reason)] of checkpoint-named files
+    whose header cannot be read). Raises CheckpointError for a missing or empty directory, or
+    two files of one step. Hidden files (the temporaries of writes in progress) are skipped."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    files, ignored, bad = [], [], []
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() or path.name.startswith("."):
+            continue
+        if path.suffix not in SUFFIXES:
+            ignored.append(path)
+            continue
+        try:
+            files.append(TrajectoryFile(path, read_step(path)))
+        except CheckpointError as e:
+            bad.append((path, str(e)))
+    if not files and not bad:
+        raise CheckpointError(f"{directory} holds no checkpoints (*.safetensors, *.pt, *.pth)")
+    files.sort(key=lambda f: f.step)
+    for a, b in zip(files, files[1:]):
+        if a.step == b.step:
+            raise CheckpointError(f"{a.path.name} and {b.path.name} are both step {a.step}; "
+                                  f"move one out of {directory}")
+    return files, ignored, bad

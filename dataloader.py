@@ -1,5 +1,6 @@
 """
-Token data prepared by data/<name>/prepare.py, and the batch sampler.
+Token data prepared by data/<name>/prepare.py, the batch sampler, and the loss on the fixed
+evaluation batches.
 
 Layout of a prepared dataset directory (written by data/common.py):
     train.bin, val.bin   raw uint16 token ids, read through np.memmap
@@ -8,19 +9,30 @@ Layout of a prepared dataset directory (written by data/common.py):
 The sampler is a pure function of (seed, split, step, micro-batch index): no hidden RNG state,
 so a resumed run draws exactly the batches the uninterrupted run would have drawn, and DDP ranks
 draw different batches because each owns different global micro-batch indices.
+
+Evaluation (`evaluate_loss`) uses a fixed set of batches, `EvalBatches`: the same at every call,
+so the losses of different weights (the raw model and its averages, two checkpoints) on it are
+paired comparisons. train.py, average.py and evaluate.py all call it, so with the same
+eval_iters, batch_size, block_size and seed they report the same numbers for the same weights.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from configurator import UserError
+
+REPO = Path(__file__).resolve().parent
 
 # Separate random streams, so the eval batches never coincide with training batches by seed.
 _STREAMS = {"train": 0, "val": 1, "eval_train": 2}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Missing, corrupt or incompatible data; the message says what to run or change."""
 
 
@@ -59,6 +71,17 @@ class TokenDataset:
                                 f"for block_size={block_size}; lower --block_size")
 
 
+def dataset_dir(dataset, data_dir=None):
+    """The folder of a prepared dataset: `data_dir` if given, else data/<dataset>/."""
+    return Path(data_dir) if data_dir else REPO / "data" / dataset
+
+
+def open_dataset(dataset, data_dir=None):
+    """The prepared dataset `data/<dataset>/` (or the folder `data_dir`), checked."""
+    hint = None if data_dir else f"python data/{dataset}/prepare.py"
+    return TokenDataset(dataset_dir(dataset, data_dir), prepare_hint=hint)
+
+
 def micro_batch_seed(seed, split, step, index):
     """The seed of one micro-batch: a pure function of where it sits in training."""
     return [seed, _STREAMS[split], step, index]
@@ -79,3 +102,39 @@ def to_device(x, y, device):
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation on a fixed set of batches
+
+@dataclass(frozen=True)
+class EvalBatches:
+    """A fixed set of evaluation batches per split: batch i of split s is drawn from
+    (seed, stream of s, i), the same at every evaluation."""
+    eval_iters: int      # batches per split
+    batch_size: int
+    block_size: int
+    seed: int
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, batches, runtime, splits=("train", "val")):
+    """{split: mean loss over batches.eval_iters batches}. Under DDP the batches are split over
+    the ranks and the sum is all-reduced, so every rank gets the same numbers. The model is put
+    in eval mode for the call and back in train mode after it."""
+    model.eval()
+    losses = {}
+    for split in splits:
+        stream = "eval_train" if split == "train" else split
+        total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        for i in range(runtime.rank, batches.eval_iters, runtime.world_size):
+            x, y = get_batch(data.splits[split], batches.block_size, batches.batch_size,
+                             micro_batch_seed(batches.seed, stream, 0, i))
+            with runtime.autocast():
+                _, loss = model(*to_device(x, y, runtime.device))
+            total += loss.double()
+        if runtime.ddp:
+            dist.all_reduce(total)
+        losses[split] = total.item() / batches.eval_iters
+    model.train()
+    return losses

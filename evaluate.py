@@ -7,29 +7,22 @@ token embeddings (embedding_metrics.py).
     python evaluate.py --ckpt=nanogpt/ckpt.pt --dataset=openwebtext --out_json=eval.json
 
 Any checkpoint: a resume checkpoint (ckpt_*.pt), a snapshot (*.safetensors, also the averaged
-ones of train.py --save_averaged and average.py --save), or a nanoGPT-style .pt. The batches are
-train.evaluate's: with the same eval_iters, batch_size, block_size and seed they are the batches
-train.py and average.py report, so the numbers compare one to one.
-
-load_model() is the one loader of a model from a file; sample.py and export_hf.py use it too.
+ones of train.py --save_averaged and average.py --save), or a nanoGPT-style .pt
+(checkpoint.load_model reads them all). The batches are dataloader.evaluate_loss's: with the same
+eval_iters, batch_size, block_size and seed they are the batches train.py and average.py report,
+so the numbers compare one to one.
 """
 
 import json
 import math
-import sys
-import types
 from dataclasses import dataclass
-from pathlib import Path
-
-from safetensors import safe_open
 
 import checkpoint
-import train
-import trajectory
-from checkpoint import CheckpointError
-from configurator import load_config
+from configurator import ConfigError, main
+from dataloader import EvalBatches, evaluate_loss, open_dataset
 from embedding_metrics import count_tokens, embedding_metrics
-from model import GPT, GPTConfig
+from report import markdown_table
+from runtime import check_dtype, init_runtime, teardown
 
 
 @dataclass
@@ -44,7 +37,7 @@ class EvalConfig:
     train_loss: bool = False       # also the loss on train batches (train.py's eval_train stream)
     embeddings: bool = True        # embedding metrics (the frequency correlation counts train.bin)
     out_json: str | None = None    # also write the numbers here
-    device: str = "auto"
+    device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
     dtype: str = "auto"            # 'auto' = bf16 autocast on CUDA, as train.py evaluates
 
     def __post_init__(self):
@@ -55,66 +48,32 @@ class EvalConfig:
             raise ValueError(f"eval_iters={self.eval_iters} must be >= 0 (0: no losses)")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size={self.batch_size} must be > 0")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
-
-
-def load_model(path, device="cpu"):
-    """(GPT in eval mode on `device`, info) from any checkpoint file.
-
-    info: path, step (None if unknown), tokens_seen (None if unknown), model_args, and for an
-    averaged snapshot its averager name and hyperparameters. Raises CheckpointError naming the
-    file when it is missing, corrupt, unsafe to unpickle or of another architecture.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    weights = trajectory.read(path)   # weights_only: a pickle that would run code is refused
-    try:
-        step = trajectory.read_step(path)
-    except CheckpointError:
-        step = None                   # no recorded step and no number in the name: fine here
-    info = {"path": str(path), "step": step, "tokens_seen": weights.tokens_seen,
-            "model_args": weights.model_args, **_averager_metadata(path)}
-    try:
-        model = GPT(GPTConfig(**weights.model_args))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: model_args {weights.model_args} do not build a GPT: "
-                              f"{e}") from e
-    checkpoint.load_model_state(model, weights.state, path)
-    return model.to(device).eval(), info
-
-
-def _averager_metadata(path):
-    # train.py --save_averaged and average.py --save add `averager` and `hparams` (JSON strings)
-    if path.suffix != ".safetensors":
-        return {}
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    return {k: json.loads(metadata[k]) for k in ("averager", "hparams") if k in metadata}
+        check_dtype(self.dtype)
 
 
 def evaluate(cfg):
     """Load, evaluate, print a table (and write out_json); returns the numbers as a dict."""
-    runtime = train.init_runtime(cfg)
+    runtime = init_runtime(cfg.device, cfg.dtype)
     try:
-        model, info = load_model(cfg.ckpt, runtime.device)
-        data = train.open_dataset(cfg)
-        args = info["model_args"]
+        model, record = checkpoint.load_model(cfg.ckpt, runtime.device)
+        data = open_dataset(cfg.dataset, cfg.data_dir)
+        args = record.model_args
         block_size = cfg.block_size or args["block_size"]
         if block_size > args["block_size"]:
-            raise ValueError(f"block_size={block_size} is longer than the model's context "
-                             f"({args['block_size']})")
+            raise ConfigError(f"block_size={block_size} is longer than the model's context "
+                              f"({args['block_size']})")
         data.check_fits(block_size, args["vocab_size"])
+        info = {"path": str(record.path), "step": record.step,
+                "tokens_seen": record.tokens_seen, "model_args": args}
+        if record.averager is not None:
+            info.update(averager=record.averager, hparams=record.hparams)
         results = {"ckpt": info, "data_dir": str(data.dir),
                    "eval": {"eval_iters": cfg.eval_iters, "batch_size": cfg.batch_size,
                             "block_size": block_size, "seed": cfg.seed}}
         if cfg.eval_iters:
             splits = ("train", "val") if cfg.train_loss else ("val",)
-            # train.evaluate reads only these four keys, so the batches are train.py's
-            eval_cfg = types.SimpleNamespace(eval_iters=cfg.eval_iters, block_size=block_size,
-                                             batch_size=cfg.batch_size, seed=cfg.seed)
-            for split, loss in train.evaluate(model, data, eval_cfg, runtime, splits).items():
+            batches = EvalBatches(cfg.eval_iters, cfg.batch_size, block_size, cfg.seed)
+            for split, loss in evaluate_loss(model, data, batches, runtime, splits).items():
                 results[f"{split}_loss"] = loss
                 results[f"{split}_perplexity"] = math.exp(loss)
         if cfg.embeddings:
@@ -122,12 +81,11 @@ def evaluate(cfg):
         if runtime.master:
             print(format_table(results))
             if cfg.out_json:
-                text = json.dumps(results, indent=2) + "\n"
-                checkpoint.atomic_write(cfg.out_json, lambda f: f.write(text.encode()))
+                checkpoint.atomic_write(cfg.out_json, json.dumps(results, indent=2) + "\n")
                 print(f"wrote {cfg.out_json}")
         return results
     finally:
-        train.teardown(runtime)
+        teardown(runtime)
 
 
 def _embedding_results(model, data):
@@ -147,19 +105,23 @@ def format_table(results):
     lines = [f"{source}: step {step}, {tokens} tokens seen",
              f"data {results['data_dir']}: {e['eval_iters']} batches of {e['batch_size']} x "
              f"{e['block_size']} tokens per split, seed {e['seed']}",
-             "", "| metric | value |", "|---|---|"]
+             ""]
+    table = []
     for split in ("train", "val"):
         if f"{split}_loss" in results:
-            lines.append(f"| {split} loss | {results[f'{split}_loss']:.4f} |")
-            lines.append(f"| {split} perplexity | {results[f'{split}_perplexity']:.3f} |")
+            table.append((f"{split} loss", f"{results[f'{split}_loss']:.4f}"))
+            table.append((f"{split} perplexity", f"{results[f'{split}_perplexity']:.3f}"))
     m = results.get("embeddings")
     if m:
-        lines += [f"| isotropy I(E) | {m['isotropy']:.4g} |",
-                  f"| mean embedding norm | {m['mean_norm']:.4f} |",
-                  f"| norm of the mean embedding | {m['norm_of_mean']:.4f} |",
-                  f"| norm of mean / mean norm | {m['norm_ratio']:.4f} |",
-                  f"| sigma_min / sigma_max | {m['singular_value_ratio']:.4g} |",
-                  f"| corr(norm, log frequency) | {_number(m['norm_logfreq_pearson'])} |"]
+        table += [("isotropy I(E)", f"{m['isotropy']:.4g}"),
+                  ("mean embedding norm", f"{m['mean_norm']:.4f}"),
+                  ("norm of the mean embedding", f"{m['norm_of_mean']:.4f}"),
+                  ("norm of mean / mean norm", f"{m['norm_ratio']:.4f}"),
+                  ("sigma_min / sigma_max", f"{m['singular_value_ratio']:.4g}"),
+                  ("corr(norm, log frequency)", _number(m["norm_logfreq_pearson"]))]
+    lines.append(markdown_table([{"metric": k, "value": v} for k, v in table],
+                                [("metric", "metric"), ("value", "value")]))
+    if m:
         notes = [f"over {m['rows']} token rows"]
         if m["padding_rows_excluded"]:
             notes.append(f"{m['padding_rows_excluded']} padding rows past the data's vocabulary "
@@ -176,4 +138,4 @@ def _number(value):
 
 
 if __name__ == "__main__":
-    evaluate(load_config(EvalConfig, sys.argv[1:]))
+    main(EvalConfig, evaluate, __doc__)

@@ -1,5 +1,5 @@
 """
-Export any checkpoint (the files evaluate.load_model reads) to a Hugging Face transformers
+Export any checkpoint (the files checkpoint.load_model reads) to a Hugging Face transformers
 GPT2LMHeadModel folder, loadable offline with GPT2LMHeadModel.from_pretrained(out_dir).
 
     python export_hf.py --ckpt=out/owt/ckpt_0600000.pt --out_dir=hf/gpt2-owt
@@ -25,7 +25,6 @@ Hugging Face hub.
 
 import json
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,8 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from configurator import load_config
-from evaluate import load_model
-from sample import GPT2_VOCAB_SIZE, data_meta
+from configurator import main
+from tokenizer import GPT2_VOCAB_SIZE, data_meta
 
 # model.py's nn.Linear weights that HF's GPT-2 stores transposed, as Conv1D
 _CONV1D_WEIGHT = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
@@ -113,8 +111,8 @@ def max_logit_difference(model, hf, tokens=16, seed=0):
 
 
 def export(cfg):
-    model, info = load_model(cfg.ckpt, "cpu")
-    vocab_size = info["model_args"]["vocab_size"]
+    model, record = checkpoint.load_model(cfg.ckpt, "cpu")
+    vocab_size = record.model_args["vocab_size"]
     out_dir = Path(cfg.out_dir)
     gpt2_bpe = vocab_size >= GPT2_VOCAB_SIZE
     hf = to_hf_model(model, eos_token_id=GPT2_VOCAB_SIZE - 1 if gpt2_bpe else None)
@@ -123,10 +121,10 @@ def export(cfg):
         raise RuntimeError(f"the HF model's logits differ from ours by up to {diff:.3g}: the "
                            f"weight mapping in export_hf.py is wrong for this checkpoint")
     hf.save_pretrained(out_dir)   # config.json, generation_config.json, model.safetensors
-    print(f"wrote {out_dir} (GPT2LMHeadModel from {info['path']}, step {info['step']}); "
+    print(f"wrote {out_dir} (GPT2LMHeadModel from {record.path}, step {record.step}); "
           f"largest logit difference from ours on a random input: {diff:.2g}")
     if gpt2_bpe:
-        write_gpt2_tokenizer(out_dir, model_max_length=info["model_args"]["block_size"])
+        write_gpt2_tokenizer(out_dir, model_max_length=record.model_args["block_size"])
     else:
         write_char_vocab(out_dir, cfg, vocab_size)
     return out_dir
@@ -139,8 +137,8 @@ def write_char_vocab(out_dir, cfg, vocab_size):
               f"{path} does not describe it; pass --dataset/--data_dir of its training data")
         return
     keep = {k: meta[k] for k in ("tokenizer", "vocab_size", "chars", "eot_token") if k in meta}
-    text = json.dumps(keep, indent=2, ensure_ascii=False) + "\n"
-    checkpoint.atomic_write(out_dir / "meta.json", lambda f: f.write(text.encode()))
+    checkpoint.atomic_write(out_dir / "meta.json",
+                            json.dumps(keep, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out_dir / 'meta.json'}: character-level vocabulary from {path} (id i = "
           f"chars[i]); HF tokenizers do not apply, encode with it as sample.py does")
 
@@ -233,4 +231,4 @@ def hf_tokenizer(encoding, model_max_length=None):
 
 
 if __name__ == "__main__":
-    export(load_config(ExportConfig, sys.argv[1:]))
+    main(ExportConfig, export, __doc__)

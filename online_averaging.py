@@ -25,19 +25,34 @@ import torch
 import torch.distributed as dist
 
 from averaging import AVERAGERS, build_averager, parse_method_list
+from configurator import ConfigError, FieldGroup, dict_notes
 
 
-def _config_fields():
+def averager_fields(make_field):
+    """One dataclass field per hyperparameter of every registered method, in registry order:
+    [(key, annotation, field)]. make_field(cls, key, default) gives (annotation, default value);
+    the field's metadata carries the method's group and the comment of the key in the class's
+    `defaults` (for --help)."""
     fields = []
     for cls in AVERAGERS.values():
+        group = FieldGroup(f"averaging: {cls.name}", (cls.__doc__ or "").strip(), generated=True)
+        comments = dict_notes(cls, "defaults")
         for key, default in cls.defaults.items():
-            fields.append((key, type(default), dataclasses.field(default=default)))
+            annotation, value = make_field(cls, key, default)
+            fields.append((key, annotation, dataclasses.field(
+                default=value, metadata={"group": group, "help": comments.get(key, "")})))
     return fields
 
 
-# One config key per averager hyperparameter, with averaging.py's defaults (the table in its
-# docstring); TrainConfig inherits them, so `--bema_lag=5` works and an unknown key is an error.
-AveragingConfig = dataclasses.make_dataclass("AveragingConfig", _config_fields())
+def make_averaging_config():
+    """The dataclass of every averager key with its class default; TrainConfig inherits it, so
+    `--bema_lag=5` works and an unknown key is an error. Built from the registry at import."""
+    return dataclasses.make_dataclass(
+        "AveragingConfig",
+        averager_fields(lambda cls, key, default: (type(default), default)))
+
+
+AveragingConfig = make_averaging_config()
 
 
 def parse_methods(spec):
@@ -77,7 +92,7 @@ class OnlineAveraging:
             if averager.step is not None:
                 continue
             if averager.tau < step:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: {averager.start_key}={averager.tau}, but this run starts at step "
                     f"{step} with no saved {name} state to continue from; set "
                     f"--{averager.start_key}={step} (or later) to start averaging here, or "
@@ -143,8 +158,8 @@ class OnlineAveraging:
                 continue
             sd = dict(saved[name])
             if sd["numel"] >= 0 and sd["numel"] != self.numel:
-                raise ValueError(f"{source}: the saved {name} state covers {sd['numel']} "
-                                 f"parameters, this model {self.numel}")
+                raise ConfigError(f"{source}: the saved {name} state covers {sd['numel']} "
+                                  f"parameters, this model {self.numel}")
             if not strict and sd["hparams"] != averager.hparams:
                 continue
             sd["tensors"] = {k: v[..., self.lo:self.hi].to(self.flat.buffer.device)
@@ -154,7 +169,7 @@ class OnlineAveraging:
             try:
                 averager.load_state_dict(sd)
             except ValueError as e:
-                raise ValueError(f"{source}: cannot continue its {name} average: {e}") from e
+                raise ConfigError(f"{source}: cannot continue its {name} average: {e}") from None
             loaded.append(name)
         return loaded
 

@@ -1,26 +1,24 @@
 """
-Train a GPT on one CPU, one GPU, or many GPUs with DDP.
+Train a GPT on one CPU, one GPU, or many GPUs with DDP, with weight averages kept alongside.
 
     python train.py                                   # default: small char model on Shakespeare, CPU ok
     python train.py config/train_shakespeare_char.py --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py
+    python train.py --help                            # every key, its default and what it does
 
 Every knob is a field of TrainConfig below, with its default and a comment; config files and
 --key=value arguments override them (configurator.py). The loop reads top to bottom in train(),
-but each piece (runtime setup, model/optimizer restore, one training step, evaluation) is a
-function of its own, so tests and bench.py call them directly.
+but each piece (model/optimizer restore, one training step, the evaluation batches) is a function
+of its own, so tests and bench.py call them directly. The device and process group are
+runtime.py's, the data and the evaluation loss dataloader.py's, the files checkpoint.py's.
 
 What makes a resumed run bitwise-identical to an uninterrupted one: the batch of every micro-step
 and the dropout RNG are pure functions of (seed, step, ...), the LR is a pure function of the
-step, and the checkpoint holds model + optimizer + step. Nothing else carries state.
+step, and the checkpoint holds model + optimizer + averagers + step. Nothing else carries state.
 """
 
 import dataclasses
-import json
 import math
-import os
-import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,24 +26,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import schedules
-from configurator import load_config, save_config
-from dataloader import TokenDataset, get_batch, micro_batch_seed, to_device
+from configurator import ConfigError, UserError, main, save_config
+from dataloader import (EvalBatches, evaluate_loss, get_batch, micro_batch_seed, open_dataset,
+                        to_device)
 from flat_params import FlatParameters
 from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
 from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams
-
-REPO = Path(__file__).resolve().parent
+from run_dir import MetricsLog, latest_resume_or_error, refuse_to_overwrite
+from runtime import StopSignal, all_reduce_mean, check_dtype, init_runtime, teardown
 
 
 @dataclass
 class TrainConfig(AveragingConfig):
     # I/O
-    out_dir: str = "out/shakespeare_char"
+    out_dir: str = "out/shakespeare_char"  # checkpoints, snapshots, config.json, metrics.jsonl
     eval_interval: int = 250       # evaluate train/val loss every this many steps (and at the end)
     eval_iters: int = 100          # batches per split per evaluation (a fixed set: same every time)
     log_interval: int = 10         # print/log the training loss every this many steps
@@ -57,58 +55,60 @@ class TrainConfig(AveragingConfig):
                                    # the schedule still runs to max_iters (for time-limited jobs)
     # logging
     wandb_log: bool = False        # also log to Weights & Biases (WANDB_MODE=offline is honoured)
-    wandb_project: str = "weight-averaging"
-    wandb_run_name: str | None = None
+    wandb_project: str = "weight-averaging"  # W&B project
+    wandb_run_name: str | None = None  # W&B run name (None: W&B picks one)
     # data
     dataset: str = "shakespeare_char"  # a prepared folder under data/
     data_dir: str | None = None    # explicit path to a prepared dataset (overrides `dataset`)
     batch_size: int = 12           # sequences per micro-batch per process
     block_size: int = 64           # context length
     gradient_accumulation_steps: int = 1  # micro-batches per step, summed over all DDP ranks
-    # model (architecture keys are taken from the checkpoint when resuming or branching)
+    # model
+    # Architecture keys are taken from the checkpoint when resuming or branching.
     model_size: str | None = None  # 'gpt2' | 'gpt2-medium' | 'gpt2-large': sets n_layer/n_head/n_embd
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
+    n_layer: int = 4               # transformer blocks
+    n_head: int = 4                # attention heads per block
+    n_embd: int = 128              # width of the residual stream
+    dropout: float = 0.0           # dropout probability in training (0 for pretraining)
+    bias: bool = False             # biases in Linear and LayerNorm layers (GPT-2 has them)
     vocab_size: int | None = None  # None: the dataset's vocab size (set 50304 for GPT-2 BPE speed)
     # optimizer
     optimizer: str = "adamw"       # 'adamw' | 'coupled_adam' (AdamW, Coupled Adam on the embedding)
     learning_rate: float = 1e-3    # peak LR
     weight_decay: float = 0.1      # applied to >=2-D tensors only
-    beta1: float = 0.9
-    beta2: float = 0.99
+    beta1: float = 0.9             # Adam's first-moment decay
+    beta2: float = 0.99            # Adam's second-moment decay
     grad_clip: float = 1.0         # clip the global gradient norm to this (0 = off)
     coupled_adam_scale: float = 1.0  # coupled_adam: c times the vocabulary-mean second moment of
                                    # the embedding (1 = the paper; its scaled runs use powers of 2)
     embedding_weight_decay: float = 0.0  # coupled_adam: decoupled weight decay of the embedding
                                    # (adamw decays it with weight_decay, like every matrix)
-    # learning-rate schedule (schedules.py): lr = learning_rate * multiplier(step)
+    # learning-rate schedule
+    # lr = learning_rate * multiplier(step), schedules.py
     lr_schedule: str = "cosine"    # 'constant' | 'cosine' | 'wsd' (warmup-stable-decay)
     max_iters: int = 2000          # total optimizer steps
-    warmup_iters: int = 100
+    warmup_iters: int = 100        # linear warmup steps, (step + 1) / (warmup_iters + 1)
     lr_decay_iters: int | None = None  # cosine: reaches min_lr here (None = max_iters)
     min_lr: float = 1e-4           # cosine floor
     cooldown_frac: float = 0.2     # wsd: cooldown over the last 20% of max_iters ...
     cooldown_start: int | None = None  # ... or from this step
     cooldown_shape: str = "1-sqrt"  # wsd: 'linear' | 'cosine' | '1-sqrt' | 'square'
     final_lr_frac: float = 0.0     # wsd: LR at the end of the cooldown, as a fraction of the peak
-    # weight averaging during training (averaging.py; every method's keys and defaults are in the
-    # table at the top of averaging.py, e.g. --bema_lag=5 --ema_decay=0.99). At each eval the raw
-    # and every averaged model are evaluated on the same val batches (val_loss/raw, val_loss/ema..)
-    averaging: str = "ema,bema,lawa"  # comma-separated subset of ema,bema,dema,ouema,swa,lawa,wa
+    # weight averaging during training
+    # At each eval the raw and every averaged model are evaluated on the same val batches
+    # (val_loss/raw, val_loss/ema, ...). Each method's own keys are listed under its name below;
+    # the math is in docs/averaging.md.
+    averaging: str = "ema,bema,lawa"  # comma-separated methods, 'all', or '' for none
     save_averaged: bool = False    # also write out_dir/averaged/<method>/step_N.safetensors at
                                    # every snapshot and at the end
-    # defaults for this 2000-step default run (the papers' values are in averaging.py)
-    ema_decay: float = 0.995       # EMA half-life ~140 steps
-    lawa_k: int = 5                # LAWA: mean of the 5 latest checkpoints ...
+    ema_decay: float = 0.995       # the default run's: EMA half-life ~140 steps
+    lawa_k: int = 5                # the default run's: the 5 latest checkpoints ...
     lawa_interval: int = 100       # ... spaced 100 steps apart
     # system
     device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
     dtype: str = "auto"            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16'
     compile: bool = False          # torch.compile the model
-    seed: int = 1337
+    seed: int = 1337               # initial weights, batches and dropout are functions of it
     peak_flops: float | None = None  # device peak FLOP/s for MFU (None: looked up for A100/H100/H200)
 
     def __post_init__(self):
@@ -131,9 +131,7 @@ class TrainConfig(AveragingConfig):
         if not self.coupled_adam_scale > 0:
             raise ValueError(f"coupled_adam_scale={self.coupled_adam_scale} must be > 0 "
                              f"(1 = the paper's Coupled Adam)")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}: use 'auto', 'float32' or 'bfloat16' "
-                             "(float16 would need loss scaling, which this trainer does not do)")
+        check_dtype(self.dtype)
         if self.stop_iter is not None and not 0 < self.stop_iter <= self.max_iters:
             raise ValueError(f"stop_iter={self.stop_iter} must be in (0, max_iters={self.max_iters}]")
         schedules.from_config(self)  # raises on an impossible schedule, naming the key
@@ -141,86 +139,12 @@ class TrainConfig(AveragingConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# runtime: device, precision, distributed
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    autocast_dtype: torch.dtype | None = None  # None: plain float32
-
-    @property
-    def ddp(self):
-        return self.world_size > 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-
-def init_runtime(cfg):
-    """Pick the device and precision; join the process group when launched by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device_name = cfg.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={cfg.device!r} but CUDA is not available; use --device=cpu")
-        if world_size > 1:
-            device_name = f"cuda:{local_rank}"
-        elif device_name == "cuda":
-            # an explicit index: set_device rejects a bare "cuda", and the flat buffers, the
-            # averagers and the checkpoints compare devices, where cuda != cuda:0
-            device_name = f"cuda:{torch.cuda.current_device()}"
-        torch.cuda.set_device(device_name)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    device = torch.device(device_name)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-    return Runtime(device, rank, local_rank, world_size, autocast_dtype)
-
-
-def teardown(runtime):
-    if runtime.ddp and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_reduce_mean(value, runtime):
-    """Mean of a float over ranks (a host sync: only at log/eval time)."""
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=runtime.device)
-    if runtime.ddp:
-        dist.all_reduce(tensor)
-        tensor /= runtime.world_size
-    return tensor.item()
-
-
-# ---------------------------------------------------------------------------------------------
 # data
-
-def open_dataset(cfg):
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO / "data" / cfg.dataset
-    return TokenDataset(data_dir, prepare_hint=f"python data/{cfg.dataset}/prepare.py"
-                        if not cfg.data_dir else None)
-
 
 def micro_steps_per_rank(cfg, runtime):
     if cfg.gradient_accumulation_steps % runtime.world_size:
-        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be "
-                         f"a multiple of the number of processes ({runtime.world_size})")
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must "
+                          f"be a multiple of the number of processes ({runtime.world_size})")
     return cfg.gradient_accumulation_steps // runtime.world_size
 
 
@@ -263,24 +187,19 @@ def build(cfg, runtime, data):
     in, from scratch, the latest resume checkpoint, or a file."""
     loaded, state = None, TrainState()
     if cfg.init_from == "resume":
-        path = checkpoint.latest_resume(cfg.out_dir)
-        if path is None:
-            raise FileNotFoundError(f"init_from='resume' but {cfg.out_dir} holds no resume "
-                                    f"checkpoint (ckpt_*.pt); use --init_from=scratch")
-        loaded = checkpoint.load_weights(path)
+        loaded = checkpoint.read_checkpoint(latest_resume_or_error(cfg.out_dir))
     else:
-        _refuse_to_overwrite(cfg)
+        refuse_to_overwrite(cfg.out_dir)
         if cfg.init_from != "scratch":  # branch off a checkpoint or snapshot, e.g. a cooldown
-            path = Path(cfg.init_from)
-            loaded = checkpoint.load_weights(path)
+            loaded = checkpoint.read_checkpoint(cfg.init_from)
 
     model_args = model_args_from_config(cfg, data)
     if loaded is not None:
-        weights, info = loaded
-        saved_args = info["model_args"] or {}
         # architecture comes from the file; dropout stays a training choice of this run
-        model_args = {**model_args, **{k: v for k, v in saved_args.items() if k != "dropout"}}
-        state = TrainState(info["step"], info["tokens_seen"] or 0, str(path), info["averaging"])
+        model_args = {**model_args,
+                      **{k: v for k, v in loaded.model_args.items() if k != "dropout"}}
+        state = TrainState(loaded.step or 0, loaded.tokens_seen or 0, str(loaded.path),
+                           loaded.averaging)
     data.check_fits(model_args["block_size"], model_args["vocab_size"])
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -292,11 +211,15 @@ def build(cfg, runtime, data):
                                            cfg.optimizer, cfg.coupled_adam_scale,
                                            cfg.embedding_weight_decay)
     if loaded is not None:
-        checkpoint.load_model_state(model, weights, path)   # copies into the flat buffer
-        if info["optimizer"] is not None:
-            optimizer.load_state_dict(info["optimizer"])
+        checkpoint.load_model_state(model, loaded.weights, loaded.path)   # into the flat buffer
+        if loaded.optimizer is not None:
+            try:
+                optimizer.load_state_dict(loaded.optimizer)
+            except ValueError as e:
+                raise checkpoint.CheckpointError(f"{loaded.path}: cannot continue its optimizer "
+                                                 f"state: {e}") from None
         elif runtime.master:
-            print(f"{path} has no optimizer state: starting AdamW moments from zero")
+            print(f"{loaded.path} has no optimizer state: starting AdamW moments from zero")
     flat.check()
     return model, optimizer, state, model_args, flat
 
@@ -322,13 +245,6 @@ def wrap_model(model, cfg, runtime):
     if runtime.ddp:
         model = DDP(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
     return model
-
-
-def _refuse_to_overwrite(cfg):
-    if checkpoint.list_resume_checkpoints(cfg.out_dir):
-        raise FileExistsError(
-            f"{cfg.out_dir} already holds resume checkpoints of another run; continue it with "
-            f"--init_from=resume, or write this run elsewhere with --out_dir=...")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,112 +279,20 @@ def train_step(model, optimizer, batches, cfg, runtime, lr):
     return total
 
 
-@torch.no_grad()
-def evaluate(model, data, cfg, runtime, splits=("train", "val")):
-    """Mean loss over a fixed set of eval_iters batches per split, split across ranks: the same
-    batches at every call, so losses of different weights are paired comparisons."""
-    model.eval()
-    losses = {}
-    for split in splits:
-        stream = "eval_train" if split == "train" else split
-        total = torch.zeros((), dtype=torch.float64, device=runtime.device)
-        for i in range(runtime.rank, cfg.eval_iters, runtime.world_size):
-            x, y = get_batch(data.splits[split], cfg.block_size, cfg.batch_size,
-                             micro_batch_seed(cfg.seed, stream, 0, i))
-            with runtime.autocast():
-                _, loss = model(*to_device(x, y, runtime.device))
-            total += loss.double()
-        if runtime.ddp:
-            dist.all_reduce(total)
-        losses[split] = total.item() / cfg.eval_iters
-    model.train()
-    return losses
+def eval_batches(cfg):
+    """The fixed evaluation batches of this run (dataloader.EvalBatches)."""
+    return EvalBatches(cfg.eval_iters, cfg.batch_size, cfg.block_size, cfg.seed)
 
 
-# ---------------------------------------------------------------------------------------------
-# logging and stopping
-
-class MetricsLog:
-    """stdout + out_dir/metrics.jsonl (+ wandb). Only rank 0 writes."""
-
-    def __init__(self, cfg, runtime, resume_iter):
-        self.active = runtime.master
-        self.path = Path(cfg.out_dir) / "metrics.jsonl"
-        self.wandb = None
-        if not self.active:
-            return
-        if self.path.exists():  # drop records past the step we restart from: one consistent history
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _before_restart(json.loads(line), resume_iter)]
-            checkpoint.atomic_write(self.path, lambda f: f.write(
-                "".join(line + "\n" for line in keep).encode()))
-        if cfg.wandb_log:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError("wandb_log=True but wandb is not installed; "
-                                  "pip install wandb, or --wandb_log=False") from e
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                                    config=dataclasses.asdict(cfg))
-
-    def write(self, record):
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["iter"])
-
-
-def _before_restart(record, resume_iter):
-    # the resumed run re-evaluates at its first step, so an eval record there is dropped too
-    return record["iter"] < resume_iter or (record["iter"] == resume_iter
-                                             and "val_loss" not in record)
-
-
-class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at a step boundary.
-    A second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.requested = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading_main():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def check(self, runtime):
-        """Agreed over ranks, so every rank stops at the same step (a collective: call rarely)."""
-        flag = 1.0 if self.requested else 0.0
-        return all_reduce_mean(flag, runtime) > 0 if runtime.ddp else bool(flag)
-
-
-def threading_main():
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became NaN or infinite; nothing non-finite is saved."""
 
 
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 def train(cfg):
-    runtime = init_runtime(cfg)
+    runtime = init_runtime(cfg.device, cfg.dtype)
     try:
         return _train(cfg, runtime)
     finally:
@@ -476,12 +300,16 @@ def train(cfg):
 
 
 def _train(cfg, runtime):
-    data = open_dataset(cfg)
-    micro_steps_per_rank(cfg, runtime)  # fail before any work if the batch does not divide
+    # everything that can fail on bad input fails here, before anything is written
+    data = open_dataset(cfg.dataset, cfg.data_dir)
+    micro_steps_per_rank(cfg, runtime)
     model, optimizer, state, model_args, flat = build(cfg, runtime, data)
     online = build_averaging(cfg, runtime, flat, state)
+    log = MetricsLog(cfg, runtime.master)
+    log.check()
     raw_model, model = model, wrap_model(model, cfg, runtime)
     schedule = schedules.from_config(cfg)
+    evals = eval_batches(cfg)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_args["block_size"]
     peak_flops = device_peak_flops(runtime.device, cfg.peak_flops)
     out_dir = Path(cfg.out_dir)
@@ -494,7 +322,7 @@ def _train(cfg, runtime):
         if online.names:
             print(f"averaging {', '.join(online.names)}: "
                   f"{online.memory_bytes() / 2**20:.1f} MiB of state per rank")
-    log = MetricsLog(cfg, runtime, state.iter_num)
+    log.open(state.iter_num)
     batches = train_batches(data, cfg, runtime, state.iter_num)
     last_loss, last_eval, stopped_by, saved_at = None, None, None, {}
 
@@ -532,11 +360,12 @@ def _train(cfg, runtime):
     def run_eval():
         # the module under DDP: forward passes here are per-rank, with no collectives inside
         eval_model = model.module if runtime.ddp else model
-        losses = evaluate(eval_model, data, cfg, runtime)
+        losses = evaluate_loss(eval_model, data, evals, runtime)
         averaged = {}
         for name in online.ready():
             with online.swapped_in(name):
-                averaged[name] = evaluate(eval_model, data, cfg, runtime, splits=("val",))["val"]
+                averaged[name] = evaluate_loss(eval_model, data, evals, runtime,
+                                               splits=("val",))["val"]
         if runtime.master:
             print(f"step {state.iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")
@@ -613,5 +442,4 @@ def _train(cfg, runtime):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once under tee/nohup
-    train(load_config(TrainConfig, sys.argv[1:]))
+    main(TrainConfig, train, __doc__)

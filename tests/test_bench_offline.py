@@ -1,7 +1,7 @@
 """bench_offline.py runs end to end on a tiny trajectory and reports every figure."""
 
-import bench_offline
-from bench_offline import BenchOfflineConfig
+from benchmarks import bench_offline
+from benchmarks.bench_offline import BenchOfflineConfig
 
 
 def test_bench_offline_reports_both_regimes(tiny_data_dir, tmp_path):

@@ -22,7 +22,7 @@ class Tied(torch.nn.Module):
 def payload(step, model=None):
     model = model or Tied()
     return {"model": checkpoint.model_state(model), "optimizer": {}, "iter_num": step,
-            "tokens_seen": 10 * step, "model_args": {"n": 1}, "config": {"lr": 1e-3}}
+            "tokens_seen": 10 * step, "model_args": {"n_layer": 1}, "config": {"lr": 1e-3}}
 
 
 def test_save_load_prune(tmp_path):
@@ -30,8 +30,8 @@ def test_save_load_prune(tmp_path):
         checkpoint.save_resume(tmp_path, payload(step), keep_last=2)
     names = [p.name for p in checkpoint.list_resume_checkpoints(tmp_path)]
     assert names == ["ckpt_0000020.pt", "ckpt_0000030.pt"]
-    ckpt = checkpoint.load_resume(checkpoint.latest_resume(tmp_path))
-    assert ckpt["iter_num"] == 30 and ckpt["format"] == checkpoint.RESUME_FORMAT
+    ckpt = checkpoint.read_checkpoint(checkpoint.latest_resume(tmp_path))
+    assert ckpt.step == 30 and ckpt.kind == "resume"
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
@@ -50,7 +50,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     # nothing half-written under a final name, no temp left behind, the old one intact
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_0000010.pt"]
-    assert checkpoint.load_resume(checkpoint.latest_resume(tmp_path))["iter_num"] == 10
+    assert checkpoint.read_checkpoint(checkpoint.latest_resume(tmp_path)).step == 10
 
 
 def test_corrupt_and_unsafe_checkpoints_are_refused(tmp_path):
@@ -58,7 +58,7 @@ def test_corrupt_and_unsafe_checkpoints_are_refused(tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated.pt"):
-        checkpoint.load_resume(truncated)
+        checkpoint.read_checkpoint(truncated)
 
     class Evil:
         def __reduce__(self):
@@ -67,11 +67,11 @@ def test_corrupt_and_unsafe_checkpoints_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"model": Evil()}))
     with pytest.raises(CheckpointError, match="evil.pt"):
-        checkpoint.load_resume(evil)
+        checkpoint.read_checkpoint(evil)
     assert not (tmp_path / "pwned").exists()
 
     with pytest.raises(CheckpointError, match="does not exist"):
-        checkpoint.load_resume(tmp_path / "nope.pt")
+        checkpoint.read_checkpoint(tmp_path / "nope.pt")
 
 
 def test_snapshot_round_trip_with_tied_weights(tmp_path):
@@ -79,8 +79,9 @@ def test_snapshot_round_trip_with_tied_weights(tmp_path):
     path = checkpoint.save_snapshot(tmp_path / "snaps", model, step=40, tokens_seen=1234,
                                     model_args={"n_layer": 2})
     assert path.name == "step_0000040.safetensors"
-    state, info = checkpoint.load_snapshot(path)
-    assert info == {"step": 40, "tokens_seen": 1234, "model_args": {"n_layer": 2}}
+    record = checkpoint.read_checkpoint(path)
+    state = record.weights
+    assert (record.step, record.tokens_seen, record.model_args) == (40, 1234, {"n_layer": 2})
     assert "head.weight" not in state  # the tied copy is stored once
     fresh = Tied()
     checkpoint.load_model_state(fresh, state, path)
@@ -95,9 +96,9 @@ def test_snapshot_corrupt_and_mismatched(tmp_path):
     bad = tmp_path / "step_0000002.safetensors"
     bad.write_bytes(path.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="step_0000002"):
-        checkpoint.load_snapshot(bad)
+        checkpoint.read_checkpoint(bad)
     other = torch.nn.Linear(3, 3)
-    state, _ = checkpoint.load_snapshot(path)
+    state = checkpoint.read_checkpoint(path).weights
     with pytest.raises(CheckpointError, match="does not match"):
         checkpoint.load_model_state(other, state, path)
 

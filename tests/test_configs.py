@@ -8,7 +8,9 @@ import torch
 import train
 from average import AverageConfig
 from configurator import load_config
+from dataloader import open_dataset
 from online_averaging import parse_methods
+from runtime import init_runtime
 from train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.py"))
@@ -41,8 +43,8 @@ def test_small_config_starts_on_cpu(path, tiny_data_dir, tmp_path):
                                     f"--data_dir={tiny_data_dir}", f"--out_dir={tmp_path}",
                                     "--block_size=32", "--batch_size=1", "--eval_iters=1",
                                     "--gradient_accumulation_steps=1", "--warmup_iters=1"])
-    runtime = train.init_runtime(cfg)
-    data = train.open_dataset(cfg)
+    runtime = init_runtime(cfg.device, cfg.dtype)
+    data = open_dataset(cfg.dataset, cfg.data_dir)
     model, optimizer, state, model_args, flat = train.build(cfg, runtime, data)
     assert 123e6 < model.num_params() < 125e6
     online = train.build_averaging(cfg, runtime, flat, state)

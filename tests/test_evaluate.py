@@ -3,7 +3,6 @@ losses of any checkpoint equal to what train.py reported for the same weights an
 
 import json
 import math
-import types
 
 import numpy as np
 import pytest
@@ -14,10 +13,12 @@ import evaluate
 import train
 from checkpoint import CheckpointError
 from configurator import ConfigError, load_config
+from dataloader import EvalBatches, evaluate_loss, open_dataset
 from embedding_metrics import (count_tokens, embedding_metrics, isotropy,
                                norm_frequency_correlation, norm_stats, singular_value_ratio)
 from evaluate import EvalConfig
 from model import GPT, GPTConfig
+from runtime import init_runtime
 from train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
@@ -157,15 +158,15 @@ def test_losses_are_train_pys(run_dir, tiny_data_dir, tmp_path, capsys):
 
 
 def test_val_loss_equals_train_evaluate(run_dir, tiny_data_dir):
-    """With other settings than the run's, still exactly train.evaluate on the loaded model."""
+    """With other settings than the run's, still exactly evaluate_loss on the loaded model."""
     snapshot = run_dir / "snapshots" / "step_0000004.safetensors"
-    state, info = checkpoint.load_snapshot(snapshot)
-    model = GPT(GPTConfig(**info["model_args"]))
-    checkpoint.load_model_state(model, state, snapshot)
-    cfg = types.SimpleNamespace(eval_iters=5, block_size=8, batch_size=3, seed=7)
-    runtime = train.init_runtime(types.SimpleNamespace(device="cpu", dtype="float32"))
-    data = train.open_dataset(types.SimpleNamespace(data_dir=str(tiny_data_dir), dataset=""))
-    expected = train.evaluate(model, data, cfg, runtime, splits=("val",))["val"]
+    record = checkpoint.read_checkpoint(snapshot)
+    model = GPT(GPTConfig(**record.model_args))
+    checkpoint.load_model_state(model, record.weights, snapshot)
+    batches = EvalBatches(eval_iters=5, block_size=8, batch_size=3, seed=7)
+    runtime = init_runtime("cpu", "float32")
+    data = open_dataset("", data_dir=str(tiny_data_dir))
+    expected = evaluate_loss(model, data, batches, runtime, splits=("val",))["val"]
     results = evaluate.evaluate(eval_config(tiny_data_dir, snapshot, eval_iters=5, block_size=8,
                                             batch_size=3, seed=7, embeddings=False))
     assert results["val_loss"] == expected
@@ -176,7 +177,8 @@ def test_val_loss_equals_train_evaluate(run_dir, tiny_data_dir):
 def test_nanogpt_checkpoint(run_dir, tiny_data_dir, tmp_path):
     """A nanoGPT-style .pt (compile prefixes, causal-mask buffers) evaluates like the snapshot."""
     snapshot = run_dir / "snapshots" / f"step_{STEPS:07d}.safetensors"
-    state, info = checkpoint.load_snapshot(snapshot)
+    record = checkpoint.read_checkpoint(snapshot)
+    state, info = record.weights, {"model_args": record.model_args}
     model = {f"_orig_mod.{k}": v for k, v in state.items()}
     model["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
     path = tmp_path / "ckpt.pt"
@@ -190,8 +192,8 @@ def test_nanogpt_checkpoint(run_dir, tiny_data_dir, tmp_path):
 def test_embedding_metrics_of_a_checkpoint(run_dir, tiny_data_dir):
     """The metrics of evaluate.py are embedding_metrics of wte over the data's frequencies."""
     path = run_dir / "snapshots" / f"step_{STEPS:07d}.safetensors"
-    model, _ = evaluate.load_model(path)
-    data = train.open_dataset(types.SimpleNamespace(data_dir=str(tiny_data_dir), dataset=""))
+    model, _ = checkpoint.load_model(path)
+    data = open_dataset("", data_dir=str(tiny_data_dir))
     counts = np.bincount(np.asarray(data.splits["train"]), minlength=data.vocab_size)
     expected = embedding_metrics(model.transformer.wte.weight, counts)
     results = evaluate.evaluate(eval_config(tiny_data_dir, path, eval_iters=0))
@@ -202,7 +204,7 @@ def test_embedding_metrics_of_a_checkpoint(run_dir, tiny_data_dir):
 def test_bad_files_name_the_file(run_dir, tiny_data_dir, tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(CheckpointError, match=f"{missing} does not exist"):
-        evaluate.load_model(missing)
+        checkpoint.load_model(missing)
     snapshot = (run_dir / "snapshots" / f"step_{STEPS:07d}.safetensors").read_bytes()
     truncated = tmp_path / "step_8.safetensors"
     truncated.write_bytes(snapshot[:len(snapshot) // 2])
@@ -211,7 +213,7 @@ def test_bad_files_name_the_file(run_dir, tiny_data_dir, tmp_path):
     garbage = tmp_path / "ckpt_8.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="ckpt_8.pt"):
-        evaluate.load_model(garbage)
+        checkpoint.load_model(garbage)
     with pytest.raises(ConfigError, match="ckpt is not set"):
         load_config(EvalConfig, [f"--data_dir={tiny_data_dir}"])
     with pytest.raises(ConfigError, match="did you mean 'eval_iters'"):

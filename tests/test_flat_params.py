@@ -77,7 +77,7 @@ def test_ddp_wrapping_and_state_dict_keep_the_views(tmp_path):
         dist.destroy_process_group()
     # a snapshot of flattened weights saves (safetensors refuses tensors sharing memory)
     checkpoint.save_snapshot(tmp_path, model, 1, 0, TINY)
-    state, _ = checkpoint.load_snapshot(checkpoint.snapshot_path(tmp_path, 1))
+    state = checkpoint.read_checkpoint(checkpoint.snapshot_path(tmp_path, 1)).weights
     assert torch.equal(state["transformer.wte.weight"], model.transformer.wte.weight)
 
 

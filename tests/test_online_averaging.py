@@ -12,9 +12,11 @@ import checkpoint
 import train
 from averaging import AVERAGERS
 from configurator import ConfigError, load_config
+from dataloader import evaluate_loss, open_dataset
 from flat_params import FlatParameters
 from model import GPT, GPTConfig
 from online_averaging import OnlineAveraging
+from runtime import init_runtime
 from train import TrainConfig
 
 ALL = ",".join(AVERAGERS)
@@ -171,10 +173,10 @@ def test_averaging_never_changes_training(make_config, tmp_path):
         rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
         return [(r["iter"], r.get("loss"), r.get("train_loss"), r.get("val_loss")) for r in rows]
     assert losses("plain") == losses("avg")   # bitwise: the same floats
-    a = checkpoint.load_resume(checkpoint.latest_resume(tmp_path / "plain"))
-    b = checkpoint.load_resume(checkpoint.latest_resume(tmp_path / "avg"))
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
+    a = checkpoint.read_checkpoint(checkpoint.latest_resume(tmp_path / "plain"))
+    b = checkpoint.read_checkpoint(checkpoint.latest_resume(tmp_path / "avg"))
+    for name in a.weights:
+        assert torch.equal(a.weights[name], b.weights[name]), name
 
 
 def test_saved_averages_are_the_averager_state_and_evaluate_as_logged(make_config, tmp_path):
@@ -182,21 +184,23 @@ def test_saved_averages_are_the_averager_state_and_evaluate_as_logged(make_confi
                       save_averaged=True, **all_methods())
     summary = train.train(cfg)
     out = tmp_path / "out"
-    ckpt = checkpoint.load_resume(checkpoint.latest_resume(out))
-    assert ckpt["averaging"].keys() == set(AVERAGERS)
+    ckpt = checkpoint.read_checkpoint(checkpoint.latest_resume(out))
+    assert ckpt.averaging.keys() == set(AVERAGERS)
     for name in AVERAGERS:
         # every method has started by step 5: saved with the snapshots (5, 10) and at the end
         files = [p.name for p in checkpoint.list_snapshots(out / "averaged" / name)]
         assert files == [f"step_{s:07d}.safetensors" for s in (5, 10, STEPS)], name
     # the final BEMA file holds exactly the averager's output, in the model's layout
-    state, info = checkpoint.load_snapshot(checkpoint.snapshot_path(out / "averaged" / "bema",
-                                                                    STEPS))
-    assert info["step"] == STEPS
-    model = GPT(GPTConfig(**info["model_args"]))
+    record = checkpoint.read_checkpoint(checkpoint.snapshot_path(out / "averaged" / "bema",
+                                                                 STEPS))
+    state = record.weights
+    assert record.step == STEPS
+    model = GPT(GPTConfig(**record.model_args))
     flat = FlatParameters(model)
     checkpoint.load_model_state(model, state, "bema")
-    assert torch.equal(flat.buffer, ckpt["averaging"]["bema"]["tensors"]["out"])
+    assert torch.equal(flat.buffer, ckpt.averaging["bema"]["tensors"]["out"])
     # and evaluating it reproduces the logged val_loss/bema
-    runtime = train.init_runtime(cfg)
-    loss = train.evaluate(model, train.open_dataset(cfg), cfg, runtime, splits=("val",))["val"]
+    runtime = init_runtime(cfg.device, cfg.dtype)
+    loss = evaluate_loss(model, open_dataset(cfg.dataset, cfg.data_dir), train.eval_batches(cfg),
+                         runtime, splits=("val",))["val"]
     assert loss == summary["val_loss_averaged"]["bema"]

@@ -26,7 +26,7 @@ def run(args, **kwargs):
 
 
 def final_state(out_dir):
-    return checkpoint.load_resume(checkpoint.latest_resume(out_dir))
+    return checkpoint.read_checkpoint(checkpoint.latest_resume(out_dir))
 
 
 def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
@@ -43,14 +43,14 @@ def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "world size 2" in ddp.stdout
     a, b = final_state(tmp_path / "single"), final_state(tmp_path / "ddp")
-    for name in a["model"]:  # the same math in another summation order: equal to fp32 rounding
-        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5,
+    for name in a.weights:  # the same math in another summation order: equal to fp32 rounding
+        torch.testing.assert_close(a.weights[name], b.weights[name], rtol=1e-4, atol=1e-5,
                                    msg=name)
     # the gathered averager shards equal the single-process averages
-    assert a["averaging"].keys() == b["averaging"].keys() == {"ema", "bema", "lawa", "swa"}
-    for method in a["averaging"]:
-        for key, tensor in a["averaging"][method]["tensors"].items():
-            torch.testing.assert_close(tensor, b["averaging"][method]["tensors"][key],
+    assert a.averaging.keys() == b.averaging.keys() == {"ema", "bema", "lawa", "swa"}
+    for method in a.averaging:
+        for key, tensor in a.averaging[method]["tensors"].items():
+            torch.testing.assert_close(tensor, b.averaging[method]["tensors"][key],
                                        rtol=1e-4, atol=1e-5, msg=f"{method}.{key}")
     # and the logged eval losses agree, raw and averaged (eval batches are split across ranks)
     single_evals, ddp_evals = evals(tmp_path / "single"), evals(tmp_path / "ddp")
@@ -84,7 +84,7 @@ def test_sigterm_saves_a_resume_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_
     assert proc.returncode == 0, stderr
     assert "stopped by SIGTERM" in stdout
     path = checkpoint.latest_resume(out)
-    step = checkpoint.load_resume(path)["iter_num"]
+    step = checkpoint.read_checkpoint(path).step
     assert step >= 3 and f"step {step}" in stdout
     resumed = run([sys.executable, "train.py", f"--out_dir={out}", f"--data_dir={tiny_data_dir}",
                    f"--max_iters={step + 2}", "--init_from=resume", "--log_interval=1",

@@ -8,6 +8,7 @@ import torch
 
 import checkpoint
 import sample
+import tokenizer
 from configurator import load_config
 from data.common import offline_gpt2_encoding
 from model import GPT, GPTConfig
@@ -71,7 +72,7 @@ def test_char_model_needs_its_dataset(char_ckpt, tmp_path):
     (other / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": "abcdef",
                                                  "vocab_size": 6}))
     with pytest.raises(ValueError, match="lists 6 characters but the model has only 3 tokens"):
-        sample.load_tokenizer(3, data_dir=other)
+        tokenizer.load_tokenizer(3, data_dir=other)
     with pytest.raises(ValueError, match="temperature=-1"):
         load_config(SampleConfig, ["--ckpt=x.pt", "--temperature=-1"])
 
@@ -92,7 +93,7 @@ def test_gpt2_bpe_model(offline_gpt2, tmp_path):
     texts = run(ckpt, tmp_path / "no_data", "--prompt=Hello world", "--top_k=None",
                 "--temperature=2.0", "--num_samples=3")
     assert all(t.startswith("Hello world") for t in texts)
-    tokenizer = sample.GPT2BPETokenizer()
-    assert tokenizer.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+    bpe = tokenizer.GPT2BPETokenizer()
+    assert bpe.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
     # a padding row (50257..50303) is no token: it decodes to U+FFFD instead of failing
-    assert tokenizer.decode([15496, 50300, 995]) == "Hello\ufffd world"
+    assert bpe.decode([15496, 50300, 995]) == "Hello\ufffd world"

@@ -2,18 +2,18 @@
 
 import json
 import math
-import types
 
 import pytest
 import torch
 
 import checkpoint
+import runtime
 import train
 from train import NonFiniteLossError, TrainConfig
 
 
 def final_state(out_dir):
-    return checkpoint.load_resume(checkpoint.latest_resume(out_dir))
+    return checkpoint.read_checkpoint(checkpoint.latest_resume(out_dir))
 
 
 def assert_same_tensors(a, b):
@@ -47,7 +47,7 @@ def test_run_logs_evals_and_checkpoints(make_config):
     saved = json.load(open(f"{cfg.out_dir}/config.json"))
     assert saved["max_iters"] == 8
     ckpt = final_state(cfg.out_dir)
-    assert ckpt["iter_num"] == 8 and ckpt["config"]["max_iters"] == 8
+    assert ckpt.step == 8 and ckpt.config["max_iters"] == 8
     assert [p.name for p in checkpoint.list_resume_checkpoints(cfg.out_dir)] == \
         ["ckpt_0000004.pt", "ckpt_0000008.pt"]
 
@@ -65,10 +65,10 @@ def test_exact_resume_is_bitwise(make_config, tmp_path, grad_accum):
     assert first["iter_num"] == 5 and first["stopped_by"] == "stop_iter"
     train.train(make_config(out_dir=str(tmp_path / "twice"), init_from="resume", **common))
     once, twice = final_state(tmp_path / "once"), final_state(tmp_path / "twice")
-    assert twice["iter_num"] == 10
-    assert_same_tensors(once["model"], twice["model"])
-    assert_same_tensors(once["optimizer"], twice["optimizer"])
-    assert_same_tensors(once["averaging"], twice["averaging"])
+    assert twice.step == 10
+    assert_same_tensors(once.weights, twice.weights)
+    assert_same_tensors(once.optimizer, twice.optimizer)
+    assert_same_tensors(once.averaging, twice.averaging)
     # the metrics history of the resumed run is the uninterrupted one's (timings aside)
     def history(path):
         rows = [json.loads(line) for line in open(path / "metrics.jsonl")]
@@ -91,8 +91,8 @@ def test_branch_a_cooldown_from_a_checkpoint(make_config, tmp_path):
     # linear cooldown from step 4 to 8: multipliers 1, .75, .5, .25 at steps 4..7
     assert [round(lrs[s] / 1e-2, 6) for s in (5, 6, 7, 8)] == [1.0, 0.75, 0.5, 0.25]
     # up to the branch point the two runs saw the same weights: the branch loaded them exactly
-    const_4 = checkpoint.load_resume(tmp_path / "const" / "ckpt_0000004.pt")
-    assert final_state(tmp_path / "cooldown")["tokens_seen"] == 2 * const_4["tokens_seen"]
+    const_4 = checkpoint.read_checkpoint(tmp_path / "const" / "ckpt_0000004.pt")
+    assert final_state(tmp_path / "cooldown").tokens_seen == 2 * const_4.tokens_seen
 
 
 def test_branch_from_a_snapshot(make_config, tmp_path):
@@ -139,7 +139,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(make_config, monkeypa
         train.train(cfg)
     ckpts = checkpoint.list_resume_checkpoints(cfg.out_dir)
     assert [p.name for p in ckpts] == ["ckpt_0000004.pt"]
-    assert torch.isfinite(checkpoint.load_resume(ckpts[0])["model"]["transformer.wte.weight"]).all()
+    assert torch.isfinite(checkpoint.read_checkpoint(ckpts[0]).weights["transformer.wte.weight"]).all()
 
 
 def test_bad_sizes_fail_before_training(make_config):
@@ -171,10 +171,10 @@ def test_cuda_device_gets_an_index(monkeypatch, device, world_size, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("LOCAL_RANK", "1" if world_size > 1 else "0")
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)   # no process group here
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: True)   # no process group here
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:   # init_runtime turns TF32 on; these flags are not plain attributes for monkeypatch
-        runtime = train.init_runtime(types.SimpleNamespace(device=device, dtype="auto"))
+        chosen_runtime = runtime.init_runtime(device, "auto")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    assert chosen == [expected] and runtime.device == torch.device(expected)
+    assert chosen == [expected] and chosen_runtime.device == torch.device(expected)

@@ -3,9 +3,9 @@ Offline averaging: ONE pass of average.py serving M settings over K snapshots, a
 single-setting passes (how the published tools run a sweep: one method and setting per
 invocation, every snapshot re-read each time).
 
-    python bench_offline.py                                  # M = 12, K = 50, the default model
-    python bench_offline.py --ckpt_dir=out/run/snapshots     # an existing trajectory
-    python bench_offline.py --n_layer=8 --n_embd=512 --out_dir=out/bench_offline_25m
+    python benchmarks/bench_offline.py                                  # M = 12, K = 50, the default model
+    python benchmarks/bench_offline.py --ckpt_dir=out/run/snapshots     # an existing trajectory
+    python benchmarks/bench_offline.py --n_layer=8 --n_embd=512 --out_dir=out/bench_offline_25m
 
 Without --ckpt_dir it first trains the default Shakespeare model (or the shape given) for K − 1
 steps with a snapshot at every step (the timing does not depend on how far apart the snapshots
@@ -16,22 +16,28 @@ are). Two regimes:
 and, to read them against: K snapshot reads alone, and the time of one evaluation.
 """
 
-import contextlib
-import dataclasses
-import io
-import json
-import statistics
 import sys
-import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import average
-import train
-import trajectory
-from average import AverageConfig
-from configurator import load_config
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
+    sys.path.insert(0, str(REPO))
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import io  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import average  # noqa: E402
+import checkpoint  # noqa: E402
+import train  # noqa: E402
+from average import AverageConfig  # noqa: E402
+from benchmarks.bench_common import machine_info  # noqa: E402
+from configurator import main  # noqa: E402
+from report import append_jsonl, markdown_table  # noqa: E402
 
 # the M = 12 settings: 4 methods x 3 values, a typical first sweep
 SWEEP = {"bema": ("bema_bias_power", [-1.0, 0.2, 0.4]),
@@ -45,13 +51,13 @@ class BenchOfflineConfig:
     ckpt_dir: str | None = None    # a trajectory to time on; None: make one (below)
     out_dir: str = "out/bench_offline"   # the made trajectory and the outputs of the passes
     snapshots: int = 50            # K, when making the trajectory
-    dataset: str = "shakespeare_char"
-    data_dir: str | None = None
+    dataset: str = "shakespeare_char"  # a prepared folder under data/ ...
+    data_dir: str | None = None    # ... or an explicit path
     eval_iters: int = 20           # val batches per evaluation (with_evals regime)
     n_layer: int | None = None     # model shape of the made trajectory; None: the default model
-    n_head: int | None = None
-    n_embd: int | None = None
-    device: str = "cpu"
+    n_head: int | None = None      # (as n_layer)
+    n_embd: int | None = None      # (as n_layer)
+    device: str = "cpu"            # 'cpu' | 'cuda' ...
     repeats: int = 1               # timed repeats of each measurement (the median is reported)
     bench_out: str | None = None   # append the result as a JSON line
 
@@ -96,7 +102,7 @@ def timed(fn, repeats):
 
 def bench(cfg):
     ckpt_dir = Path(cfg.ckpt_dir) if cfg.ckpt_dir else make_trajectory(cfg)
-    files, _, _ = trajectory.discover(ckpt_dir)
+    files, _, _ = checkpoint.discover(ckpt_dir)
     k, m = len(files), sum(len(values) for _, values in SWEEP.values())
     everything = {key: values for key, values in SWEEP.values()}
     methods = ",".join(SWEEP)
@@ -118,9 +124,10 @@ def bench(cfg):
 
     def reads():
         for f in files:
-            trajectory.read(f.path)
+            checkpoint.read_checkpoint(f.path)
 
-    result = {"snapshots": k, "settings": m, "eval_iters": cfg.eval_iters, "device": cfg.device}
+    result = {**machine_info(cfg.device), "snapshots": k, "settings": m,
+              "eval_iters": cfg.eval_iters}
     result["reads_s"] = timed(reads, cfg.repeats)
     for regime, (eval_every, eval_iters) in regimes.items():
         one = timed(one_pass(eval_every, eval_iters), cfg.repeats)
@@ -130,20 +137,18 @@ def bench(cfg):
     extra = result["with_evals"]["one_pass_s"] - result["averaging_only"]["one_pass_s"]
     result["eval_s"] = extra / ((k - 1) * (m + 1))
     print(f"K = {k} snapshots, M = {m} settings ({', '.join(SWEEP)} x 3), "
-          f"{cfg.eval_iters} val batches per evaluation, {cfg.device}")
+          f"{cfg.eval_iters} val batches per evaluation, {result['device']}")
     print(f"reading the {k} snapshots alone: {result['reads_s']:.2f} s; one evaluation: "
           f"{result['eval_s']:.3f} s")
-    print("| regime | one pass, M settings | M single-setting passes | ratio |")
-    print("|---|---|---|---|")
-    for regime in ("averaging_only", "with_evals"):
-        r = result[regime]
-        print(f"| {regime.replace('_', ' ')} | {r['one_pass_s']:.2f} s | {r['separate_s']:.2f} s "
-              f"| {r['ratio']:.1f}x |")
+    print(markdown_table([{"regime": regime.replace("_", " "), **result[regime]}
+                          for regime in ("averaging_only", "with_evals")], [
+        ("regime", "regime"), ("one pass, M settings", lambda r: f"{r['one_pass_s']:.2f} s"),
+        ("M single-setting passes", lambda r: f"{r['separate_s']:.2f} s"),
+        ("ratio", lambda r: f"{r['ratio']:.1f}x")]))
     if cfg.bench_out:
-        with open(cfg.bench_out, "a") as f:
-            f.write(json.dumps({**result, "config": dataclasses.asdict(cfg)}) + "\n")
+        append_jsonl(cfg.bench_out, {**result, "config": dataclasses.asdict(cfg)})
     return result
 
 
 if __name__ == "__main__":
-    bench(load_config(BenchOfflineConfig, sys.argv[1:]))
+    main(BenchOfflineConfig, bench, __doc__)

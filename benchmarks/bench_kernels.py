@@ -1,8 +1,8 @@
 """
 Bandwidth of each averaging kernel of kernels/ on one GPU, after checking it against float64.
 
-    python bench_kernels.py                       # on a CUDA machine: check, then time
-    python bench_kernels.py --numel=50000000 --tune=False
+    python benchmarks/bench_kernels.py                       # on a CUDA machine: check, then time
+    python benchmarks/bench_kernels.py --numel=50000000 --tune=False
 
 1. Check: every kernel (ema, bema, dema, ouema, running mean) at sizes that straddle the block,
    θ in float32 and bfloat16, random inputs, against the update written out in float64; outputs
@@ -22,17 +22,23 @@ CPU tensors run only the check, in Triton's interpreter (TRITON_INTERPRET=1, --d
 that is how tests/test_bench_kernels.py runs this script's check without a GPU.
 """
 
-import datetime
-import json
-import os
 import sys
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
+    sys.path.insert(0, str(REPO))
 
-import averaging
-import kernels
-from configurator import load_config, parse_choices
+import os  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+import averaging  # noqa: E402
+import kernels  # noqa: E402
+from benchmarks.bench_common import machine_info  # noqa: E402
+from configurator import main, parse_choices  # noqa: E402
+from report import append_jsonl, markdown_table  # noqa: E402
 
 # kernel: (state buffers it reads and writes, buffers only written, whether it reads θ₀)
 KERNELS = {
@@ -119,7 +125,7 @@ def run_update(kernel, b):
 
 
 def reference(kernel, b):
-    """The update in float64, from the formulas (SPEC-averaging.md), on copies of the inputs."""
+    """The update in float64, from the formulas (docs/averaging.md), on copies of the inputs."""
     d = {k: v.double() for k, v in b.items()}
     th, s = d["theta"], SCALARS
     if kernel == "ema":
@@ -233,22 +239,9 @@ def tune_bema(cfg, copy_bw):
     return rows
 
 
-def markdown(rows, columns):
-    lines = ["| " + " | ".join(c for c, _ in columns) + " |",
-             "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r) for _, fmt in columns) + " |")
-    return "\n".join(lines)
-
-
 def run(cfg):
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "config": asdict(cfg), "torch": torch.__version__}
-    if cfg.device.startswith("cuda"):
-        import triton
-        result.update(device_name=torch.cuda.get_device_name(cfg.device),
-                      triton=triton.__version__)
-        print(f"{result['device_name']}, torch {torch.__version__}, triton {triton.__version__}")
+    result = {**machine_info(cfg.device), "config": asdict(cfg)}
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}")
     if cfg.check:
         worst = check(cfg, check_sizes)
         result["check_worst_rel_err"] = worst
@@ -259,13 +252,13 @@ def run(cfg):
         result.update(copy_gbps=copy_bw, copy_ms=copy_ms, rows=time_kernels(cfg, copy_bw))
         if cfg.tune:
             result["tune"] = tune_bema(cfg, copy_bw)
-            print("\nfused BEMA (fp32 θ) by BLOCK / num_warps:\n" + markdown(result["tune"], [
+            print("\nfused BEMA (fp32 θ) by BLOCK / num_warps:\n" + markdown_table(result["tune"], [
                 ("BLOCK", lambda r: str(r["block"])), ("num_warps", lambda r: str(r["num_warps"])),
                 ("ms", lambda r: f"{r['ms']:.3f}"), ("GB/s", lambda r: f"{r['gbps']:.0f}"),
                 ("% of copy", lambda r: f"{r['pct_of_copy']:.1f}"),
                 ("shipped", lambda r: "yes" if r["shipped"] else "")]))
         print(f"\ncopy: {copy_bw:.0f} GB/s (read + write, {cfg.numel:,} float32 in "
-              f"{copy_ms:.3f} ms)\n" + markdown(result["rows"], [
+              f"{copy_ms:.3f} ms)\n" + markdown_table(result["rows"], [
                   ("kernel", lambda r: r["kernel"]), ("θ", lambda r: r["theta"]),
                   ("B/param", lambda r: str(r["bytes_per_param"])),
                   ("triton ms", lambda r: f"{r['triton_ms']:.3f}"),
@@ -275,10 +268,9 @@ def run(cfg):
                   ("torch GB/s", lambda r: f"{r['torch_gbps']:.0f}"),
                   ("triton × vs torch", lambda r: f"{r['speedup_vs_torch']:.2f}")]))
     if cfg.bench_out:
-        with open(cfg.bench_out, "a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_jsonl(cfg.bench_out, result)
     return result
 
 
 if __name__ == "__main__":
-    run(load_config(KernelBenchConfig, sys.argv[1:]))
+    main(KernelBenchConfig, run, __doc__)

@@ -8,10 +8,10 @@ Time one averaging update (EMA, BEMA) over all of a model's parameters, three wa
            torch.optim.swa_utils.AveragedModel with a multi-avg fn)
   loop     one tensor per parameter, a Python loop of mul_/add_/copy_ (TRL's BEMACallback)
 
-    python bench_averaging.py                          # the default Shakespeare model, CPU
-    python bench_averaging.py --model_size=gpt2 --vocab_size=50304 --block_size=1024 \
+    python benchmarks/bench_averaging.py                          # the default Shakespeare model, CPU
+    python benchmarks/bench_averaging.py --model_size=gpt2 --vocab_size=50304 --block_size=1024 \
         --step_bench=False --bench_iters=5                # GPT-2 124M's shapes on a CPU
-    python bench_averaging.py config/train_small.py --device=cuda --dataset=shakespeare_char \
+    python benchmarks/bench_averaging.py config/train_small.py --device=cuda --dataset=shakespeare_char \
         --gradient_accumulation_steps=5 --bench_out=averaging.jsonl      # GPT-2 124M on one GPU
 
 The parameter shapes are those of the GPT that the (train.py) config describes, the tied
@@ -23,7 +23,7 @@ step's time does not depend on which tokens it sees, so the GPU line above uses 
 character-level corpus with GPT-2's vocab_size and context; gradient_accumulation_steps=5 is what
 each of train_small.py's 8 GPUs does per step).
 
-Bytes: GB/s uses the spec's cost model (SPEC-averaging.md), the least traffic an update can
+Bytes: GB/s uses the cost model of docs/averaging.md, the least traffic an update can
 have: EMA reads θ and e and writes e, 12 B/param; BEMA reads θ, θ₀, e and writes e and the
 output, 20 B/param. All approaches of a method are divided by the same ideal bytes, so their GB/s
 compare like their times; "% of copy BW" is that over a large copy measured in the same run
@@ -32,25 +32,33 @@ count). The `est. B` column is what each approach moves by our count, temporarie
 Results go to stdout (a markdown table last), and as one JSON line to --bench_out if given.
 """
 
-import dataclasses
-import datetime
-import json
-import math
-import os
-import statistics
 import sys
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
+    sys.path.insert(0, str(REPO))
 
-import averaging
-import bench
-import kernels
-import train
-from configurator import load_config, parse_choices
-from model import GPT, GPTConfig
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+import averaging  # noqa: E402
+import bench  # noqa: E402
+import kernels  # noqa: E402
+import train  # noqa: E402
+from benchmarks.bench_common import machine_info  # noqa: E402
+from configurator import ConfigError, main, parse_choices  # noqa: E402
+from dataloader import open_dataset  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from report import append_jsonl, markdown_table  # noqa: E402
+from runtime import init_runtime  # noqa: E402
 
 METHODS = ("ema", "bema")
 APPROACHES = ("flat", "foreach", "loop")
@@ -234,7 +242,7 @@ def time_block(fn, iters, device):
 def memory_bandwidth(device, mib, warmup, iters, repeats):
     """Measured memory bandwidth in GB/s (median block) of two large float32 streams:
     copy, dst.copy_(src), bytes read + written (8 B/element): the ceiling for a memory-bound
-      update, as the method note (METHOD.md) defines it;
+      update;
     add, dst.add_(src), read 2 + write 1 (12 B/element): the access pattern of the EMA lerp. On a
       CPU it can beat copy, whose stores also read dst into the cache first (write-allocate),
       traffic the 8 B do not count; on a GPU the two should agree."""
@@ -255,7 +263,8 @@ def memory_bandwidth(device, mib, warmup, iters, repeats):
 def model_shapes(cfg):
     """Parameter shapes of the config's GPT (tied weight once), built on the meta device: no
     memory, no init cost."""
-    data = train.open_dataset(cfg) if cfg.vocab_size is None or cfg.step_bench else None
+    data = (open_dataset(cfg.dataset, cfg.data_dir) if cfg.vocab_size is None or cfg.step_bench
+            else None)
     model_args = train.model_args_from_config(cfg, data)
     with torch.device("meta"):
         model = GPT(GPTConfig(**model_args))
@@ -283,10 +292,10 @@ def _backend_rows(device, approaches):
 
 def run(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("bench_averaging.py times one device; run it without torchrun")
+        raise ConfigError("bench_averaging.py times one device; run it without torchrun")
     methods = parse_choices("methods", cfg.methods, METHODS)
     approaches = parse_choices("approaches", cfg.approaches, APPROACHES)
-    runtime = train.init_runtime(cfg)
+    runtime = init_runtime(cfg.device, cfg.dtype)
     device = runtime.device
     shapes, model_args = model_shapes(cfg)
     n = sum(math.prod(sh) for sh in shapes)
@@ -353,10 +362,7 @@ def run(cfg):
                                              if ref and r["approach"] == "flat" else None)
 
     result = {
-        "bench": "averaging_update",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "bench": "averaging_update", **machine_info(device),
         "averaging_backend": kernels.get_backend(), "have_triton": kernels.HAVE_TRITON,
         "n_params": n, "n_tensors": len(shapes), "model_args": model_args,
         "buffer_sets": n_sets, "mib_per_set": set_bytes / 2**20,
@@ -366,14 +372,14 @@ def run(cfg):
     }
     print(report(result))
     if cfg.bench_out:
-        with open(cfg.bench_out, "a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_jsonl(cfg.bench_out, result)
     return result
 
 
 def report(res):
     """Header lines and the markdown table."""
-    lines = [f"{res['device']}, torch {res['torch']}, {res['threads']} threads, {res['date']}",
+    lines = [f"{res['device']} ({res['cpu']}), torch {res['torch']}, {res['threads']} threads, "
+             f"{res['date']}",
              f"N = {res['n_params']:,} params in {res['n_tensors']} tensors "
              f"({res['model_args']}); {res['buffer_sets']} rotating buffer sets of "
              f"{res['mib_per_set']:.1f} MiB per approach",
@@ -383,22 +389,20 @@ def report(res):
     if res["step"]:
         lines.append(f"training step: {res['step']['ms']:.2f} ms "
                      f"({res['step']['what']})")
-    lines += ["", "| method | approach | ms/update | spread (min–max) | ideal B/param "
-              "| est. B/param | GB/s (ideal B) | % of copy BW | flat × vs loop "
-              "| flat × vs foreach | % of train step |", "|" + "---|" * 11]
-
     def f(x, fmt):
         return "—" if x is None else format(x, fmt)
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['row']} | {r['ms']:.3f} | {min(r['ms_blocks']):.3f}–"
-            f"{max(r['ms_blocks']):.3f} | {r['ideal_bytes_per_param']} | "
-            f"{r['est_bytes_per_param']} | {r['gb_per_s']:.1f} | "
-            f"{100 * r['frac_of_copy_bw']:.0f}% | {f(r['flat_speedup_vs_loop'], '.2f')} | "
-            f"{f(r['flat_speedup_vs_foreach'], '.2f')} | "
-            f"{f(None if r['frac_of_step'] is None else 100 * r['frac_of_step'], '.2f')} |")
+    lines += ["", markdown_table(res["rows"], [
+        ("method", "method"), ("approach", "row"), ("ms/update", lambda r: f"{r['ms']:.3f}"),
+        ("spread (min–max)", lambda r: f"{min(r['ms_blocks']):.3f}–{max(r['ms_blocks']):.3f}"),
+        ("ideal B/param", "ideal_bytes_per_param"), ("est. B/param", "est_bytes_per_param"),
+        ("GB/s (ideal B)", lambda r: f"{r['gb_per_s']:.1f}"),
+        ("% of copy BW", lambda r: f"{100 * r['frac_of_copy_bw']:.0f}%"),
+        ("flat × vs loop", lambda r: f(r["flat_speedup_vs_loop"], ".2f")),
+        ("flat × vs foreach", lambda r: f(r["flat_speedup_vs_foreach"], ".2f")),
+        ("% of train step", lambda r: f(None if r["frac_of_step"] is None
+                                        else 100 * r["frac_of_step"], ".2f"))])]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    run(load_config(AveragingBenchConfig, sys.argv[1:]))
+    main(AveragingBenchConfig, run, __doc__)
