@@ -216,11 +216,14 @@ def class_field_notes(klass):
 
 def dict_notes(klass, attribute):
     """{key: comment} of the lines `"key": value,  # comment` of a dict literal assigned to
-    `attribute` in the source of `klass` (e.g. an averager's `defaults`)."""
-    lines, _ = inspect.getsourcelines(klass)
-    start = next(i for i, line in enumerate(lines)
-                 if re.match(rf"^\s*{attribute}\s*=\s*\{{", line))
-    end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith("}"))
+    `attribute` in the source of `klass` (e.g. an averager's `defaults`); {} without source."""
+    try:
+        lines, _ = inspect.getsourcelines(klass)
+        start = next(i for i, line in enumerate(lines)
+                     if re.match(rf"^\s*{attribute}\s*=\s*\{{", line))
+        end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith("}"))
+    except (OSError, TypeError, StopIteration):
+        return {}
     body = lines[start + 1:end + 1]
     if body and body[-1].strip() == "}":
         body = body[:-1]

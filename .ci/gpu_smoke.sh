@@ -9,13 +9,13 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DEV=${DEVICE:-cuda}
 COMPILE=$([ "$DEV" = cpu ] && echo False || echo True)
-W=${SMOKE_DIR:-/tmp/gpu_smoke}
+W=${SMOKE_DIR:-out/gpu_smoke}
 rm -rf "$W"
-ALL="--averaging=ema,bema,dema,ouema,swa,lawa,wa --lawa_interval=20 --wa_horizon=20 --swa_start=20"
+ALL="--averaging=all --lawa_interval=20 --wa_horizon=20 --swa_start=20"
 RUN="--device=$DEV --warmup_iters=10 --max_iters=80 --eval_interval=20 --eval_iters=5 --ckpt_interval=20 --snapshot_interval=20"
 step() { echo; echo "=== $*"; }
 
-step "train to step 60 of 80, all seven averagers, compile, averaged weights saved"
+step "train to step 60 of 80, every averager, compile, averaged weights saved"
 $PY train.py $RUN $ALL --stop_iter=60 --compile=$COMPILE --save_averaged=True --out_dir=$W/run
 step "resume to step 80"
 $PY train.py $RUN $ALL --compile=$COMPILE --save_averaged=True --out_dir=$W/run --init_from=resume

@@ -5,7 +5,7 @@
 ckpt_dir = "out/compare_owt/snapshots"
 out_dir = "out/compare_owt/averaging"
 dataset = "openwebtext"
-methods = "lawa,swa,ema,bema,dema,ouema,wa"
+methods = "all"                     # every registered method
 eval_iters = 200
 batch_size = 8
 eval_every = 5000

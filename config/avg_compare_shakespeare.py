@@ -6,7 +6,7 @@
 ckpt_dir = "out/compare_shakespeare/snapshots"
 out_dir = "out/compare_shakespeare/averaging"
 dataset = "shakespeare_char"
-methods = "lawa,swa,ema,bema,dema,ouema,wa"
+methods = "all"                     # every registered method
 eval_iters = 50
 eval_every = 100
 

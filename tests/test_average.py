@@ -12,6 +12,7 @@ import average
 import checkpoint
 import train
 from average import AverageConfig
+from averaging import AVERAGERS
 from configurator import ConfigError, load_config
 from dataloader import EvalBatches, evaluate_loss, open_dataset
 from runtime import init_runtime
@@ -22,7 +23,7 @@ STEPS = 8
 SAME = dict(ema_decay=0.8, ema_warmup=True, bema_lag=2.0, dema_lag=3.0, ouema_lag=1.0,
             lawa_k=3, wa_horizon=3, wa_windows=2)
 PERIODS = dict(lawa_interval=1, wa_interval=1)
-ALL = "ema,bema,dema,ouema,swa,lawa,wa"
+ALL = ",".join(AVERAGERS)   # every registered method
 
 
 @pytest.fixture(scope="module")

@@ -57,8 +57,8 @@ def test_exact_resume_is_bitwise(make_config, tmp_path, grad_accum):
     # dropout on, so the RNG matters too; the cosine schedule makes every step's LR different
     # every averager on, acting at steps that straddle the stop at step 5
     common = dict(dropout=0.1, gradient_accumulation_steps=grad_accum, max_iters=10,
-                  ckpt_interval=3, eval_interval=5, log_interval=1, averaging="ema,bema,dema,"
-                  "ouema,swa,lawa,wa", bema_update_freq=2, swa_start=3, lawa_interval=3,
+                  ckpt_interval=3, eval_interval=5, log_interval=1, averaging="all",
+                  bema_update_freq=2, swa_start=3, lawa_interval=3,
                   wa_interval=1, wa_horizon=3, wa_windows=2)
     train.train(make_config(out_dir=str(tmp_path / "once"), **common))
     first = train.train(make_config(out_dir=str(tmp_path / "twice"), stop_iter=5, **common))
