@@ -164,12 +164,15 @@ def _short(value):
 # the pass
 
 class Trajectory:
-    """Reads each file once, in step order, and loads it into one model whose weights are a
-    flat buffer; a file that does not fit the first one is an error (or skipped)."""
+    """Reads each file once, in step order, and loads it into one model (of the files' model
+    args) whose weights are a flat buffer; a file that does not fit is an error (or skipped)."""
 
     def __init__(self, cfg, files, skipped, device):
         self.cfg, self.files, self.skipped, self.device = cfg, files, skipped, device
-        self.model = self.flat = self.model_args = None
+        self.model_args = {**files[0].model_args, "dropout": 0.0}
+        self.model = GPT(GPTConfig(**self.model_args)).to(device)
+        self.model.eval()
+        self.flat = FlatParameters(self.model)
 
     def __iter__(self):
         for entry in tqdm(self.files, desc="snapshots", unit="file", file=sys.stderr,
@@ -187,14 +190,9 @@ class Trajectory:
             yield entry, weights
 
     def _load(self, weights, path):
-        if self.model is None:
-            self.model_args = {**weights.model_args, "dropout": 0.0}
-            self.model = GPT(GPTConfig(**self.model_args)).to(self.device)
-            self.model.eval()
-            self.flat = FlatParameters(self.model)
-        elif {**weights.model_args, "dropout": 0.0} != self.model_args:
+        if {**weights.model_args, "dropout": 0.0} != self.model_args:
             raise CheckpointError(f"{path} is a checkpoint of another model: model_args "
-                                  f"{weights.model_args} differ from the first file's "
+                                  f"{weights.model_args} differ from the trajectory's "
                                   f"{self.model_args}")
         with torch.no_grad():
             checkpoint.load_model_state(self.model, weights.weights, path)
@@ -205,11 +203,24 @@ def average(cfg):
     settings, skipped files, and the final averagers)."""
     files, ignored, bad = checkpoint.discover(cfg.ckpt_dir)
     skipped = []
-    for path, reason in bad:
+
+    def skip(path, step, reason):
         if not cfg.skip_bad:
             raise CheckpointError(reason)
         warnings.warn(f"skipped {path.name}: {reason}")
-        skipped.append({"file": path.name, "step": None, "reason": reason})
+        skipped.append({"file": path.name, "step": step, "reason": reason})
+
+    for path, reason in bad:
+        skip(path, None, reason)
+    duplicates = checkpoint.duplicate_steps(files)
+    if duplicates and not cfg.skip_bad:
+        step, group = next(iter(duplicates.items()))
+        skip(group[0].path, step, _duplicate_reason(cfg, step, group))
+    files = _files_of_one_model(cfg, files, skip)
+    for step, group in checkpoint.duplicate_steps(files).items():
+        for f in group:   # which one belongs to the trajectory cannot be told: none is used
+            skip(f.path, step, _duplicate_reason(cfg, step, group))
+        files = [f for f in files if f not in group]
     if not files:
         raise CheckpointError(f"{cfg.ckpt_dir}: no readable checkpoint")
     steps = [f.step for f in files]
@@ -224,6 +235,7 @@ def average(cfg):
 
     runtime = init_runtime(cfg.device, cfg.dtype)
     try:
+        check_memory(files[0].model_args, expand_settings(cfg, first_step=steps[0]), runtime)
         data = open_dataset(cfg.dataset, cfg.data_dir)
         summary = _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped)
     finally:
@@ -238,6 +250,73 @@ def average(cfg):
         saved = summary["saved"]
         print(f"saved {saved['label']} at step {saved['step']} to {saved['path']}")
     return summary
+
+
+def _duplicate_reason(cfg, step, group):
+    names = " and ".join(f.path.name for f in group)
+    return (f"{names} are {'both' if len(group) == 2 else 'all'} step {step}; move all but one "
+            f"out of {cfg.ckpt_dir}")
+
+
+def _model_key(model_args):
+    return json.dumps({k: v for k, v in model_args.items() if k != "dropout"}, sort_keys=True)
+
+
+def _files_of_one_model(cfg, files, skip):
+    """The files of the model most files hold: a stray file of another model (first or not)
+    cannot decide what the trajectory is. A tie is an error."""
+    groups = {}
+    for f in files:
+        groups.setdefault(_model_key(f.model_args), []).append(f)
+    if len(groups) <= 1:
+        return files
+    ranked = sorted(groups.values(), key=len, reverse=True)
+    if len(ranked[0]) == len(ranked[1]):
+        raise CheckpointError(
+            f"{cfg.ckpt_dir} holds {len(ranked[0])} checkpoints each of two models "
+            f"({ranked[0][0].path.name}: {ranked[0][0].model_args}; {ranked[1][0].path.name}: "
+            f"{ranked[1][0].model_args}); keep one model's files in the directory")
+    chosen = ranked[0]
+    for group in ranked[1:]:
+        for f in group:
+            skip(f.path, f.step, f"{f.path} is a checkpoint of another model: model_args "
+                                 f"{f.model_args} differ from those of the trajectory's "
+                                 f"{len(chosen)} of {len(files)} files {chosen[0].model_args}")
+    return chosen
+
+
+def check_memory(model_args, settings, runtime):
+    """Print what the pass will hold (the model, the swap buffer, one temporary average and
+    every setting's state, float32) and stop if the device cannot hold it."""
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in GPT(GPTConfig(**{**model_args, "dropout": 0.0}))
+                    .parameters())
+    copies = {s.label: build_averager(s.method, allow_gaps=True, **s.hparams).state_copies()
+              for s in settings}
+    need = 4 * numel * (3 + sum(copies.values()))
+    free = available_memory(runtime.device)
+    print(f"memory: {need / 2**30:.2f} GiB for {numel:,} parameters x "
+          f"({sum(copies.values())} state copies of {len(settings)} settings + 3)"
+          + (f", {free / 2**30:.1f} GiB available on {runtime.device}" if free else ""))
+    if free is not None and need > free:
+        biggest = max(copies, key=copies.get)
+        raise ConfigError(f"the sweep needs {need / 2**30:.1f} GiB but {runtime.device} has "
+                          f"{free / 2**30:.1f} GiB available: sweep fewer settings per pass "
+                          f"(split --methods or shorten the lists; the largest state is "
+                          f"{biggest}, {copies[biggest]} copies of the weights)")
+
+
+def available_memory(device):
+    """Free bytes on a CUDA device, or the CPU's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped):

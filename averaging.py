@@ -261,6 +261,11 @@ class Averager(ABC):
     def memory_bytes(self):
         return sum(getattr(self, b).nbytes for b in self.buffers if getattr(self, b) is not None)
 
+    def state_copies(self):
+        """How many float32 copies of the weights the state holds once initialised (for memory
+        estimates before any is allocated): one per buffer unless a method says otherwise."""
+        return len(self.buffers)
+
     def swapped_in(self, flat):
         """`with averager.swapped_in(flat): evaluate(model)`: the model whose weights are the
         FlatParameters `flat` holds this average inside the block; the live weights are restored
@@ -371,6 +376,9 @@ class BEMA(_PowerSchedule):
 
     def alpha_at(self, t):
         return bema_alpha(t, self.bias_power, self.lag, self.multiplier)
+
+    def state_copies(self):
+        return 3 if self.bias_power >= 0 else 1
 
     def _init(self, theta):
         self.e = _copy(theta)
@@ -487,6 +495,9 @@ class LAWA(Averager):
     def _validate(self, hp):
         self.k = _int(hp, "lawa_k", 1)
 
+    def state_copies(self):
+        return self.k
+
     def _init(self, theta):
         self.ring = torch.zeros(self.k, theta.numel(), dtype=torch.float32, device=theta.device)
         self.ring[0].copy_(theta)
@@ -524,6 +535,9 @@ class WindowedAverage(Averager):
                              f"wa_interval={self.phi}")
         self.horizon = horizon
         self.n_windows = _int(hp, "wa_windows", 1)
+
+    def state_copies(self):
+        return 1 + self.n_windows
 
     def _init(self, theta):
         self.finished = torch.zeros(self.n_windows, theta.numel(), dtype=torch.float32,

@@ -28,6 +28,7 @@ over the final name, and the directory is fsynced: a crash mid-write leaves the 
 untouched and loadable, and a file counts as written only once it has its final name.
 """
 
+import errno
 import json
 import os
 import re
@@ -55,6 +56,11 @@ class CheckpointError(UserError, ValueError):
     """A missing, corrupt, unsafe or mismatched checkpoint; the message names the file."""
 
 
+class WriteError(UserError, OSError):
+    """A file could not be written (a full disk, no permission, a read-only file system); the
+    message names it and the cause. The files written before it are intact."""
+
+
 # ---------------------------------------------------------------------------------------------
 # the one atomic writer
 
@@ -64,7 +70,10 @@ def atomic_path(path):
     when the block succeeds it is fsynced and renamed to `path` and the directory fsynced. On an
     exception the temporary file is removed and `path` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(write_failure(path, e)) from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
@@ -74,8 +83,13 @@ def atomic_path(path):
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # I/O failures are the environment's, not bugs: torch.save reports a full disk as a
+        # RuntimeError ("unexpected pos", "file write failed") with the errno lost
+        if isinstance(e, OSError) and not isinstance(e, UserError) or (
+                isinstance(e, RuntimeError) and re.search(r"unexpected pos|write", str(e))):
+            raise WriteError(write_failure(path, e)) from None
         raise
     # fsync the directory so the rename itself survives a power loss
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -83,6 +97,20 @@ def atomic_path(path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_failure(path, error):
+    try:
+        usage = os.statvfs(path.parent if path.parent.exists() else Path.cwd())
+        free = usage.f_bavail * usage.f_frsize
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        free is not None and free < 64 * 2**20)
+    cause = "no space left on the device" if full else " ".join(str(error).split())[:200]
+    space = "" if free is None else f" ({free / 2**20:.0f} MiB free there)"
+    return (f"could not write {path}: {cause}{space}; the files written before it are intact. "
+            f"Free space or choose another out_dir")
 
 
 def atomic_write(path, content):
@@ -369,12 +397,14 @@ def _name_step(path):
 class TrajectoryFile:
     path: Path
     step: int
+    model_args: dict
 
 
 def discover(directory):
     """(files in step order, other files ignored, [(path, reason)] of checkpoint-named files
-    whose header cannot be read). Raises CheckpointError for a missing or empty directory, or
-    two files of one step. Hidden files (the temporaries of writes in progress) are skipped."""
+    whose header cannot be read). Raises CheckpointError for a missing or empty directory; two
+    files of one step are both listed (see duplicate_steps). Hidden files (the temporaries of
+    writes in progress) are skipped."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -386,14 +416,20 @@ def discover(directory):
             ignored.append(path)
             continue
         try:
-            files.append(TrajectoryFile(path, read_step(path)))
+            record = read_checkpoint(path, tensors=False)
+            files.append(TrajectoryFile(path, read_step(path) if record.step is None
+                                        else record.step, record.model_args))
         except CheckpointError as e:
             bad.append((path, str(e)))
     if not files and not bad:
         raise CheckpointError(f"{directory} holds no checkpoints (*.safetensors, *.pt, *.pth)")
-    files.sort(key=lambda f: f.step)
-    for a, b in zip(files, files[1:]):
-        if a.step == b.step:
-            raise CheckpointError(f"{a.path.name} and {b.path.name} are both step {a.step}; "
-                                  f"move one out of {directory}")
+    files.sort(key=lambda f: (f.step, f.path.name))
     return files, ignored, bad
+
+
+def duplicate_steps(files):
+    """{step: [files]} of the steps that more than one file claims."""
+    by_step = {}
+    for f in files:
+        by_step.setdefault(f.step, []).append(f)
+    return {step: group for step, group in by_step.items() if len(group) > 1}

@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -69,11 +70,31 @@ def load_config(config_cls, argv):
             raise ConfigError(
                 f"argument {arg!r} is neither a config file (*.py) nor --key=value")
     try:
-        return config_cls(**values)
+        cfg = config_cls(**values)
     except UserError:
         raise
     except (TypeError, ValueError) as e:  # __post_init__ checks of cross-key invariants
         raise ConfigError(str(e)) from None
+    cfg.given_keys = frozenset(values)   # not a field: asdict, == and config.json ignore it
+    return cfg
+
+
+def was_given(cfg, key):
+    """Whether the user set `key` (in a config file or on the command line). For a config built
+    in code, without that record, whether it differs from the class default."""
+    given = getattr(cfg, "given_keys", None)
+    if given is not None:
+        return key in given
+    field = next(f for f in dataclasses.fields(cfg) if f.name == key)
+    return getattr(cfg, key) != field.default
+
+
+def check_finite_numbers(cfg):
+    """ConfigError for any float field of `cfg` that is NaN or infinite."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}={value} must be a finite number")
 
 
 def config_to_dict(cfg):

@@ -36,7 +36,16 @@ class DataError(UserError, ValueError):
     """Missing, corrupt or incompatible data; the message says what to run or change."""
 
 
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}   # meta.json "dtype" of the .bin files
+FULL_SCAN_TOKENS = 1 << 28   # token ids of smaller splits are range-checked when opened
+
+
 class TokenDataset:
+    """The prepared dataset in `data_dir`, checked: meta.json an object with an integer
+    vocab_size and a known dtype, each .bin a whole number of tokens of that dtype, of the length
+    meta.json records, and (for splits up to FULL_SCAN_TOKENS; larger ones batch by batch) no
+    token id past the vocabulary."""
+
     def __init__(self, data_dir, prepare_hint=None):
         self.dir = Path(data_dir)
         hint = prepare_hint or f"python data/{self.dir.name}/prepare.py"
@@ -45,19 +54,44 @@ class TokenDataset:
             raise DataError(f"no prepared dataset in {self.dir} (meta.json missing); run: {hint}")
         try:
             self.meta = json.loads(meta_path.read_text())
-            self.vocab_size = int(self.meta["vocab_size"])
-        except (ValueError, KeyError) as e:
-            raise DataError(f"{meta_path} is unreadable ({e}); re-run: {hint}") from e
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{meta_path} is not valid JSON ({e}); re-run: {hint}") from None
+        if not isinstance(self.meta, dict):
+            raise DataError(f"{meta_path} holds a JSON {type(self.meta).__name__}, not an object "
+                            f"with vocab_size, dtype, ...; re-run: {hint}")
+        vocab = self.meta.get("vocab_size")
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+            raise DataError(f"{meta_path}: vocab_size={vocab!r} must be a positive integer; "
+                            f"re-run: {hint}")
+        self.vocab_size = vocab
+        dtype_name = self.meta.get("dtype", "uint16")   # files from before the key: uint16
+        if dtype_name not in DTYPES:
+            raise DataError(f"{meta_path}: dtype={dtype_name!r} is not supported; the .bin files "
+                            f"must be one of {', '.join(DTYPES)}")
+        self.dtype = np.dtype(DTYPES[dtype_name])
+        if vocab > np.iinfo(self.dtype).max + 1:
+            raise DataError(f"{meta_path}: vocab_size={vocab} does not fit dtype {dtype_name}")
         self.splits = {}
         for split in ("train", "val"):
-            path = self.dir / f"{split}.bin"
-            if not path.is_file():
-                raise DataError(f"{path} is missing; run: {hint}")
-            self.splits[split] = np.memmap(path, dtype=np.uint16, mode="r")
-            expected = self.meta.get(f"{split}_tokens")
-            if expected is not None and expected != len(self.splits[split]):
-                raise DataError(f"{path} holds {len(self.splits[split])} tokens but meta.json "
-                                f"says {expected}: the file is truncated or stale; re-run: {hint}")
+            self.splits[split] = self._open_split(split, hint)
+
+    def _open_split(self, split, hint):
+        path = self.dir / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing; run: {hint}")
+        size = path.stat().st_size
+        if size == 0 or size % self.dtype.itemsize:
+            raise DataError(f"{path} has {size} bytes, not a whole, non-zero number of "
+                            f"{self.dtype.name} tokens ({self.dtype.itemsize} bytes each): it is "
+                            f"empty, truncated or of another dtype; re-run: {hint}")
+        tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        expected = self.meta.get(f"{split}_tokens")
+        if expected is not None and expected != len(tokens):
+            raise DataError(f"{path} holds {len(tokens)} tokens but meta.json says {expected}: "
+                            f"the file is truncated or stale; re-run: {hint}")
+        if len(tokens) <= FULL_SCAN_TOKENS:
+            check_token_ids(tokens, self.vocab_size, path)
+        return tokens
 
     def check_fits(self, block_size, model_vocab_size):
         """Fail before training if the model cannot represent the data or the data is too short."""
@@ -87,11 +121,23 @@ def micro_batch_seed(seed, split, step, index):
     return [seed, _STREAMS[split], step, index]
 
 
-def get_batch(tokens, block_size, batch_size, seed):
-    """`batch_size` random windows of `block_size + 1` tokens: inputs x and next-token targets y."""
+def check_token_ids(tokens, vocab_size, source):
+    """DataError if a token id is >= vocab_size (a corrupt file, or meta.json of other data)."""
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        raise DataError(f"{source} holds token id {top}, outside its vocabulary of {vocab_size} "
+                        f"(meta.json's vocab_size): the file is corrupt or belongs to another "
+                        f"dataset; re-run its prepare.py")
+
+
+def get_batch(tokens, block_size, batch_size, seed, vocab_size=None):
+    """`batch_size` random windows of `block_size + 1` tokens: inputs x and next-token targets y.
+    With vocab_size, a token id past it is a DataError (for splits too large to check whole)."""
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
     windows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    if vocab_size is not None and len(tokens) > FULL_SCAN_TOKENS:
+        check_token_ids(windows, vocab_size, getattr(tokens, "filename", "the data"))
     windows = torch.from_numpy(windows)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
@@ -129,7 +175,7 @@ def evaluate_loss(model, data, batches, runtime, splits=("train", "val")):
         total = torch.zeros((), dtype=torch.float64, device=runtime.device)
         for i in range(runtime.rank, batches.eval_iters, runtime.world_size):
             x, y = get_batch(data.splits[split], batches.block_size, batches.batch_size,
-                             micro_batch_seed(batches.seed, stream, 0, i))
+                             micro_batch_seed(batches.seed, stream, 0, i), data.vocab_size)
             with runtime.autocast():
                 _, loss = model(*to_device(x, y, runtime.device))
             total += loss.double()

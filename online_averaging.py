@@ -128,6 +128,11 @@ class OnlineAveraging:
             del averaged   # the swap copied it: free the memory during evaluation
             yield
 
+    def state_tensors(self):
+        """This rank's float32 state tensors of every averager (to check they are finite)."""
+        return [getattr(a, b) for a in self.averagers.values() for b in a.buffers
+                if getattr(a, b) is not None]
+
     def memory_bytes(self):
         """Averager state on this rank."""
         return sum(a.memory_bytes() for a in self.averagers.values())

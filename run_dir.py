@@ -1,38 +1,121 @@
 """
-A run's out_dir: what may be written into it, and its log.
+A run's out_dir: who owns it, what may be written into it, and its log.
 
     out_dir/
+      .lock              held (flock) by the run writing here; names its pid, host and start
       config.json        the resolved config of the latest invocation
       metrics.jsonl      the log: one JSON object per line (training and eval records)
+      wandb_run_id       with wandb_log: the W&B run this out_dir logs to, across resumes
       ckpt_*.pt          resume checkpoints            (checkpoint.py)
       snapshots/         model-only snapshots          (checkpoint.py)
       averaged/          averages saved with --save_averaged
 
-A run starting from scratch (or branching off a file) refuses an out_dir that holds another run's
-resume checkpoints; `--init_from=resume` continues the run that is there.
+Ownership: a run holds an exclusive lock on out_dir/.lock for its whole life (the operating
+system releases it when the process ends, however it ends), so a second run into the same
+out_dir stops at once, naming the first. A run from scratch (or branching off a file) refuses an
+out_dir that already holds another run's artifacts; `--init_from=resume` continues the run that is
+there. The temporary files of writes that a crash interrupted (`.<name>.tmp<pid>`, see
+checkpoint.atomic_path) are removed when the next run takes the lock.
 """
 
 import dataclasses
+import datetime
+import fcntl
 import json
+import os
+import re
+import socket
+import warnings
 from pathlib import Path
 
 import checkpoint
 from configurator import UserError
 
+LOCK_NAME = ".lock"
+WANDB_ID_NAME = "wandb_run_id"
+RUN_ARTIFACTS = ("config.json", "metrics.jsonl", "snapshots", "averaged", "posthoc")
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
+
 
 class OutDirError(UserError, FileExistsError):
-    """out_dir holds another run; the message says how to continue it or where to go instead."""
+    """out_dir holds another run or is in use; the message says how to continue or where to go."""
 
 
 class NoResumeCheckpoint(UserError, FileNotFoundError):
     """init_from='resume' but out_dir holds no resume checkpoint."""
 
 
+# ---------------------------------------------------------------------------------------------
+# ownership
+
+class OutDirLock:
+    """An exclusive flock on out_dir/.lock, held from acquire() until release() or the end of the
+    process. The file keeps the holder's pid, host and start time, for the message a second run
+    gets; a lock file left by a process that is gone is taken over with a warning."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / LOCK_NAME
+        self.fd = None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutDirError(f"{self.path.parent} is in use by another run ({holder}); wait for "
+                              f"it to end, or write this run elsewhere with --out_dir=...") from None
+        previous = _read_holder(fd)
+        if previous != "unknown":   # the file survived its holder: that run did not end cleanly
+            warnings.warn(f"{self.path} was left by a run that is gone ({previous}); taking it "
+                          f"over", stacklevel=2)
+        holder = (f"pid {os.getpid()} on {socket.gethostname()}, started "
+                  f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)   # an empty lock file: the last holder ended cleanly
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd):
+    text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    return text or "unknown"
+
+
+def artifacts(out_dir):
+    """The run artifacts out_dir holds: resume checkpoints and RUN_ARTIFACTS that exist."""
+    out_dir = Path(out_dir)
+    found = [p.name for p in checkpoint.list_resume_checkpoints(out_dir)]
+    return found + [name for name in RUN_ARTIFACTS if (out_dir / name).exists()]
+
+
 def refuse_to_overwrite(out_dir):
-    if checkpoint.list_resume_checkpoints(out_dir):
-        raise OutDirError(
-            f"{out_dir} already holds resume checkpoints of another run; continue it with "
-            f"--init_from=resume, or write this run elsewhere with --out_dir=...")
+    """A new run (scratch or a branch) needs an out_dir without another run's artifacts."""
+    found = artifacts(out_dir)
+    if found:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        how = ("continue that run with --init_from=resume, or " if
+               checkpoint.list_resume_checkpoints(out_dir) else "")
+        raise OutDirError(f"{out_dir} already holds another run ({shown}); {how}write this run "
+                          f"elsewhere with --out_dir=...")
 
 
 def latest_resume_or_error(out_dir):
@@ -43,11 +126,47 @@ def latest_resume_or_error(out_dir):
     return path
 
 
+def remove_leftover_temporaries(out_dir):
+    """Remove the temporary files of interrupted writes under out_dir (only names this project
+    gives them, `.<name>.tmp<pid>`); call with the lock held. Returns (files, bytes) removed."""
+    removed, size = 0, 0
+    for path in Path(out_dir).rglob(".*.tmp*"):
+        if path.is_file() and _TEMPORARY.match(path.name):
+            size += path.stat().st_size
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed, size
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+def read_metrics(path):
+    """The records of a metrics.jsonl; a line that is not a whole JSON object (a write the disk
+    or a crash cut short) is dropped with a warning naming the file and line."""
+    records = []
+    path = Path(path)
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+                raise ValueError("not a record with an integer 'iter'")
+        except ValueError as e:
+            warnings.warn(f"{path}:{number}: dropped a torn or corrupt line ({e}): "
+                          f"{line[:80]!r}", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """stdout's records as out_dir/metrics.jsonl (+ wandb). Only rank 0 writes.
 
-    check() before anything is written (wandb installed?), then open() drops the records past
-    the step the run restarts from, so the file holds one consistent history."""
+    check() before anything is written (wandb installed?), then open() keeps the records before
+    the step the run restarts from, so the file holds one consistent history. Every record is
+    appended as one whole line and flushed."""
 
     def __init__(self, cfg, master):
         self.cfg, self.active = cfg, master
@@ -66,22 +185,37 @@ class MetricsLog:
         if not self.active:
             return self
         if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _before_restart(json.loads(line), resume_iter)]
-            checkpoint.atomic_write(self.path, "".join(line + "\n" for line in keep))
+            keep = [r for r in read_metrics(self.path) if _before_restart(r, resume_iter)]
+            checkpoint.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         if self.cfg.wandb_log:
-            import wandb
-            self.wandb = wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name,
-                                    config=dataclasses.asdict(self.cfg))
+            self.wandb = _wandb_run(self.cfg)
         return self
 
     def write(self, record):
         if not self.active:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")   # one write of a whole line
+                f.flush()
+        except OSError as e:
+            raise checkpoint.WriteError(checkpoint.write_failure(self.path, e)) from None
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
+
+
+def _wandb_run(cfg):
+    """One W&B run per out_dir: its id is kept in out_dir/wandb_run_id and resumed; W&B's own
+    files go under out_dir/wandb."""
+    import wandb
+    out_dir = Path(cfg.out_dir)
+    id_path = out_dir / WANDB_ID_NAME
+    run_id = id_path.read_text().strip() if id_path.is_file() else wandb.util.generate_id()
+    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
+                     resume="allow", dir=str(out_dir), config=dataclasses.asdict(cfg))
+    if not id_path.is_file():
+        checkpoint.atomic_write(id_path, run_id + "\n")
+    return run
 
 
 def _before_restart(record, resume_iter):

@@ -13,6 +13,7 @@ same everywhere: CUDA if available with bfloat16 autocast, else the CPU in float
 """
 
 import os
+import re
 import signal
 import threading
 from contextlib import nullcontext
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from configurator import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None  # None: plain float32
+    control_group: object = None  # a CPU (gloo) process group for host-side flags under DDP
 
     @property
     def ddp(self):
@@ -56,9 +59,19 @@ def check_dtype(dtype):
     return dtype
 
 
+def check_device(device):
+    """ConfigError unless `device` names a device kind the tools know (whether it is present is
+    checked when the runtime starts)."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ConfigError(f"device={device!r} is unknown; use 'auto', 'cpu', 'cuda', 'cuda:N' "
+                          f"or 'mps'")
+    return device
+
+
 def init_runtime(device="auto", dtype="auto"):
     """Pick the device and precision; join the process group when launched by torchrun."""
     check_dtype(dtype)
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device_name = device
@@ -77,13 +90,19 @@ def init_runtime(device="auto", dtype="auto"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     torch_device = torch.device(device_name)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+    control_group = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+        # host-side flags (the stop signal) travel on a CPU group: reading them never waits
+        # for the GPU's queue of work
+        control_group = (dist.new_group(backend="gloo") if dist.get_backend() != "gloo"
+                         else dist.group.WORLD)
     if dtype == "auto":
         dtype = ("bfloat16" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported()
                  else "float32")
     autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-    return Runtime(torch_device, rank, local_rank, world_size, autocast_dtype)
+    return Runtime(torch_device, rank, local_rank, world_size, autocast_dtype, control_group)
 
 
 def teardown(runtime):
@@ -102,11 +121,20 @@ def all_reduce_mean(value, runtime):
 
 class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at a step boundary.
-    A second SIGINT interrupts at once."""
+    A second SIGINT interrupts at once.
 
-    def __init__(self):
+    `poll()` once per step says whether to stop now. Alone, it reads the flag. Under DDP every
+    rank must stop at the same step, so the flags are combined with an all-reduce (max) over the
+    CPU control group, started asynchronously at one step and read at the next: a signal that
+    reaches any rank during step s stops every rank after step s + 1, whatever log_interval is,
+    with no extra host synchronisation in the step (the reduce of 8 bytes has a whole step to
+    finish, and it never waits for the GPU)."""
+
+    def __init__(self, runtime=None):
+        self.runtime = runtime
         self.requested = None
         self._previous = {}
+        self._pending = None   # (work, flag tensor) of the all-reduce started at the last poll
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -122,8 +150,23 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._pending is not None and exc[0] is None:
+            self._pending[0].wait()   # every rank started it: finish it before the group goes
+        self._pending = None
 
-    def check(self, runtime):
-        """Agreed over ranks, so every rank stops at the same step (a collective: call rarely)."""
-        flag = 1.0 if self.requested else 0.0
-        return all_reduce_mean(flag, runtime) > 0 if runtime.ddp else bool(flag)
+    def poll(self):
+        """Whether every rank should stop after this step (call it at every step, on every
+        rank)."""
+        runtime = self.runtime
+        if runtime is None or not runtime.ddp:
+            return self.requested is not None
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = flag.item() > 0   # a CPU tensor: no device synchronisation
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=runtime.control_group,
+                               async_op=True)
+        self._pending = (work, flag)
+        return stop

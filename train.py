@@ -30,14 +30,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import schedules
-from configurator import ConfigError, UserError, main, save_config
+from configurator import (ConfigError, UserError, check_finite_numbers, main, save_config,
+                          was_given)
 from dataloader import (EvalBatches, evaluate_loss, get_batch, micro_batch_seed, open_dataset,
                         to_device)
 from flat_params import FlatParameters
 from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
 from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams
-from run_dir import MetricsLog, latest_resume_or_error, refuse_to_overwrite
-from runtime import StopSignal, all_reduce_mean, check_dtype, init_runtime, teardown
+from run_dir import (MetricsLog, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
+                     remove_leftover_temporaries)
+from runtime import (StopSignal, all_reduce_mean, check_device, check_dtype, init_runtime,
+                     teardown)
 
 
 @dataclass
@@ -119,9 +122,20 @@ class TrainConfig(AveragingConfig):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         for key in ("keep_last", "snapshot_interval", "warmup_iters", "grad_clip",
-                    "embedding_weight_decay"):
+                    "embedding_weight_decay", "weight_decay", "seed", "min_lr"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        check_finite_numbers(self)
+        if not self.out_dir.strip():
+            raise ValueError("out_dir is empty; give the run a folder, e.g. --out_dir=out/run")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
+        check_device(self.device)
         if self.model_size is not None and self.model_size not in NAMED_SIZES:
             raise ValueError(f"model_size={self.model_size!r} is unknown; use one of "
                              f"{sorted(NAMED_SIZES)} or None")
@@ -159,7 +173,8 @@ def train_batches(data, cfg, runtime, start_step):
     while True:
         for micro in range(per_rank):
             seed = micro_batch_seed(cfg.seed, "train", step, runtime.rank * per_rank + micro)
-            x, y = get_batch(data.splits["train"], cfg.block_size, cfg.batch_size, seed)
+            x, y = get_batch(data.splits["train"], cfg.block_size, cfg.batch_size, seed,
+                             data.vocab_size)
             yield to_device(x, y, runtime.device)
         step += 1
 
@@ -182,17 +197,43 @@ class TrainState:
     averaging: dict | None = None  # saved averager states to continue (from a resume checkpoint)
 
 
-def build(cfg, runtime, data):
-    """Model, optimizer, TrainState, model_args and the FlatParameters the model's weights live
-    in, from scratch, the latest resume checkpoint, or a file."""
-    loaded, state = None, TrainState()
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def load_start(cfg):
+    """(cfg, the Checkpoint to start from or None). Resuming or branching keeps the file's
+    architecture: a key the user gave (model_size, n_layer, n_head, n_embd, block_size,
+    vocab_size, bias) must equal the file's, else a ConfigError naming it; the keys not given are
+    set to the file's values in the returned cfg, so config.json, the batches and the token count
+    describe the model that trains."""
     if cfg.init_from == "resume":
         loaded = checkpoint.read_checkpoint(latest_resume_or_error(cfg.out_dir))
+    elif cfg.init_from != "scratch":   # branch off a checkpoint or snapshot, e.g. a cooldown
+        loaded = checkpoint.read_checkpoint(cfg.init_from)
     else:
-        refuse_to_overwrite(cfg.out_dir)
-        if cfg.init_from != "scratch":  # branch off a checkpoint or snapshot, e.g. a cooldown
-            loaded = checkpoint.read_checkpoint(cfg.init_from)
+        return cfg, None
+    saved, given = loaded.model_args, {}
+    if cfg.model_size is not None and was_given(cfg, "model_size"):
+        given = {key: (value, "model_size") for key, value in NAMED_SIZES[cfg.model_size].items()}
+    for key in ARCHITECTURE_KEYS:
+        if was_given(cfg, key) and getattr(cfg, key) is not None:
+            given[key] = (getattr(cfg, key), key)
+    for key, (value, setting) in given.items():
+        if key in saved and saved[key] != value:
+            shown = f"{setting}={getattr(cfg, setting)!r}"
+            raise ConfigError(f"{shown} but {loaded.path} holds a model with {key}="
+                              f"{saved[key]!r}; resuming or branching keeps the saved "
+                              f"architecture: drop --{setting}, or start a new run from scratch")
+    adopted = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+    return dataclasses.replace(cfg, model_size=None, **adopted), loaded
 
+
+def build(cfg, runtime, data, loaded=None):
+    """Model, optimizer, TrainState, model_args and the FlatParameters the model's weights live
+    in, from scratch or from the Checkpoint `loaded` (by default: load_start's)."""
+    if loaded is None:
+        cfg, loaded = load_start(cfg)
+    state = TrainState()
     model_args = model_args_from_config(cfg, data)
     if loaded is not None:
         # architecture comes from the file; dropout stays a training choice of this run
@@ -285,7 +326,77 @@ def eval_batches(cfg):
 
 
 class NonFiniteLossError(UserError, RuntimeError):
-    """The loss became NaN or infinite; nothing non-finite is saved."""
+    """The loss or the state became NaN or infinite; nothing non-finite is saved."""
+
+
+def state_is_finite(flat, optimizer, online, runtime):
+    """Whether the weights, the optimizer state and the averagers' state are all finite, on every
+    rank: one reduction per tensor (the weights are one flat buffer), one host sync, and one
+    all-reduce under DDP. Called before anything is saved."""
+    tensors = [flat.buffer] + online.state_tensors()
+    tensors += [v for s in optimizer.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.is_floating_point()]
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().double()
+    if runtime.ddp:
+        ok = torch.tensor([all_reduce_mean(ok.item(), runtime)])
+    return bool(ok.item() == 1.0)
+
+
+def newest_finite_checkpoint(out_dir):
+    """The newest resume checkpoint in out_dir whose every tensor (weights, optimizer, averagers)
+    is finite, checked by reading it, or None."""
+    for path in reversed(checkpoint.list_resume_checkpoints(out_dir)):
+        try:
+            record = checkpoint.read_checkpoint(path)
+        except checkpoint.CheckpointError:
+            continue
+        tensors = list(record.weights.values())
+        pending = [record.optimizer, record.averaging]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, dict):
+                pending += list(item.values())
+            elif isinstance(item, (list, tuple)):
+                pending += list(item)
+            elif torch.is_tensor(item) and item.is_floating_point():
+                tensors.append(item)
+        if all(torch.isfinite(t).all() for t in tensors):
+            return path
+    return None
+
+
+def non_finite_error(what, step, out_dir):
+    good = newest_finite_checkpoint(out_dir)
+    where = (f"The newest finite checkpoint is {good} (checked); continue from it with "
+             f"--init_from=resume after removing the later ones, or branch off it with "
+             f"--init_from={good}" if good else "No finite checkpoint exists in " + str(out_dir))
+    return NonFiniteLossError(f"{what} at step {step}; nothing was saved. {where}. Lower "
+                              f"--learning_rate, raise --warmup_iters or set --grad_clip.")
+
+
+def claim_out_dir(cfg, runtime):
+    """Take out_dir for this run (rank 0 holds the lock; every rank learns whether it could):
+    refuse one that another run is using or, for a new run, that holds another run's artifacts;
+    remove the temporary files of interrupted writes. Returns the lock (None on other ranks)."""
+    lock, error = None, None
+    if runtime.master:
+        try:
+            lock = OutDirLock(cfg.out_dir).acquire()
+            if cfg.init_from != "resume":
+                refuse_to_overwrite(cfg.out_dir)   # again, now that no other run can write
+            removed, size = remove_leftover_temporaries(cfg.out_dir)
+            if removed:
+                print(f"removed {removed} temporary file(s) of interrupted writes "
+                      f"({size / 2**20:.1f} MiB) from {cfg.out_dir}")
+        except UserError as e:
+            if lock is not None:
+                lock.release()
+            error = e
+    if runtime.ddp and all_reduce_mean(1.0 if error else 0.0, runtime) > 0:
+        error = error or UserError(f"rank 0 could not take out_dir {cfg.out_dir}")
+    if error is not None:
+        raise error
+    return lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,10 +414,22 @@ def _train(cfg, runtime):
     # everything that can fail on bad input fails here, before anything is written
     data = open_dataset(cfg.dataset, cfg.data_dir)
     micro_steps_per_rank(cfg, runtime)
-    model, optimizer, state, model_args, flat = build(cfg, runtime, data)
+    cfg, loaded = load_start(cfg)
+    if cfg.init_from != "resume":
+        refuse_to_overwrite(cfg.out_dir)
+    model, optimizer, state, model_args, flat = build(cfg, runtime, data, loaded)
     online = build_averaging(cfg, runtime, flat, state)
     log = MetricsLog(cfg, runtime.master)
     log.check()
+    lock = claim_out_dir(cfg, runtime)
+    try:
+        return _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online, log):
     raw_model, model = model, wrap_model(model, cfg, runtime)
     schedule = schedules.from_config(cfg)
     evals = eval_batches(cfg)
@@ -314,7 +437,6 @@ def _train(cfg, runtime):
     peak_flops = device_peak_flops(runtime.device, cfg.peak_flops)
     out_dir = Path(cfg.out_dir)
     if runtime.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/step, "
               f"start at step {state.iter_num} ({state.source}), device {runtime.device}, "
@@ -326,26 +448,38 @@ def _train(cfg, runtime):
     batches = train_batches(data, cfg, runtime, state.iter_num)
     last_loss, last_eval, stopped_by, saved_at = None, None, None, {}
 
+    def check_finite():
+        if last_loss is not None and not math.isfinite(all_reduce_mean(last_loss, runtime)):
+            raise non_finite_error("the training loss is not finite", state.iter_num, out_dir)
+        if not state_is_finite(flat, optimizer, online, runtime):
+            raise non_finite_error("the weights, optimizer or averager state are not finite",
+                                   state.iter_num, out_dir)
+
     def save_resume():
         if saved_at.get("step") == state.iter_num:
             return saved_at["path"]
-        if last_loss is not None and not math.isfinite(all_reduce_mean(last_loss, runtime)):
-            raise NonFiniteLossError(f"loss is not finite at step {state.iter_num}; not saving")
+        check_finite()
         saved_at.update(step=state.iter_num, path=checkpoint.resume_path(out_dir, state.iter_num))
         averaging_state = online.state_dict()  # gathers the DDP shards: every rank takes part
         if runtime.master:
-            checkpoint.save_resume(out_dir, {
-                "model": checkpoint.model_state(model),
-                "optimizer": optimizer.state_dict(),
-                "averaging": averaging_state,
-                "iter_num": state.iter_num, "tokens_seen": state.tokens_seen,
-                "model_args": model_args, "config": dataclasses.asdict(cfg),
-                "sampler": {"seed": cfg.seed, "next_step": state.iter_num},
-            }, cfg.keep_last)
+            previous = checkpoint.latest_resume(out_dir)
+            try:
+                checkpoint.save_resume(out_dir, {
+                    "model": checkpoint.model_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "averaging": averaging_state,
+                    "iter_num": state.iter_num, "tokens_seen": state.tokens_seen,
+                    "model_args": model_args, "config": dataclasses.asdict(cfg),
+                    "sampler": {"seed": cfg.seed, "next_step": state.iter_num},
+                }, cfg.keep_last)
+            except checkpoint.WriteError as e:
+                raise checkpoint.WriteError(f"{e}; the newest resume checkpoint is "
+                                            f"{previous or 'none yet'}") from None
         return saved_at["path"]
 
     def save_snapshots(raw, averaged):
         """The raw weights to snapshots/, each average to averaged/<method>/step_N.safetensors."""
+        check_finite()
         if raw and runtime.master:
             checkpoint.save_snapshot(out_dir / "snapshots", raw_model, state.iter_num,
                                      state.tokens_seen, model_args)
@@ -381,7 +515,7 @@ def _train(cfg, runtime):
 
     if cfg.snapshot_interval and state.iter_num == 0:
         save_snapshots(raw=True, averaged=False)   # θ_0: offline averages may start there too
-    with StopSignal() as stop:
+    with StopSignal(runtime) as stop:
         timer, timed_steps = time.perf_counter(), 0
         while state.iter_num < cfg.max_iters:
             if state.iter_num % cfg.eval_interval == 0:
@@ -400,26 +534,23 @@ def _train(cfg, runtime):
             if state.iter_num % cfg.log_interval == 0:
                 loss = all_reduce_mean(last_loss, runtime)  # the one host sync per log interval
                 if not math.isfinite(loss):
-                    latest = checkpoint.latest_resume(out_dir)
-                    raise NonFiniteLossError(
-                        f"training loss is {loss} at step {state.iter_num}; stopped. The last good "
-                        f"checkpoint ({latest or 'none written yet'}) is intact. Lower "
-                        f"--learning_rate, raise --warmup_iters or set --grad_clip.")
+                    raise non_finite_error(f"the training loss is {loss}", state.iter_num,
+                                           out_dir)
                 elapsed = time.perf_counter() - timer
                 ms = 1000 * elapsed / timed_steps
                 mfu = None if peak_flops is None else raw_model.estimate_mfu(
                     tokens_per_iter * timed_steps / elapsed, peak_flops)
                 if runtime.master:
                     mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+                    eta = format_duration((cfg.max_iters - state.iter_num) * ms / 1000)
                     print(f"iter {state.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter,"
-                          f" {tokens_per_iter * 1000 / ms:,.0f} tok/s, mfu {mfu_text}")
+                          f" {tokens_per_iter * 1000 / ms:,.0f} tok/s, mfu {mfu_text}, eta {eta}")
                 log.write({"iter": state.iter_num, "lr": lr, "loss": loss,
                            "tokens": state.tokens_seen, "ms_per_iter": ms, "mfu": mfu})
                 timer, timed_steps = time.perf_counter(), 0
             if state.iter_num % cfg.ckpt_interval == 0 and state.iter_num < cfg.max_iters:
                 save_resume()
-            # single process: check the flag every step; DDP: only where ranks sync anyway
-            if (not runtime.ddp or state.iter_num % cfg.log_interval == 0) and stop.check(runtime):
+            if stop.poll():   # every rank stops at the same step, within two of a signal
                 stopped_by = stop.requested or "signal"
                 break
             if cfg.stop_iter is not None and state.iter_num >= cfg.stop_iter:
@@ -439,6 +570,12 @@ def _train(cfg, runtime):
             "val_loss": last_eval["val"] if last_eval else None,
             "train_loss": last_eval["train"] if last_eval else None,
             "val_loss_averaged": last_eval["averaged"] if last_eval else {}}
+
+
+def format_duration(seconds):
+    """12345 -> '3:25:45' (h:mm:ss), for the ETA of the log lines."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 if __name__ == "__main__":

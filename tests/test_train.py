@@ -172,6 +172,7 @@ def test_cuda_device_gets_an_index(monkeypatch, device, world_size, expected):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("LOCAL_RANK", "1" if world_size > 1 else "0")
     monkeypatch.setattr(runtime.dist, "is_initialized", lambda: True)   # no process group here
+    monkeypatch.setattr(runtime.dist, "get_backend", lambda: "gloo")
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:   # init_runtime turns TF32 on; these flags are not plain attributes for monkeypatch
         chosen_runtime = runtime.init_runtime(device, "auto")
