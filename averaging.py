@@ -20,7 +20,7 @@ bema    BEMA             bema_ema_power .5, bema_bias_power .2, bema_lag 10,    
                          bema_update_after 0, bema_update_freq 1
 dema    DEMA             dema_ema_power .5, dema_lag 10, dema_multiplier 1,             e1, e2
                          dema_min_ema_multiplier 0, dema_update_after 0, dema_update_freq 1
-ouema   OUEMA            ouema_ema_power .5, ouema_bias_power .2, ouema_lag 1,          θ0, e
+ouema   OUEMA            ouema_ema_power .5, ouema_bias_power .2, ouema_lag 2,          θ0, e
                          ouema_multiplier 1, ouema_min_ema_multiplier 0,
                          ouema_update_after 0, ouema_update_freq 1
 swa     SWA              swa_start 0, swa_freq 1                                        m
@@ -88,8 +88,9 @@ def ema_warmup_decay(t, decay, power, gamma):
 
 
 def ouema_a(t, bias_power, lag, multiplier):
-    """OUEMA pull-back weight a_t = (1 + ρ + γt)^(−η), < 1 whenever ρ + γt > 0 and η > 0."""
-    return (1.0 + lag + multiplier * t) ** -bias_power
+    """OUEMA pull-back weight a_t = b_t^(−η) on β_t's time base b_t = ρ + γt (one base for both,
+    as in the BEMA authors' tool); < 1 whenever b_t > 1 and η > 0."""
+    return (lag + multiplier * t) ** -bias_power
 
 
 # ---------------------------------------------------------------------- update rules (pure)
@@ -405,14 +406,31 @@ class DEMA(_PowerSchedule):
 
 
 class OUEMA(_PowerSchedule):
+    """a_t = b_t^(−η) and β_t = max(b_t^(−κ), β_min) on one time base b_t = ρ + γt; the defaults
+    are the BEMA authors' tool's (its time base 1 + max(t + ρ_ref, 1) is ours with lag ρ_ref + 1,
+    so its default ρ_ref = 1 is lag 2)."""
     name = "ouema"
-    defaults = _power_defaults("ouema", 1.0, ouema_bias_power=0.2)   # η, a_t = (1 + b_t)^(−η)
+    defaults = {"ouema_ema_power": 0.5,             # κ (< 0: no EMA, e = θ̃_s)
+                "ouema_bias_power": 0.2,            # η, a_t = b_t^(−η); must be > 0
+                "ouema_lag": 2.0,                   # ρ, b_t = ρ + γ·t must exceed 1
+                "ouema_multiplier": 1.0,            # γ
+                "ouema_min_ema_multiplier": 0.0,    # β_min
+                "ouema_update_after": 0,            # τ
+                "ouema_update_freq": 1}             # φ
     start_key, freq_key, buffers = "ouema_update_after", "ouema_update_freq", ("theta0", "e")
 
     def _validate(self, hp):
         super()._validate(hp)
         self.bias_power = _real(hp, "ouema_bias_power", 0.0, lo_open=True,
-                                why=" (a_t = (1 + b_t)^(-bias_power) must stay below 1)")
+                                why=" (a_t = b_t^(-bias_power) must stay below 1)")
+        # θ̃ divides by 1 − a_t: b_t = 1 at the first update would divide by zero, and b_t just
+        # above 1 amplifies θ − θ₀ enormously
+        if self.lag + self.multiplier * self.phi <= 1:
+            raise ValueError(
+                f"ouema_lag={self.lag} with ouema_multiplier={self.multiplier} and "
+                f"ouema_update_freq={self.phi}: need lag + multiplier*update_freq > 1, so that "
+                f"a_t = b_t^(-bias_power) < 1 at every update (the pull-back divides by 1 - a_t); "
+                f"the authors' default is lag 2 with multiplier 1")
 
     def _init(self, theta):
         self.theta0, self.e = _copy(theta), _copy(theta)
