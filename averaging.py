@@ -14,7 +14,7 @@ Two layers:
 
 method  class            config keys (default)                                          state
 ema     EMA              ema_decay .999, ema_warmup False, ema_warmup_power 2/3,        e
-                         ema_warmup_gamma 1, ema_update_after 0, ema_update_freq 1
+                         ema_warmup_gamma 1, ema_update_after 1, ema_update_freq 1
 bema    BEMA             bema_ema_power .5, bema_bias_power .2, bema_lag 10,            θ0, e, out
                          bema_multiplier 1, bema_min_ema_multiplier 0,
                          bema_update_after 0, bema_update_freq 1
@@ -83,7 +83,8 @@ def bema_alpha(t, bias_power, lag, multiplier):
 
 
 def ema_warmup_decay(t, decay, power, gamma):
-    """timm ModelEmaV3 warmup: d_t = min(d, 1 − (1 + t/γ_w)^(−p)); d_0 = 0."""
+    """timm ModelEmaV3's warmup: d_t = min(d, 1 − (1 + t/γ_w)^(−p)); d_0 = 0. timm's t is its
+    step − update_after_step − 1, i.e. ours with ema_update_after = its update_after_step + 1."""
     return min(decay, 1.0 - (1.0 + t / gamma) ** -power)
 
 
@@ -305,7 +306,7 @@ class EMA(Averager):
                     ema_warmup=False,         # d_t = min(d, 1 − (1 + t/γ_w)^(−p)) if True
                     ema_warmup_power=2 / 3,   # p
                     ema_warmup_gamma=1.0,     # γ_w
-                    ema_update_after=0,       # τ
+                    ema_update_after=1,       # τ; 1 = timm ModelEmaV3's update_after_step 0
                     ema_update_freq=1)        # φ
     start_key, freq_key, buffers = "ema_update_after", "ema_update_freq", ("e",)
 

@@ -476,7 +476,7 @@ def test_swapped_in_puts_the_average_into_the_model_and_restores_it():
     from flat_params import FlatParameters
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     flat = FlatParameters(model)
-    avg = build_averager("ema", ema_decay=0.5)
+    avg = build_averager("ema", ema_decay=0.5, ema_update_after=0)
     with pytest.raises(RuntimeError, match="no average yet"):
         avg.swapped_in(flat)
     live = flat.buffer.clone()
