@@ -25,7 +25,7 @@ ouema   OUEMA            ouema_ema_power .5, ouema_bias_power .2, ouema_lag 2,  
                          ouema_update_after 0, ouema_update_freq 1
 swa     SWA              swa_start 0, swa_freq 1                                        m
 lawa    LAWA             lawa_k 5, lawa_interval 500, lawa_start 0                      k copies
-wa      WindowedAverage  wa_interval 5, wa_horizon 500, wa_windows 1, wa_start 0        1+n copies
+wa      WindowedAverage  wa_interval 5, wa_horizon 500, wa_windows 1, wa_start 1        1+n copies
 
 Every method has its own key prefix (DEMA and OUEMA do not borrow bema_*), so one flat config can
 hold settings for several methods and a key always says which method it tunes.
@@ -53,6 +53,7 @@ Conventions (pinned by tests/test_averaging.py):
   mean is then over the samples it got, so H stays in steps offline too). average() is the
   uniform mean of the last wa_windows finished windows; before the first window finishes, the
   mean of the samples so far. Online only the last wa_windows finished windows are kept.
+  The default wa_start = 1 gives epfml's windows (w·H, (w+1)·H] of θ_{1+jΔ}.
 - state_dict() holds only tensors and python numbers (torch.load(weights_only=True) works);
   loading it and continuing is bitwise identical to never stopping. Hyperparameters must match.
 """
@@ -496,7 +497,8 @@ class WindowedAverage(Averager):
     defaults = dict(wa_interval=5,      # steps between samples
                     wa_horizon=500,     # window length in steps
                     wa_windows=1,       # finished windows combined in the output
-                    wa_start=0)         # first sample step
+                    wa_start=1)         # first sample step; 1 = epfml's phase: samples
+                                        # θ_{1+jΔ}, windows (wH, (w+1)H]
     start_key, freq_key = "wa_start", "wa_interval"
     buffers, counters = ("current", "finished"), ("current_n", "finished_count")
 

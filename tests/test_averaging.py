@@ -455,7 +455,7 @@ def test_windowed_average_with_gaps_keeps_windows_in_steps(horizon, windows):
     inside it and finishes when its last sample or a later window's first sample arrives."""
     steps = list(range(0, 1001, 50))
     avg = build_averager("wa", allow_gaps=True, wa_interval=1, wa_horizon=horizon,
-                         wa_windows=windows)
+                         wa_windows=windows, wa_start=0)
     got = run(avg, steps=steps)
     ref = {}
     for i, s in enumerate(steps):
