@@ -159,7 +159,11 @@ def format_table(results):
                   f"| norm of the mean embedding | {m['norm_of_mean']:.4f} |",
                   f"| norm of mean / mean norm | {m['norm_ratio']:.4f} |",
                   f"| sigma_min / sigma_max | {m['singular_value_ratio']:.4g} |",
-                  f"| corr(norm, log frequency) | {_number(m['norm_logfreq_pearson'])} |"]
+                  f"| corr(norm, log frequency) | {_number(m['norm_logfreq_pearson'])} |",
+                  f"| isotropy, Coupled Adam code's convention | "
+                  f"{m['isotropy_solver_sign_all_rows']:.4g} |",
+                  f"| corr(norm, log probability), Coupled Adam code's convention | "
+                  f"{_number(m.get('norm_logprob_pearson_all_rows'))} |"]
         notes = [f"over {m['rows']} token rows"]
         if m["padding_rows_excluded"]:
             notes.append(f"{m['padding_rows_excluded']} padding rows past the data's vocabulary "
@@ -167,6 +171,8 @@ def format_table(results):
         if m["unseen_tokens_excluded"]:
             notes.append(f"the correlation leaves out {m['unseen_tokens_excluded']} tokens that "
                          f"never occur in train.bin")
+        notes.append("the Coupled Adam code's convention: every row of E, padding and unseen "
+                     "tokens included, one solver-chosen sign per eigenvector (embedding_metrics.py)")
         lines += ["", "embeddings: " + "; ".join(notes)]
     return "\n".join(lines)
 
