@@ -1,7 +1,7 @@
 """
 Weight averaging along the training trajectory: the one implementation of the math of the
-averaging spec (SPEC-averaging.md), shared by the online averager in train.py and the offline tool
-over saved snapshots.
+averaging reference (docs/averaging.md), shared by the online averager in train.py and the offline
+tool over saved snapshots.
 
 Two layers:
   1. pure functions over flat float32 state tensors (1-D, one entry per parameter): the update
@@ -35,8 +35,9 @@ Conventions (pinned by tests/test_averaging.py):
   updates (train.py's iter_num, the number in ckpt_<s>.pt and snapshots/step_<s>). An averager with burn-in τ (update_after / *_start) and period φ (update_freq /
   *_freq / *_interval) acts at s = τ, τ+φ, τ+2φ, ... and ignores every other step. At s = τ it
   initialises from a copy of θ_τ; at later acting steps it uses t = s − τ (so t = φ, 2φ, ...) in
-  b_t = ρ + γ·t. With τ = 0 this is TRL's BEMACallback schedule. (The published offline BEMA tool
-  uses max(s − τ + ρ, 1) with bases 1 + γ·t and 1 + t: one step later than ours.)
+  b_t = ρ + γ·t. How each published tool maps onto these settings (TRL's BEMACallback, the BEMA
+  authors' tools, timm, AveragedModel, LAWA's and epfml's code) is docs/averaging.md's mapping
+  table, each row pinned by tests/test_parity.py.
 - An averager must see its initialisation step: its first acting call must be s = τ, and after
   that every acting step in order (s = previous + φ), else RuntimeError; this keeps an offline
   replay from silently computing a different average than the online run. The offline tool,

@@ -4,7 +4,7 @@ one pass over flat buffers. Imported lazily by kernels.triton_ops(); averaging.p
 
 An averaging update is pure memory traffic (a few flops per element), so what a kernel can win is
 bytes: the torch BEMA step reads θ twice and makes a temporary, the fused one reads θ, θ₀ and e
-once and writes e and the output (20 B per fp32 parameter, SPEC-averaging.md's cost model).
+once and writes e and the output (20 B per fp32 parameter, docs/averaging.md's cost model).
 
 Conventions, shared by every kernel:
 - state and outputs are float32, 1-D, contiguous, all of one numel and device; θ is float32 or
