@@ -63,13 +63,15 @@ def bema_alpha(t, bias_power, lag, multiplier):
 
 
 def ema_warmup_decay(t, decay, power, gamma):
-    """timm ModelEmaV3 warmup: d_t = min(d, 1 − (1 + t/γ_w)^(−p)); d_0 = 0."""
+    """timm ModelEmaV3's warmup: d_t = min(d, 1 − (1 + t/γ_w)^(−p)); d_0 = 0. timm's t is its
+    step − update_after_step − 1, i.e. ours with ema_update_after = its update_after_step + 1."""
     return min(decay, 1.0 - (1.0 + t / gamma) ** -power)
 
 
 def ouema_a(t, bias_power, lag, multiplier):
-    """OUEMA pull-back weight a_t = (1 + ρ + γt)^(−η), < 1 whenever ρ + γt > 0 and η > 0."""
-    return (1.0 + lag + multiplier * t) ** -bias_power
+    """OUEMA pull-back weight a_t = b_t^(−η) on β_t's time base b_t = ρ + γt (one base for both,
+    as in the BEMA authors' tool); < 1 whenever b_t > 1 and η > 0."""
+    return (lag + multiplier * t) ** -bias_power
 
 
 # ---------------------------------------------------------------------- update rules (pure)
@@ -312,7 +314,7 @@ class EMA(Averager):
         "ema_warmup": False,         # decay d_t = min(d, 1 − (1 + t/γ_w)^(−p)) if True
         "ema_warmup_power": 2 / 3,   # p of the warmup
         "ema_warmup_gamma": 1.0,     # γ_w of the warmup
-        "ema_update_after": 0,       # τ: burn-in step, e starts as θ_τ
+        "ema_update_after": 1,       # τ: e starts as θ_τ; 1 = timm ModelEmaV3's phase
         "ema_update_freq": 1,        # φ: acts every φ steps
     }
     start_key, freq_key, buffers = "ema_update_after", "ema_update_freq", ("e",)
@@ -427,12 +429,14 @@ class DEMA(_PowerSchedule):
 
 @register
 class OUEMA(_PowerSchedule):
-    """Ornstein-Uhlenbeck-motivated EMA (Block & Zhang 2025) of (θ − a_t·θ₀)/(1 − a_t)."""
+    """Ornstein-Uhlenbeck-motivated EMA (Block & Zhang 2025) of (θ − a_t·θ₀)/(1 − a_t), with
+    a_t and β_t on one time base b_t = ρ + γt. The defaults are the BEMA authors' tool's: its time
+    base 1 + max(t + ρ_ref, 1) is ours with lag ρ_ref + 1, so its default ρ_ref = 1 is lag 2."""
     name = "ouema"
     defaults = {
-        "ouema_ema_power": 0.5,           # κ: β_t = max((ρ + γt)^(−κ), β_min)
-        "ouema_bias_power": 0.2,          # η > 0: a_t = (1 + ρ + γt)^(−η)
-        "ouema_lag": 1.0,                 # ρ
+        "ouema_ema_power": 0.5,           # κ: β_t = max(b_t^(−κ), β_min); < 0: no EMA
+        "ouema_bias_power": 0.2,          # η > 0: pull-back a_t = b_t^(−η)
+        "ouema_lag": 2.0,                 # ρ; b_t = ρ + γ·t must exceed 1
         "ouema_multiplier": 1.0,          # γ, b_t = ρ + γ·t
         "ouema_min_ema_multiplier": 0.0,  # β_min
         "ouema_update_after": 0,          # τ: burn-in step, θ₀ = e = θ_τ
@@ -443,7 +447,15 @@ class OUEMA(_PowerSchedule):
     def _validate(self, hp):
         super()._validate(hp)
         self.bias_power = _real(hp, "ouema_bias_power", 0.0, lo_open=True,
-                                why=" (a_t = (1 + b_t)^(-bias_power) must stay below 1)")
+                                why=" (a_t = b_t^(-bias_power) must stay below 1)")
+        # θ̃ divides by 1 − a_t: b_t = 1 at the first update would divide by zero, and b_t just
+        # above 1 amplifies θ − θ₀ enormously
+        if self.lag + self.multiplier * self.phi <= 1:
+            raise ValueError(
+                f"ouema_lag={self.lag} with ouema_multiplier={self.multiplier} and "
+                f"ouema_update_freq={self.phi}: need lag + multiplier*update_freq > 1, so that "
+                f"a_t = b_t^(-bias_power) < 1 at every update (the pull-back divides by 1 - a_t); "
+                f"the authors' default is lag 2 with multiplier 1")
 
     def _init(self, theta):
         self.theta0, self.e = _copy(theta), _copy(theta)
@@ -523,7 +535,7 @@ class WindowedAverage(Averager):
         "wa_interval": 5,      # φ: steps between samples
         "wa_horizon": 500,     # H: window length in steps (a multiple of wa_interval)
         "wa_windows": 1,       # finished windows combined in the output
-        "wa_start": 0,         # τ: first sample step
+        "wa_start": 1,         # τ: first sample; 1 = epfml's phase, windows (wH, (w+1)H]
     }
     start_key, freq_key = "wa_start", "wa_interval"
     buffers, counters = ("current", "finished"), ("current_n", "finished_count")

@@ -3,12 +3,15 @@ Coupled Adam: AdamW whose token-embedding update divides by the second moment av
 vocabulary (Stollenwerk & Stollenwerk, "Better Embeddings with Coupled Adam", ACL 2025,
 arXiv:2502.08441).
 
-Why: the gradient of the softmax output embedding sums to zero over the vocabulary (each
-position's Σ_i (p_i − y_i) h = 0), so SGD never moves the mean embedding. Adam divides each token's
-row by its own second moment, rare tokens' small v give them large steps, the sum no longer
-vanishes, and the paper argues this collective shift of all embeddings is what makes them
-anisotropic. With one denominator per channel shared by every row, the updates sum to zero again.
-Every other parameter is trained by plain AdamW.
+Why: the output (LM-head) part of the embedding's gradient sums to zero over the vocabulary: at
+each position Σ_i (p_i − y_i) h = 0. Under SGD that part never moves the mean embedding. (Only that
+part: in a tied model like this one the input side adds gradients to the rows of the tokens in the
+batch, which do not sum to zero, and weight decay shrinks the mean, so even SGD moves the mean of a
+tied, decayed embedding.) Adam divides each token's row by its own second moment, rare tokens'
+small v give them large steps, the output-side sum no longer vanishes, and the paper argues this
+collective shift of all embeddings is what makes them anisotropic. With one denominator per
+channel shared by every row, the output-side updates sum to zero again. Every other parameter is
+trained by plain AdamW.
 
 The update of a coupled matrix E (V rows = vocabulary, H columns), at step t = 1, 2, ... with
 learning rate η_t, decoupled weight decay λ_E, betas β1, β2, eps ε, scale c (coupled_scale):
@@ -29,6 +32,10 @@ mean) and of ε follows the authors' reference implementation (github.com/flxst/
 nanoGPT/coupled_adam.py, the "COUPLED ADAM" block: sqrt(avg_scale · mean_dim0(v)) / sqrt(1 −
 β2^t) + ε); their scaled runs use c = 2^k, k = −5..5, and the default c = 1 is the paper's method.
 Since bias correction is one scalar per step, averaging before or after it is the same number.
+(The reference couples only in its multi-tensor "foreach" path, the one torch picks on CUDA; its
+single-tensor path, torch's choice on CPU, is plain AdamW. Here the coupling holds on every device.)
+The paper's AdamW baseline leaves the embedding undecayed as its Coupled Adam runs do (its
+embdecay = False): model.configure_optimizers(embedding_weight_decay=0.0) is that baseline.
 
 State: per parameter exactly AdamW's (step, exp_avg, exp_avg_sq; exp_avg_sq keeps the full V×H
 v_t and is averaged only when forming the denominator), so the state_dict has AdamW's layout and

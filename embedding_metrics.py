@@ -16,7 +16,21 @@ common direction, so the matrix becomes anisotropic and its mean embedding large
 
 Every function takes a tensor or array and computes in float64 (exp(c^T e_i) of a trained
 embedding overflows float32). Rows past `vocab_size` (the padding of 50257 -> 50304 for speed)
-are no token the tokenizer can emit and are left out of every metric.
+are no token the tokenizer can emit and are left out of every metric above.
+
+The Coupled Adam authors' analysis code (github.com/flxst/coupled-adam, nanoGPT/analysis) reports
+two of these under other conventions; their figures are comparable only with these two:
+
+    isotropy_solver_sign_all_rows   I(E) with one direction per eigenvector, the sign numpy's
+                                    eigensolver (np.linalg.eig of E^T E) happens to return, over
+                                    every row of E, padding included. >= isotropy over the same
+                                    rows (min over 2H directions vs over H of them).
+    norm_logprob_pearson_all_rows   Pearson r of ||e_i|| with log(p_i + 1e-10), p_i = count_i /
+                                    sum(count), over every row of E: tokens that never occur and
+                                    padding rows enter at log(1e-10).
+
+Ours leave those rows out and take both signs because a metric of the vocabulary should neither
+depend on padding nor on an arbitrary sign; the reference's are kept so figures can be compared.
 """
 
 import math
@@ -43,6 +57,20 @@ def isotropy(E):
     _, eigenvectors = torch.linalg.eigh(E.T @ E)        # columns: unit eigenvectors of E^T E
     directions = torch.cat([eigenvectors, -eigenvectors], dim=1)
     log_z = torch.logsumexp(E @ directions, dim=0)      # log Z(c) for every direction c
+    return math.exp((log_z.min() - log_z.max()).item())
+
+
+def isotropy_solver_sign(E):
+    """I(E) as the Coupled Adam authors' analysis code computes it: c over the unit eigenvectors of
+    E^T E from np.linalg.eig, each with the sign the solver returns (one direction per
+    eigenvector, not both). Their code sums exp() directly in the embedding's dtype and rounds to 4
+    decimals; this sums in log space in float64 (the same value wherever theirs does not overflow)
+    and does not round. The solver's signs are arbitrary, so the value is too: it is kept only to
+    compare with figures computed that way."""
+    E = _float64(E).numpy()
+    _, eigenvectors = np.linalg.eig(E.T @ E)   # the general solver, as the reference
+    directions = torch.from_numpy(np.ascontiguousarray(np.real(eigenvectors)))   # E^T E is
+    log_z = torch.logsumexp(torch.from_numpy(E) @ directions, dim=0)            # symmetric: real
     return math.exp((log_z.min() - log_z.max()).item())
 
 
@@ -97,20 +125,40 @@ def norm_frequency_correlation(E, counts):
     return r, int(seen.sum()), int((~seen).sum())
 
 
+def norm_logprob_correlation_all_rows(E, counts):
+    """Pearson r of ||e_i|| with log(p_i + 1e-10), p_i = count_i / sum(count), over every row of E
+    (the Coupled Adam authors' analysis code): rows without a count (padding past len(counts))
+    and tokens that never occur enter with p = 0. None if either side has no spread."""
+    norms = _float64(E).norm(dim=1).numpy()
+    counts = np.asarray(counts, dtype=np.float64)[:len(norms)]
+    probability = np.zeros(len(norms))
+    probability[:len(counts)] = counts / counts.sum()
+    y = np.log(probability + 1e-10)
+    if norms.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(norms, y)[0, 1])
+
+
 def embedding_metrics(E, token_counts=None, vocab_size=None):
-    """Every metric above for the first `vocab_size` rows of E (all rows if None) as a dict;
-    the frequency correlation only with `token_counts` (one count per id, length >= vocab_size
-    or exactly the rows used)."""
+    """Every metric above for the first `vocab_size` rows of E (all rows if None) as a dict,
+    plus the reference's conventions (*_all_rows) over every row of E; the frequency
+    correlations only with `token_counts` (one count per id, length >= vocab_size or exactly the
+    rows used)."""
     rows = E.shape[0]
     vocab_size = rows if vocab_size is None else vocab_size
     if not 0 < vocab_size <= rows:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, {rows}] (rows of E)")
-    E = _float64(E)[:vocab_size]
+    all_rows = _float64(E)
+    E = all_rows[:vocab_size]
     result = {"rows": vocab_size, "padding_rows_excluded": rows - vocab_size,
               "isotropy": isotropy(E), **norm_stats(E),
-              "singular_value_ratio": singular_value_ratio(E)}
+              "singular_value_ratio": singular_value_ratio(E),
+              "isotropy_solver_sign_all_rows": isotropy_solver_sign(all_rows)}
     if token_counts is not None:
-        r, used, unseen = norm_frequency_correlation(E, np.asarray(token_counts)[:vocab_size])
+        counts = np.asarray(token_counts)[:vocab_size]
+        r, used, unseen = norm_frequency_correlation(E, counts)
         result.update(norm_logfreq_pearson=r, norm_logfreq_tokens=used,
-                      unseen_tokens_excluded=unseen)
+                      unseen_tokens_excluded=unseen,
+                      norm_logprob_pearson_all_rows=norm_logprob_correlation_all_rows(all_rows,
+                                                                                      counts))
     return result

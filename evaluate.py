@@ -118,7 +118,11 @@ def format_table(results):
                   ("norm of the mean embedding", f"{m['norm_of_mean']:.4f}"),
                   ("norm of mean / mean norm", f"{m['norm_ratio']:.4f}"),
                   ("sigma_min / sigma_max", f"{m['singular_value_ratio']:.4g}"),
-                  ("corr(norm, log frequency)", _number(m["norm_logfreq_pearson"]))]
+                  ("corr(norm, log frequency)", _number(m["norm_logfreq_pearson"])),
+                  ("isotropy, Coupled Adam code's convention",
+                   f"{m['isotropy_solver_sign_all_rows']:.4g}"),
+                  ("corr(norm, log probability), Coupled Adam code's convention",
+                   _number(m.get("norm_logprob_pearson_all_rows")))]
     lines.append(markdown_table([{"metric": k, "value": v} for k, v in table],
                                 [("metric", "metric"), ("value", "value")]))
     if m:
@@ -129,6 +133,8 @@ def format_table(results):
         if m["unseen_tokens_excluded"]:
             notes.append(f"the correlation leaves out {m['unseen_tokens_excluded']} tokens that "
                          f"never occur in train.bin")
+        notes.append("the Coupled Adam code's convention: every row of E, padding and unseen "
+                     "tokens included, one solver-chosen sign per eigenvector (embedding_metrics.py)")
         lines += ["", "embeddings: " + "; ".join(notes)]
     return "\n".join(lines)
 

@@ -220,11 +220,15 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
                              optimizer="adamw", coupled_adam_scale=1.0,
-                             embedding_weight_decay=0.0):
+                             embedding_weight_decay=None):
         """AdamW over optimizer_groups, or with optimizer="coupled_adam" Coupled Adam
-        (coupled_adam.py): the token embedding (= the tied LM head) moves to a group of its own
-        with weight decay embedding_weight_decay and the vocabulary-coupled second moment scaled
-        by coupled_adam_scale; every other parameter keeps the AdamW groups above."""
+        (coupled_adam.py) for the token embedding (= the tied LM head) with the vocabulary-coupled
+        second moment scaled by coupled_adam_scale; every other parameter keeps the AdamW groups.
+
+        embedding_weight_decay: None keeps each optimizer's default, AdamW decaying the embedding
+        with weight_decay like every matrix and Coupled Adam not at all (0, as the paper). A
+        number moves the embedding into a group of its own with that decay in either optimizer:
+        0 for both is the Coupled Adam paper's comparison, which changes only the optimizer."""
         groups = self.optimizer_groups(weight_decay)
         # the fused CUDA kernel updates all params in one launch instead of several per tensor;
         # on CPU the default implementation is fine (and fused is not faster there)
@@ -232,15 +236,19 @@ class GPT(nn.Module):
             extra = dict(fused=True) if _adamw_has_fused() else dict(foreach=True)
         else:
             extra = {}
-        if optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **extra)
-        if optimizer != "coupled_adam":
+        if optimizer not in ("adamw", "coupled_adam"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; use 'adamw' or 'coupled_adam'")
+        coupled = optimizer == "coupled_adam"
+        if embedding_weight_decay is None and coupled:
+            embedding_weight_decay = 0.0
         embedding = self.transformer.wte.weight
-        groups[0]["params"] = [p for p in groups[0]["params"] if p is not embedding]
-        if embedding.requires_grad:
-            groups.append({"params": [embedding], "weight_decay": embedding_weight_decay,
-                           "coupled": True})
+        if embedding_weight_decay is not None:
+            groups[0]["params"] = [p for p in groups[0]["params"] if p is not embedding]
+            if embedding.requires_grad:
+                groups.append({"params": [embedding], "weight_decay": embedding_weight_decay,
+                               **({"coupled": True} if coupled else {})})
+        if not coupled:
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **extra)
         return CoupledAdamW(groups, lr=learning_rate, betas=tuple(betas),
                             coupled_scale=coupled_adam_scale, **extra)
 

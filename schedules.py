@@ -15,7 +15,9 @@ is no scheduler state to save. Steps count from 0; a run with max_iters=N execut
 Warmup, shared by all three: mult = (step + 1) / (warmup_iters + 1) for step < warmup_iters, as in
 nanoGPT, so step 0 already has a non-zero LR and step warmup_iters is the first at the peak.
 
-WSD cooldown. c = cooldown_start if given, else max_iters - round(cooldown_frac * max_iters).
+WSD cooldown. c = cooldown_start if given, else max_iters - int(cooldown_frac * max_iters): the
+cooldown length truncated to whole steps, as in the authors' wsd_schedule (epfml/schedules-and-
+scaling), so that a run with the same max_iters and fraction cools down from the same step there.
 For c <= step < max_iters, with x = (step - c) / (max_iters - c) in [0, 1):
 
     mult = final_lr_frac + (1 - final_lr_frac) * f(x)
@@ -126,8 +128,9 @@ class LRSchedule:
         """wsd: the step c at which the cooldown starts (still at the peak there)."""
         if self.cooldown_start is not None:
             return self.cooldown_start
-        # round() to the nearest step (ties to even); an explicit cooldown_start avoids any doubt
-        return self.max_iters - round(self.cooldown_frac * self.max_iters)
+        # truncated as the authors' wsd_schedule does (int of the float product, so 0.29 * 100
+        # gives 28 steps); an explicit cooldown_start avoids any doubt
+        return self.max_iters - int(self.cooldown_frac * self.max_iters)
 
     def __call__(self, step: int) -> float:
         """Multiplier of the peak LR for the optimizer step `step` (0-based)."""

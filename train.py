@@ -84,8 +84,11 @@ class TrainConfig(AveragingConfig):
     grad_clip: float = 1.0         # clip the global gradient norm to this (0 = off)
     coupled_adam_scale: float = 1.0  # coupled_adam: c times the vocabulary-mean second moment of
                                    # the embedding (1 = the paper; its scaled runs use powers of 2)
-    embedding_weight_decay: float = 0.0  # coupled_adam: decoupled weight decay of the embedding
-                                   # (adamw decays it with weight_decay, like every matrix)
+    embedding_weight_decay: float | None = None  # decoupled weight decay of the token embedding
+                                   # (= the tied LM head). None: adamw decays it with weight_decay
+                                   # like every matrix, coupled_adam does not (0, the paper). The
+                                   # paper compares the two with 0 in both (config/train_small_
+                                   # coupled_adam.py and train_small_adamw_baseline.py)
     # learning-rate schedule
     # lr = learning_rate * multiplier(step), schedules.py
     lr_schedule: str = "cosine"    # 'constant' | 'cosine' | 'wsd' (warmup-stable-decay)
@@ -122,9 +125,13 @@ class TrainConfig(AveragingConfig):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         for key in ("keep_last", "snapshot_interval", "warmup_iters", "grad_clip",
-                    "embedding_weight_decay", "weight_decay", "seed", "min_lr"):
+                    "weight_decay", "seed", "min_lr"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        if self.embedding_weight_decay is not None and not self.embedding_weight_decay >= 0:
+            raise ValueError(f"embedding_weight_decay={self.embedding_weight_decay} must be >= 0, "
+                             f"or None for each optimizer's default (adamw: weight_decay, "
+                             f"coupled_adam: 0)")
         check_finite_numbers(self)
         if not self.out_dir.strip():
             raise ValueError("out_dir is empty; give the run a folder, e.g. --out_dir=out/run")

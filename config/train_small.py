@@ -1,5 +1,7 @@
-# GPT-2 small (124M) on OpenWebText, AdamW + cosine: the baseline every averaging run compares to.
-# Global batch ~0.5M tokens: 12 sequences x 1024 tokens x 40 micro-steps (5 per GPU on 8 GPUs).
+# GPT-2 small (124M) on OpenWebText, AdamW + cosine: nanoGPT's GPT-2 reproduction recipe
+# (config/train_gpt2.py there: 600k steps, peak LR 6e-4 to 6e-5, 2000 warmup steps). The other
+# train_small_* configs start from it. Global batch ~0.5M tokens: 12 sequences x 1024 tokens x 40
+# micro-steps (5 per GPU on 8 GPUs).
 #   python data/openwebtext/prepare.py
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_small.py
 
@@ -30,4 +32,4 @@ warmup_iters = 2000
 min_lr = 6e-5
 
 compile = True
-averaging = ""          # the plain baseline; the _bema/_ema/_lawa/_swa configs average
+averaging = ""          # none; the _lawa/_ema/_swa/_bema configs average on LAWA's recipe

@@ -1,9 +1,12 @@
 # BEMA (Block & Zhang, arXiv 2508.00180) on GPT-2 small (124M) / OpenWebText, on the high-LR
 # trajectory of config/train_small_lawa.py so it compares directly with LAWA, EMA and SWA there.
-# The paper's defaults (kappa = ema_power 0.5, eta = bias_power 0.2, rho = lag 10, gamma = 1) come
-# from fine-tuning, where theta_0 is a pretrained model. Adapted to pretraining:
+# The paper's defaults (kappa = ema_power 0.5, eta = bias_power 0.2, rho = lag 10, gamma = 1, as
+# in TRL's BEMACallback) come from fine-tuning, where theta_0 is a pretrained model; the authors'
+# configs also floor beta at 1e-4 (bema_min_ema_multiplier, negligible here). Not a reproduction
+# of a paper run: adapted to pretraining,
 #   - burn-in tau = the 2000 warmup steps, so theta_0 (the anchor of the bias correction) is a
-#     trained model, not the random init;
+#     trained model, not the random init; t counts from there (TRL's callback keeps the
+#     absolute step: with this burn-in its b = 10 + s is ours with lag 2010, docs/averaging.md);
 #   - update every step (the paper's fine-tuning used 400): the fused kernel makes that cheap,
 #     see docs/benchmarks.md.
 # The paper's "EMA" is this with --bema_bias_power=-1.

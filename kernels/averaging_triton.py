@@ -171,8 +171,8 @@ def ouema_update_(ema, theta, theta0, a, beta):
     _check("ouema_update_", theta, ema=ema, theta0=theta0)
     a = _scalar("ouema_update_", "a", a)
     if a == 1.0:
-        raise ValueError("ouema_update_: a=1 divides by 1 - a = 0; a_t = (1 + b_t)^(-eta) < 1 "
-                         "needs b_t > 0 and eta > 0")
+        raise ValueError("ouema_update_: a=1 divides by 1 - a = 0; a_t = b_t^(-eta) < 1 "
+                         "needs b_t > 1 and eta > 0")
     _launch(_ouema_kernel, theta, ema, theta, theta0, a, 1.0 / (1.0 - a),
             _scalar("ouema_update_", "beta", beta))
     return ema

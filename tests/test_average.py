@@ -34,7 +34,8 @@ def run_dir(tiny_data_dir, tmp_path_factory):
         data_dir=str(tiny_data_dir), out_dir=str(out), n_layer=2, n_head=2, n_embd=32,
         block_size=16, batch_size=4, max_iters=STEPS, eval_interval=STEPS, eval_iters=2,
         log_interval=4, ckpt_interval=STEPS, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3,
-        device="cpu", snapshot_interval=1, averaging=ALL, **SAME, **PERIODS))
+        device="cpu", snapshot_interval=1, averaging=ALL, **SAME, **PERIODS,
+        ema_update_after=0, wa_start=0))   # offline burn-ins default to the first snapshot, 0
     return out
 
 

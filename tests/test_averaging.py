@@ -164,7 +164,7 @@ def test_schedule_functions():
     assert averaging.ema_warmup_decay(0, 0.999, 2 / 3, 1.0) == 0.0
     assert averaging.ema_warmup_decay(7, 0.999, 2 / 3, 1.0) == pytest.approx(1 - 8 ** (-2 / 3))
     assert averaging.ema_warmup_decay(10**9, 0.999, 2 / 3, 1.0) == 0.999
-    assert averaging.ouema_a(0, 0.2, 1.0, 1.0) == pytest.approx(2 ** -0.2)
+    assert averaging.ouema_a(0, 0.2, 2.0, 1.0) == pytest.approx(2 ** -0.2)   # β_t's base b_t
 
 
 # ------------------------------------------------------------------------------ EMA and SWA
@@ -241,7 +241,7 @@ def test_dema_matches_reference():
 
 
 def test_ouema_matches_reference():
-    tau, phi, eta, rho = 20, 2, 0.3, 1.0
+    tau, phi, eta, rho = 20, 2, 0.3, 2.0
     avg = build_averager("ouema", ouema_update_after=tau, ouema_update_freq=phi,
                          ouema_bias_power=eta)
     res, e = {}, None
@@ -250,7 +250,7 @@ def test_ouema_matches_reference():
             th0, e = TRAJ[s].clone(), TRAJ[s].clone()
         elif acting(s, tau, phi):
             b = rho + (s - tau)
-            a = (1 + b) ** -eta
+            a = b ** -eta         # one time base b for a_t and β_t
             tilde = (TRAJ[s] - a * th0) / (1 - a)
             beta = b ** -0.5
             e = (1 - beta) * e + beta * tilde
@@ -397,6 +397,7 @@ def test_update_must_see_initialisation_and_every_acting_step():
     ("lawa", dict(lawa_interval=0), "lawa_interval"),
     ("ouema", dict(ouema_bias_power=0.0), "ouema_bias_power"),
     ("ouema", dict(ouema_lag=0.0, ouema_multiplier=0.0), "ouema_lag"),
+    ("ouema", dict(ouema_lag=0.0), "ouema_lag"),             # b_1 = 1: a_1 = 1 divides by 0
     ("bema", dict(bema_update_freq=0), "bema_update_freq"),
     ("bema", dict(bema_update_after=-1), "bema_update_after"),
     ("bema", dict(bema_lag=0.5, bema_multiplier=0.2), "bema_lag"),
@@ -454,7 +455,7 @@ def test_windowed_average_with_gaps_keeps_windows_in_steps(horizon, windows):
     inside it and finishes when its last sample or a later window's first sample arrives."""
     steps = list(range(0, 1001, 50))
     avg = build_averager("wa", allow_gaps=True, wa_interval=1, wa_horizon=horizon,
-                         wa_windows=windows)
+                         wa_windows=windows, wa_start=0)
     got = run(avg, steps=steps)
     ref = {}
     for i, s in enumerate(steps):
@@ -475,7 +476,7 @@ def test_swapped_in_puts_the_average_into_the_model_and_restores_it():
     from flat_params import FlatParameters
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     flat = FlatParameters(model)
-    avg = build_averager("ema", ema_decay=0.5)
+    avg = build_averager("ema", ema_decay=0.5, ema_update_after=0)
     with pytest.raises(RuntimeError, match="no average yet"):
         avg.swapped_in(flat)
     live = flat.buffer.clone()

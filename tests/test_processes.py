@@ -35,7 +35,8 @@ def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
     common = TINY + [f"--data_dir={tiny_data_dir}", "--gradient_accumulation_steps=2",
                      "--max_iters=6", "--eval_interval=3", "--log_interval=3",
                      "--ckpt_interval=3", "--dropout=0.0", "--averaging=ema,bema,lawa,swa",
-                     "--lawa_interval=2", "--lawa_k=2"]
+                     "--lawa_interval=2", "--lawa_k=2",
+                     "--ema_update_after=0"]   # every average already at the step-0 eval
     single = run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *common])
     assert single.returncode == 0, single.stderr
     ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -138,11 +138,13 @@ def test_explicit_cooldown_start_wins_over_cooldown_frac():
     check(LRSchedule("wsd", max_iters=100, cooldown_frac=0.5, cooldown_shape="linear"), {60: 0.8})
 
 
-def test_cooldown_frac_rounds_to_the_nearest_step():
-    # 0.26 * 10 = 2.6 -> 3 cooldown steps: c = 7
-    schedule = LRSchedule("wsd", max_iters=10, cooldown_frac=0.26, cooldown_shape="linear")
+def test_cooldown_frac_truncates_to_whole_steps():
+    # 0.36 * 10 = 3.6 -> 3 cooldown steps (the authors' int()): c = 7
+    schedule = LRSchedule("wsd", max_iters=10, cooldown_frac=0.36, cooldown_shape="linear")
     assert schedule.cooldown_begin == 7
     check(schedule, {6: 1.0, 7: 1.0, 8: 2 / 3, 9: 1 / 3, 10: 0.0})
+    # the issue's example: 0.2 * 1003 = 200.6 -> 200 steps, c = 803 (round() gave 802)
+    assert LRSchedule("wsd", max_iters=1003, cooldown_frac=0.2).cooldown_begin == 803
     # cooldown_frac 0: no cooldown, the end value only at max_iters
     check(LRSchedule("wsd", max_iters=10, cooldown_frac=0.0), {0: 1.0, 9: 1.0, 10: 0.0})
 
