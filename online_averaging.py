@@ -27,11 +27,19 @@ import torch.distributed as dist
 from averaging import AVERAGERS, build_averager, parse_method_list
 
 
+def key_type(cls, key):
+    """The config type of averager key `key`: that of its default, or `T | None` for a key the
+    class lists in `optional_keys` as taking None besides values of type T (phema's two width
+    keys: exactly one is set)."""
+    optional = getattr(cls, "optional_keys", {})
+    return optional[key] | None if key in optional else type(cls.defaults[key])
+
+
 def _config_fields():
     fields = []
     for cls in AVERAGERS.values():
         for key, default in cls.defaults.items():
-            fields.append((key, type(default), dataclasses.field(default=default)))
+            fields.append((key, key_type(cls, key), dataclasses.field(default=default)))
     return fields
 
 
