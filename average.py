@@ -59,6 +59,9 @@ def _sweepable(cls, key, default):
     first snapshot" / "every snapshot"."""
     if key in (cls.start_key, cls.freq_key):
         return int | list[int] | None, None
+    if key in cls.optional_keys:   # T | None: a value, None, or a list of values
+        kind = cls.optional_keys[key]
+        return kind | list[kind] | None, default
     return type(default) | list[type(default)], default
 
 
@@ -130,7 +133,8 @@ def expand_settings(cfg, first_step):
         grid = {}
         for key in cls.defaults:
             value = getattr(cfg, key)
-            if value is None:   # burn-in / period not given: from the trajectory
+            if value is None and key in (cls.start_key, cls.freq_key):
+                # burn-in / period not given: from the trajectory
                 value = first_step if key == cls.start_key else 1
             grid[key] = value if isinstance(value, list) else [value]
             if not grid[key]:

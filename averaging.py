@@ -176,6 +176,7 @@ class Averager(ABC):
     freq_key = ""       # the key holding φ (period)
     buffers = ()        # names of float32 tensor attributes that form the state
     counters = ()       # names of int attributes that form the state
+    optional_keys = {}  # key -> type T of the keys that take None besides values of type T
 
     def __init__(self, allow_gaps=False, **hparams):
         self.allow_gaps = allow_gaps
@@ -586,6 +587,111 @@ class WindowedAverage(Averager):
         if self.finished_count == 0:
             return self.current
         return self.finished[:min(self.finished_count, self.n_windows)].mean(dim=0)
+
+
+# ------------------------------------------------------- power-function EMA (Karras et al., EDM2)
+# "Analyzing and Improving the Training Dynamics of Diffusion Models", CVPR 2024, section 3 and
+# appendix C. posthoc.py builds the post-hoc reconstruction on these definitions.
+
+SIGMA_REL_MAX = math.sqrt(1 / 12)   # σ_rel of γ = 0 (the uniform mean); larger widths need γ < 0
+
+
+def gamma_to_sigma_rel(gamma):
+    """σ_rel(γ) = sqrt((γ+1) / ((γ+2)²(γ+3))): the standard deviation of the profile
+    p(x) = (γ+1)x^γ / t^(γ+1) on [0, t], divided by t (mean (γ+1)/(γ+2)·t, second moment
+    (γ+1)/(γ+3)·t²). Independent of t: the profile only stretches as training goes on."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def sigma_rel_to_gamma(sigma_rel):
+    """The γ >= 0 with gamma_to_sigma_rel(γ) = σ_rel, for 0 < σ_rel <= 1/sqrt(12).
+    σ_rel(γ) falls strictly on [0, ∞) and σ_rel(γ) < 1/(γ+2), so the root lies in
+    [0, 1/σ_rel − 2]; bisection to the last float. (EDM2 takes the largest real root of the
+    cubic γ³ + 7γ² + (16 − σ_rel⁻²)γ + 12 − σ_rel⁻² = 0, the same number.)"""
+    if not 0 < sigma_rel <= SIGMA_REL_MAX:
+        raise ValueError(f"sigma_rel={sigma_rel!r}: must be in (0, 1/sqrt(12) = "
+                         f"{SIGMA_REL_MAX:.6f}] (1/sqrt(12) is the uniform mean, gamma = 0)")
+    lo, hi = 0.0, max(0.0, 1.0 / sigma_rel - 2.0)
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            return lo if abs(gamma_to_sigma_rel(lo) - sigma_rel) <= \
+                abs(gamma_to_sigma_rel(hi) - sigma_rel) else hi
+        if gamma_to_sigma_rel(mid) > sigma_rel:
+            lo = mid
+        else:
+            hi = mid
+
+
+def phema_decay(t, t_prev, gamma):
+    """Weight (t_prev / t)^(γ+1) of the old average when the power EMA moves from t_prev to t.
+    Over acting times 0 = t_0 < t_1 < ... < t_n = t the decays telescope: θ at t_j keeps
+    (t_j^(γ+1) − t_{j−1}^(γ+1)) / t^(γ+1) = ∫ over (t_{j−1}, t_j] of p(x) dx, the mass the
+    continuous profile puts on the interval that iterate stands for. Every period φ:
+    (1 − φ/t)^(γ+1), EDM2's update with t_delta = φ; t_prev = 0 gives 0 (the first update
+    replaces the initial copy)."""
+    return (t_prev / t) ** (gamma + 1)
+
+
+@register
+class PHEMA(Averager):
+    """Power-function EMA (EDM2): at t = s − τ the average of the iterates it saw, the one at
+    t' in (0, t] weighted ∝ t'^γ, i.e. e ← d·e + (1 − d)·θ_s with d = (1 − φ/t)^(γ+1)
+    (phema_decay). Its length grows with t: the profile's std is the fixed fraction σ_rel of t.
+
+    The width is one number given one of two ways: phema_sigma_rel (σ_rel, EDM2's relative
+    standard deviation of the profile; γ from it by sigma_rel_to_gamma) or phema_gamma (γ
+    itself). Exactly one of them is set, the other None, so a config never holds two widths
+    that disagree. γ >= 0: γ = 0 is the uniform mean (swa), larger γ a shorter average.
+
+    Conventions: initialised to a copy of θ_τ, which is the average until the first update; that
+    update has d = 0, so θ_τ has weight 0 from then on (EDM2's average never contains the
+    initialisation either). With acting times t_j (multiples of φ, or the snapshots offline) θ
+    at t_j has the weight (t_j^(γ+1) − t_{j−1}^(γ+1)) / t^(γ+1): exactly the continuous profile's
+    mass over the interval (t_{j−1}, t_j] it stands for, ≈ ∝ t_j^γ for t_j ≫ φ. With every
+    φ steps these weights depend only on j = t_j/φ: φ rescales time, the profile keeps its
+    shape. Offline (allow_gaps) the decay uses the real previous step, so a snapshot stands for
+    the steps since the one before it.
+    """
+    name = "phema"
+    defaults = {
+        "phema_sigma_rel": 0.05,   # σ_rel: the profile's std / t (EDM2 stores 0.05 and 0.10)
+        "phema_gamma": None,       # γ: weights ∝ t^γ (None: from phema_sigma_rel)
+        "phema_update_after": 0,   # τ: burn-in step
+        "phema_update_freq": 1,    # φ: acts every φ steps
+    }
+    optional_keys = {"phema_sigma_rel": float, "phema_gamma": float}
+    start_key, freq_key, buffers = "phema_update_after", "phema_update_freq", ("e",)
+
+    def _validate(self, hp):
+        sigma_rel, gamma = hp["phema_sigma_rel"], hp["phema_gamma"]
+        if sigma_rel is not None and gamma is not None:
+            raise ValueError(
+                f"phema_sigma_rel={sigma_rel!r} and phema_gamma={gamma!r} both set the profile "
+                f"width (gamma = sigma_rel_to_gamma(sigma_rel)); set the one you do not use to "
+                f"None, e.g. phema_sigma_rel=None with phema_gamma={gamma!r}")
+        if sigma_rel is None and gamma is None:
+            raise ValueError("phema_sigma_rel=None and phema_gamma=None: set one of them, e.g. "
+                             "phema_sigma_rel=0.05 (or phema_gamma=16.97, the same width)")
+        if gamma is None:
+            self.sigma_rel = _real(hp, "phema_sigma_rel", 0.0, SIGMA_REL_MAX, lo_open=True,
+                                   why=" (1/sqrt(12) is the uniform mean; for wider profiles "
+                                       "use swa)")
+            self.gamma = sigma_rel_to_gamma(self.sigma_rel)
+        else:
+            self.gamma = _real(hp, "phema_gamma", 0.0,
+                               why=" (gamma < 0 would weight the earliest iterates most)")
+            self.sigma_rel = gamma_to_sigma_rel(self.gamma)
+
+    def _init(self, theta):
+        self.e = _copy(theta)
+
+    def _update(self, t, theta):
+        # self.step is still the previous acting step here: t_prev = 0 at the first update
+        ema_update_(self.e, theta, 1.0 - phema_decay(t, self.step - self.tau, self.gamma))
+
+    def average(self):
+        return self.e
 
 
 def parse_method_list(spec, key, allow_empty):

@@ -28,6 +28,14 @@ from averaging import AVERAGERS, build_averager, parse_method_list
 from configurator import ConfigError, FieldGroup, dict_notes
 
 
+def key_type(cls, key):
+    """The config type of averager key `key`: that of its default, or `T | None` for a key the
+    class lists in `optional_keys` as taking None besides values of type T (phema's two width
+    keys: exactly one is set)."""
+    optional = cls.optional_keys
+    return optional[key] | None if key in optional else type(cls.defaults[key])
+
+
 def averager_fields(make_field):
     """One dataclass field per hyperparameter of every registered method, in registry order:
     [(key, annotation, field)]. make_field(cls, key, default) gives (annotation, default value);
@@ -35,7 +43,8 @@ def averager_fields(make_field):
     `defaults` (for --help)."""
     fields = []
     for cls in AVERAGERS.values():
-        group = FieldGroup(f"averaging: {cls.name}", (cls.__doc__ or "").strip(), generated=True)
+        summary = (cls.__doc__ or "").strip().split("\n\n")[0]   # the docstring's first paragraph
+        group = FieldGroup(f"averaging: {cls.name}", summary, generated=True)
         comments = dict_notes(cls, "defaults")
         for key, default in cls.defaults.items():
             annotation, value = make_field(cls, key, default)
@@ -49,7 +58,7 @@ def make_averaging_config():
     `--bema_lag=5` works and an unknown key is an error. Built from the registry at import."""
     return dataclasses.make_dataclass(
         "AveragingConfig",
-        averager_fields(lambda cls, key, default: (type(default), default)))
+        averager_fields(lambda cls, key, default: (key_type(cls, key), default)))
 
 
 AveragingConfig = make_averaging_config()

@@ -310,11 +310,14 @@ CASES = {
     "swa": dict(swa_start=50, swa_freq=4),
     "lawa": dict(lawa_k=4, lawa_interval=9, lawa_start=1),
     "wa": dict(wa_interval=3, wa_horizon=33, wa_windows=2, wa_start=4),
+    "phema": dict(phema_sigma_rel=None, phema_gamma=4.0, phema_update_after=5,
+                  phema_update_freq=3),
 }
 
 
 def test_registry_covers_every_method():
-    assert set(AVERAGERS) == set(CASES) == {"ema", "bema", "dema", "ouema", "swa", "lawa", "wa"}
+    assert set(AVERAGERS) == set(CASES) == {"ema", "bema", "dema", "ouema", "swa", "lawa", "wa",
+                                            "phema"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -353,7 +356,7 @@ def test_load_rejects_other_hyperparameters_or_method():
         build_averager("ema").load_state_dict(sd)
 
 
-@pytest.mark.parametrize("name", ["bema", "swa", "lawa", "ema"])
+@pytest.mark.parametrize("name", ["bema", "swa", "lawa", "ema", "phema"])
 def test_bf16_theta(name):
     """θ in bf16 (as a bf16 model would pass it): state stays float32 and matches the float64
     reference over the bf16-rounded trajectory."""

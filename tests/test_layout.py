@@ -71,7 +71,7 @@ def readme_method_rows():
 
 def default_text(value):
     """How the README table writes a default: 0.999 -> .999, 2/3 -> 2/3, True -> True."""
-    if isinstance(value, bool) or isinstance(value, int):
+    if value is None or isinstance(value, (bool, int)):
         return str(value)
     if abs(value - 2 / 3) < 1e-12:
         return "2/3"

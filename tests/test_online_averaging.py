@@ -30,6 +30,7 @@ HPARAMS = {
     "swa": dict(swa_start=3, swa_freq=2),
     "lawa": dict(lawa_k=3, lawa_interval=2, lawa_start=0),
     "wa": dict(wa_interval=1, wa_horizon=3, wa_windows=2, wa_start=1),
+    "phema": dict(phema_sigma_rel=0.1, phema_update_after=1, phema_update_freq=2),
 }
 STEPS = 12
 

@@ -1,0 +1,206 @@
+"""
+Post-hoc EMA (Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+EDM2, CVPR 2024): choose the length of a power-function EMA after training. Training tracks two
+power-function EMAs (averaging.py's `phema`, EDM2's σ_rel 0.05 and 0.10) and stores them with
+every snapshot; the power-function EMA of any other width at a stored step is then, very nearly,
+a linear combination of the stored ones, with coefficients from a least-squares fit of their
+weight profiles.
+
+    stored = [(t_i, gamma_i), ...]     # each stored EMA: t = s - τ (steps since burn-in), its γ
+    coeffs = solve_coefficients(stored, target=(t_r, sigma_rel_to_gamma(0.2)))
+    weights = synthesize(coeffs, tensors)   # tensors: the stored flat EMAs, in the order of stored
+    reconstruction_error(stored, (t_r, gamma_r), coeffs)   # relative L2 error of the profile
+
+The math (docs/posthoc.md has it in full):
+- Profile. The phema average with exponent γ at time t is ∫ p(x) θ̄(x) dx with
+  p(x) = (γ+1) x^γ / t^(γ+1) on (0, t] and θ̄ the trajectory held piecewise constant: θ̄(x) is θ at
+  the first acting step at or after x. This is exact for the recursion training runs (see
+  averaging.phema_decay): the iterate at t_j = jφ carries the profile's mass over ((j−1)φ, jφ],
+      w_j = (j^(γ+1) − (j−1)^(γ+1)) / n^(γ+1),   n = t/φ,   Σ_j w_j = 1.
+- Fit. A combination Σ_i c_i e_i of stored averages has the profile Σ_i c_i p_i. EDM2 picks c
+  minimising ‖Σ_i c_i p_i − p_r‖², i.e. A c = b with A_ik = ⟨p_i, p_k⟩, b_i = ⟨p_i, p_r⟩, then
+  rescales c to sum to 1 so that the result is a weighted average like every EMA (the weights of
+  every profile sum to 1; without the rescaling a poor fit also shrinks or grows the weights).
+- Inner products, two variants:
+  continuous (EDM2): ⟨p_a, p_b⟩ = ∫ p_a p_b dx = (γ_a+1)(γ_b+1)/(γ_a+γ_b+1) · (t_a/t_b)^γ_b / t_b
+      for t_a <= t_b (the integral of x^(γ_a+γ_b) over (0, t_a]).
+  exact (the default): Σ_j w_a,j w_b,j over the acting iterates, the discrete weights above. The
+      reconstruction error in weights is Σ_j (Σ_i c_i w_i,j − w_r,j) θ_j, so this is the norm
+      that matters; the continuous one also counts structure inside one period that no average
+      can see. The two agree once the profiles near the target are many periods wide
+      (σ_rel·t >~ 10φ) and differ when they are not; docs/posthoc.md has the measured gap. Cost: a pass over the n = t/φ
+      iterates per distinct γ (gram_matrix explains), well under a second for n = 10^6.
+Only stored averages from at or before the target step may enter (as in EDM2): one from later
+would mix in iterates the target average has not seen.
+"""
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+# the σ_rel ↔ γ relation is the phema averager's own; re-exported here for post-hoc users
+from averaging import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
+
+_CHUNK = 1 << 16   # iterates per block of the exact inner products
+
+
+# ------------------------------------------------------------------------------- profiles
+
+def _bin_masses(j, n, gamma):
+    """(j^(γ+1) − (j−1)^(γ+1)) / n^(γ+1) for 1 <= j <= n (arrays broadcast), 0 for j > n.
+    Written (j/n)^(γ+1) · (1 − (1 − 1/j)^(γ+1)) so that large j does not subtract two nearly equal
+    powers; at j = 1 the second factor is 1 (log1p(−1) = −inf, expm1(−inf) = −1)."""
+    with np.errstate(divide="ignore"):
+        mass = (j / n) ** (gamma + 1) * -np.expm1((gamma + 1) * np.log1p(-1.0 / j))
+    return np.where(j <= n, mass, 0.0)
+
+
+def profile_weights(t, gamma, update_freq=1):
+    """float64 weights of the iterates at t' = φ, 2φ, ..., t (steps since burn-in) in the phema
+    average at t with exponent γ and period φ = update_freq (the initial copy at t' = 0 has
+    weight 0). They sum to 1 and depend only on n = t/φ."""
+    n = _updates(t, update_freq, "t")
+    return _bin_masses(np.arange(1, n + 1, dtype=np.float64), n, float(gamma))
+
+
+def profile_inner_product(t_a, gamma_a, t_b, gamma_b):
+    """∫ p_a(x) p_b(x) dx of the continuous profiles p(x) = (γ+1) x^γ / t^(γ+1) on (0, t]."""
+    if t_a > t_b:
+        t_a, gamma_a, t_b, gamma_b = t_b, gamma_b, t_a, gamma_a
+    return ((gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1)
+            * (t_a / t_b) ** gamma_b / t_b)
+
+
+def gram_matrix(profiles, exact=True, update_freq=1):
+    """(K, K) float64 matrix of the inner products of the profiles [(t, γ), ...]: exact = sums
+    over the discrete weights of the acting iterates (t in steps, multiples of update_freq);
+    exact=False = EDM2's continuous integrals."""
+    gamma = np.array([p[1] for p in profiles], dtype=np.float64)
+    if not exact:
+        t = [p[0] for p in profiles]
+        return np.array([[profile_inner_product(ta, ga, tb, gb) for tb, gb in zip(t, gamma)]
+                         for ta, ga in zip(t, gamma)])
+    n = np.array([_updates(p[0], update_freq, "t") for p in profiles], dtype=np.int64)
+    # A profile ending at n weighs iterate j by (j/n)^(γ+1)·(1 − (1 − 1/j)^(γ+1)): on a stretch
+    # of iterates (m', m] every profile with this γ still running at m (n >= m) is the one
+    # ending at m scaled by (m/n)^(γ+1). So cut 1..max(n) at the distinct ends m, sum the
+    # products of the few distinct-γ base profiles over each stretch, and scale: work
+    # (number of distinct γ)² · max(n), not K² · max(n), and no scale factor above 1.
+    gammas, which = np.unique(gamma, return_inverse=True)
+    gram = np.zeros((len(profiles), len(profiles)))
+    previous_end = 0
+    for end in np.unique(n):
+        products = np.zeros((len(gammas), len(gammas)))
+        for first in range(previous_end + 1, end + 1, _CHUNK):
+            j = np.arange(first, min(first + _CHUNK, end + 1), dtype=np.float64)
+            base = _bin_masses(j[None, :], float(end), gammas[:, None])
+            # weights below 1e-100 change nothing, and products of such subnormal-range numbers
+            # slow BLAS down a hundredfold
+            base[base < 1e-100] = 0.0
+            products += base @ base.T
+        live = np.flatnonzero(n >= end)
+        scale = (end / n[live]) ** (gamma[live] + 1)
+        gram[np.ix_(live, live)] += (np.outer(scale, scale)
+                                     * products[np.ix_(which[live], which[live])])
+        previous_end = end
+    return gram
+
+
+# ------------------------------------------------------------------------ reconstruction
+
+def solve_coefficients(stored, target, exact=True, update_freq=1):
+    """Coefficients c (float64, one per stored average, summing to 1) with Σ_i c_i e_i the best
+    approximation of the phema average `target` = (t_r, γ_r) from the stored ones
+    `stored` = [(t_i, γ_i), ...] (t in steps since burn-in, each t_i <= t_r; with exact=True
+    all multiples of update_freq, the stored averagers' period). EDM2's least squares with its
+    rescaling to sum 1; exact=False uses its continuous inner products."""
+    gram = _checked_gram(stored, target, exact, update_freq)
+    coeffs = np.linalg.lstsq(gram[:-1, :-1], gram[:-1, -1], rcond=None)[0]
+    total = coeffs.sum()
+    if not total > 1e-12:   # cannot happen for profiles of an actual run; guard the division
+        raise ValueError(f"the least-squares coefficients for target {tuple(target)} sum to "
+                         f"{total:.3g}: the stored profiles {list(stored)} cannot express it")
+    return coeffs / total
+
+
+def reconstruction_error(stored, target, coeffs, exact=True, update_freq=1):
+    """‖Σ_i c_i p_i − p_r‖ / ‖p_r‖: the relative L2 error of the reconstructed weight profile
+    (exact: over the discrete weights of the iterates, else of the continuous profiles).
+    Computed from the inner products, so it bottoms out near 1e-8 (the square root of float64's
+    resolution); a reconstruction from profiles spanning the target can be exact."""
+    gram = _checked_gram(stored, target, exact, update_freq)
+    c = np.asarray(coeffs, dtype=np.float64)
+    if c.shape != (len(stored),):
+        raise ValueError(f"coeffs has shape {c.shape}; expected ({len(stored)},), one per "
+                         f"stored average")
+    target_norm2 = gram[-1, -1]
+    err2 = c @ gram[:-1, :-1] @ c - 2 * c @ gram[:-1, -1] + target_norm2
+    return math.sqrt(max(err2, 0.0) / target_norm2)
+
+
+def synthesize(coeffs, tensors):
+    """Σ_i c_i·tensors[i]: the reconstructed flat weights, float32. `tensors` is any iterable of
+    the stored flat EMAs in the order of `coeffs` (a generator reading them one at a time keeps
+    only one in memory); the sum is accumulated in float64, since coefficients of both signs
+    cancel. coeffs of shape (K, R), R targets, give an (R, numel) tensor from one pass."""
+    c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64))
+    if c.dim() not in (1, 2) or c.shape[0] == 0:
+        raise ValueError(f"coeffs has shape {tuple(c.shape)}; expected (K,) or (K, R)")
+    total, count = None, 0
+    for x in tensors:
+        if count == c.shape[0]:
+            raise ValueError(f"more tensors than the {c.shape[0]} coefficients")
+        if x.dim() != 1:
+            raise ValueError(f"tensor {count} has shape {tuple(x.shape)}; expected a flat one")
+        x = x.to(torch.float64)
+        if total is None:
+            total = torch.zeros(c.shape[1:] + x.shape, dtype=torch.float64, device=x.device)
+        elif x.shape[-1] != total.shape[-1]:
+            raise ValueError(f"tensor {count} has {x.numel()} entries, tensor 0 "
+                             f"{total.shape[-1]}")
+        ck = c[count].to(x.device)
+        total += ck[..., None] * x if c.dim() == 2 else ck * x
+        count += 1
+    if count != c.shape[0]:
+        raise ValueError(f"{count} tensors for {c.shape[0]} coefficients")
+    return total.to(torch.float32)
+
+
+# ------------------------------------------------------------------------------- checks
+
+def _updates(t, update_freq, what):
+    """n = t/φ for a t in steps that must be a positive multiple of φ (an acting time)."""
+    if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+        raise ValueError(f"update_freq={update_freq!r}: must be an integer >= 1")
+    n = t / update_freq
+    if not (n >= 1 and float(n).is_integer()):
+        raise ValueError(f"{what}={t!r}: must be a positive multiple of update_freq="
+                         f"{update_freq} (the steps since burn-in at which the phema averagers "
+                         f"act)")
+    return int(n)
+
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _checked_gram(stored, target, exact, update_freq):
+    stored = [tuple(p) for p in stored]
+    if not stored:
+        raise ValueError("stored is empty: give at least one (t, gamma) of a stored average")
+    for what, (t, gamma) in [(f"stored[{i}]", p) for i, p in enumerate(stored)] + \
+                            [("target", tuple(target))]:
+        if not (_is_real(t) and math.isfinite(t) and t > 0):
+            raise ValueError(f"{what}: t={t!r} must be a positive number of steps since "
+                             f"burn-in (at t = 0 an average is still the initial copy)")
+        if not (_is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"{what}: gamma={gamma!r} must be a finite number >= 0")
+    t_r = target[0]
+    late = [p for p in stored if p[0] > t_r]
+    if late:
+        raise ValueError(f"stored average {late[0]} is from after the target t={t_r}: it mixes "
+                         f"in iterates the target has not seen; pass only the stored averages "
+                         f"with t <= {t_r}")
+    return gram_matrix(stored + [tuple(target)], exact, update_freq)
