@@ -36,6 +36,8 @@ compile = True
 # BEMA at the paper's settings (its fine-tuning runs, hydra_configs/stabilizer/bema.yaml), from
 # step 0 so that the bias correction is anchored at the pretrained model.
 averaging = "bema,ema"
+save_averaged = True              # out_dir/averaged/<method>/step_0000200.safetensors at the end,
+                                  # to evaluate or export beside the raw weights
 bema_ema_power = 0.5              # κ
 bema_bias_power = 0.2             # η
 bema_lag = 10.0                   # ρ
