@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 from model import GPT, GPTConfig
 
 # the released GPT-2 checkpoints on the Hugging Face hub (the owner-less ids are redirects)
@@ -110,7 +111,9 @@ def to_hf_model(model, eos_token_id=None):
 
 
 def _state_without_tied_head(model):
-    state = dict(getattr(model, "_orig_mod", model).state_dict())
+    # not checkpoint.model_state: it finds tied tensors by address, and on the meta device
+    # (from_hf_model's shape template) every tensor has address 0
+    state = dict(checkpoint.unwrap_model(model).state_dict())
     state.pop("lm_head.weight")                   # = transformer.wte.weight (tied)
     return state
 
@@ -189,6 +192,8 @@ def is_pretrained_source(init_from):
     """True for 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' and for a directory (a
     transformers folder): the --init_from values load_weights takes. Our own checkpoints are
     files, 'scratch' and 'resume' are neither."""
+    if init_from in ("", "scratch", "resume"):     # never a folder, even if one has the name
+        return False
     return init_from in PRETRAINED or Path(init_from).is_dir()
 
 

@@ -128,7 +128,7 @@ def test_what_model_py_cannot_represent_is_refused(config, message, tmp_path):
 def test_bad_sources(tmp_path):
     for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         assert hf_gpt2.is_pretrained_source(name)
-    for value in ("scratch", "resume", str(tmp_path / "ckpt_0000100.pt"), "gpt3"):
+    for value in ("scratch", "resume", "", str(tmp_path / "ckpt_0000100.pt"), "gpt3"):
         assert not hf_gpt2.is_pretrained_source(value)
     with pytest.raises(PretrainedLoadError, match="not a folder; pass one of gpt2, gpt2-medium"):
         hf_gpt2.load_pretrained(str(tmp_path / "missing"))
