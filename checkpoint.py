@@ -17,10 +17,11 @@ Files this project writes (every one atomically, see atomic_path):
                                              an average, as a snapshot whose metadata adds
                                              `averager` and `hparams` (JSON)
 
-Files it reads (`read_checkpoint`, one record for all of them): those three, and nanoGPT-style
-checkpoints as nanoGPT, the LAWA code and the Coupled Adam code write them: a torch.save'd dict
+Files it reads (`read_checkpoint`, one record for all of them): those three, nanoGPT-style
+checkpoints as nanoGPT, the LAWA code and the Coupled Adam code write them (a torch.save'd dict
 with `model` (keys may carry `_orig_mod.`; the `attn.bias` mask buffers of non-flash attention are
-dropped), `model_args` and `iter_num`. Nothing is unpickled that could run code
+dropped), `model_args` and `iter_num`), and transformers GPT-2 folders (hf_gpt2.py, the inverse
+of export_hf.py). Nothing is unpickled that could run code
 (weights_only=True); a .pt is memory-mapped, so only the tensors that are used are paged in.
 
 Writes go to a temporary name in the same directory (`.<name>.tmp<pid>`), are fsynced, renamed
@@ -235,7 +236,7 @@ def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None
 class Checkpoint:
     """What any supported file holds. Fields a kind of file does not have are None."""
     path: Path
-    kind: str                    # 'resume' | 'snapshot' | 'nanogpt'
+    kind: str                    # 'resume' | 'snapshot' | 'nanogpt' | 'pretrained' (hf_gpt2)
     model_args: dict             # GPTConfig fields
     step: int | None             # the file's own record, else the last number in its name
     tokens_seen: int | None = None
@@ -255,8 +256,11 @@ def read_checkpoint(path, tensors=True):
     describes the file (for a snapshot, its header)."""
     path = Path(path)
     if path.is_dir():
+        if (path / "config.json").is_file():   # a transformers folder (export_hf.py writes them)
+            import hf_gpt2
+            return hf_gpt2.read_pretrained(str(path))
         raise CheckpointError(f"{path} is a directory, not a checkpoint file; give one file "
-                              f"(ckpt_*.pt or *.safetensors)")
+                              f"(ckpt_*.pt or *.safetensors) or a transformers GPT-2 folder")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":

