@@ -33,13 +33,11 @@ import itertools
 import json
 import math
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import checkpoint
 from averaging import AVERAGERS, build_averager, parse_method_list
@@ -50,7 +48,7 @@ from embedding_metrics import count_tokens, embedding_metrics
 from flat_params import FlatParameters
 from model import GPT, GPTConfig
 from online_averaging import averager_fields
-from report import markdown_table, plot_curves
+from report import markdown_table, plot_curves, progress
 from runtime import check_dtype, init_runtime, teardown
 
 
@@ -92,6 +90,7 @@ class AverageConfig(SweepConfig):
     save: str | None = None        # 'best' | a method | a setting label: save those weights ...
     save_step: int | None = None   # ... at this step (None: the last)
     plot: bool = True              # write plot.png
+    plot_x: str = "step"           # the plot's x axis: 'step' or 'tokens' (tokens seen)
 
     def __post_init__(self):
         if not self.ckpt_dir:
@@ -103,6 +102,8 @@ class AverageConfig(SweepConfig):
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every} must be >= 0")
         check_dtype(self.dtype)
+        if self.plot_x not in ("step", "tokens"):
+            raise ValueError(f"plot_x={self.plot_x!r}: use 'step' or 'tokens'")
         ckpt, out = Path(self.ckpt_dir).resolve(), Path(self.out_dir).resolve()
         if out == ckpt or ckpt in out.parents:
             raise ValueError(f"out_dir={self.out_dir} is inside ckpt_dir={self.ckpt_dir}; the "
@@ -179,8 +180,7 @@ class Trajectory:
         self.flat = FlatParameters(self.model)
 
     def __iter__(self):
-        for entry in tqdm(self.files, desc="snapshots", unit="file", file=sys.stderr,
-                          disable=None):
+        for entry in progress(self.files, desc="snapshots"):
             try:
                 weights = checkpoint.read_checkpoint(entry.path)
                 self._load(weights, entry.path)
@@ -346,7 +346,7 @@ def _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped):
 
         def measure(step, method, label, hparams):
             loss = evaluate_loss(traj.model, data, batches, runtime, splits=("val",))["val"]
-            row = _row(step, method, label, hparams, loss)
+            row = _row(step, weights.tokens_seen, method, label, hparams, loss)
             if cfg.embeddings:
                 metrics = embedding_metrics(traj.model.transformer.wte.weight, token_counts,
                                             vocab_size=data.vocab_size)
@@ -399,8 +399,8 @@ EMBEDDING_COLUMNS = ("isotropy", "mean_norm", "norm_ratio", "singular_value_rati
                      "norm_logfreq_pearson")
 
 
-def _row(step, method, label, hparams, loss):
-    return {"step": step, "method": method, "setting": label,
+def _row(step, tokens, method, label, hparams, loss):
+    return {"step": step, "tokens": tokens, "method": method, "setting": label,
             "hparams": json.dumps(hparams, sort_keys=True), "val_loss": loss}
 
 
@@ -456,7 +456,7 @@ def format_table(best):
 def _write_outputs(cfg, summary):
     out = Path(cfg.out_dir)
     buffer = io.StringIO()
-    columns = ["step", "method", "setting", "hparams", "val_loss"]
+    columns = ["step", "tokens", "method", "setting", "hparams", "val_loss"]
     writer = csv.DictWriter(buffer, columns + (list(EMBEDDING_COLUMNS) if cfg.embeddings else []))
     writer.writeheader()
     writer.writerows(summary["rows"])
@@ -468,15 +468,22 @@ def _write_outputs(cfg, summary):
     record["config"] = dataclasses.asdict(cfg)
     checkpoint.atomic_write(out / "results.json", json.dumps(record, indent=1))
     if cfg.plot:
-        plot(summary, out / "plot.png")
+        plot(summary, out / "plot.png", cfg)
 
 
-def plot(summary, path):
-    """Val loss vs step: the raw weights and the best setting of each method."""
-    curves = {b["setting"]: [(r["step"], r["val_loss"]) for r in summary["rows"]
-                             if r["setting"] == b["setting"]] for b in summary["best"]}
-    return plot_curves(curves, path,
-                       "raw weights vs averages (best setting per method at the last step)")
+def plot(summary, path, cfg):
+    """Val loss vs step (or tokens): the raw weights and the best setting of each method, with
+    the gain of each over the raw weights below; the run and the data in the title."""
+    x = "tokens" if cfg.plot_x == "tokens" else "step"
+    curves = {b["setting"]: [(r[x], r["val_loss"]) for r in summary["rows"]
+                             if r["setting"] == b["setting"] and r[x] is not None]
+              for b in summary["best"]}
+    steps = [f["step"] for f in summary["files"]]
+    data = cfg.data_dir or f"data/{cfg.dataset}"
+    title = (f"{cfg.ckpt_dir}: {len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}; val loss "
+             f"on {data} ({cfg.eval_iters} batches)\nraw weights vs the best setting of each "
+             f"method at the last step")
+    return plot_curves(curves, path, title, xlabel="tokens seen" if x == "tokens" else "step")
 
 
 if __name__ == "__main__":

@@ -164,10 +164,11 @@ class EvalBatches:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, batches, runtime, splits=("train", "val")):
+def evaluate_loss(model, data, batches, runtime, splits=("train", "val"), progress=None):
     """{split: mean loss over batches.eval_iters batches}. Under DDP the batches are split over
     the ranks and the sum is all-reduced, so every rank gets the same numbers. The model is put
-    in eval mode for the call and back in train mode after it."""
+    in eval mode for the call and back in train mode after it. `progress` (a report.Progress)
+    is told of every batch."""
     model.eval()
     losses = {}
     for split in splits:
@@ -179,6 +180,8 @@ def evaluate_loss(model, data, batches, runtime, splits=("train", "val")):
             with runtime.autocast():
                 _, loss = model(*to_device(x, y, runtime.device))
             total += loss.double()
+            if progress is not None:
+                progress.update()
         if runtime.ddp:
             dist.all_reduce(total)
         losses[split] = total.item() / batches.eval_iters

@@ -21,7 +21,7 @@ import checkpoint
 from configurator import ConfigError, main
 from dataloader import EvalBatches, evaluate_loss, open_dataset
 from embedding_metrics import count_tokens, embedding_metrics
-from report import markdown_table
+from report import Progress, markdown_table
 from runtime import check_dtype, init_runtime, teardown
 
 
@@ -73,7 +73,11 @@ def evaluate(cfg):
         if cfg.eval_iters:
             splits = ("train", "val") if cfg.train_loss else ("val",)
             batches = EvalBatches(cfg.eval_iters, cfg.batch_size, block_size, cfg.seed)
-            for split, loss in evaluate_loss(model, data, batches, runtime, splits).items():
+            meter = Progress(len(range(runtime.rank, cfg.eval_iters, runtime.world_size))
+                             * len(splits), "eval batches")
+            losses = evaluate_loss(model, data, batches, runtime, splits, progress=meter)
+            meter.close()
+            for split, loss in losses.items():
                 results[f"{split}_loss"] = loss
                 results[f"{split}_perplexity"] = math.exp(loss)
         if cfg.embeddings:

@@ -1,14 +1,19 @@
 """
-Results as people read them: markdown tables, JSON lines and the figures of val-loss curves.
-One implementation for average.py, evaluate.py, the benchmarks and the experiments.
+Results as people read them: markdown tables, JSON lines, progress of long work, and the figures
+of val-loss curves. One implementation for train.py, average.py, evaluate.py, the benchmarks and
+the experiments.
 
     print(markdown_table(rows, [("method", "method"), ("val loss", lambda r: f"{r['loss']:.4f}")]))
     append_jsonl("bench.jsonl", result)
-    plot_curves(curves, "plot.png", title="...")
+    for item in progress(items, desc="snapshots"): ...
+    plot_curves({"raw": [(step, loss), ...], "ema": [...]}, "plot.png", title="...")
 """
 
 import io
 import json
+import math
+import sys
+import time
 from pathlib import Path
 
 from checkpoint import atomic_write
@@ -35,27 +40,131 @@ def append_jsonl(path, record):
         f.flush()
 
 
-def plot_curves(curves, path, title, xlabel="step", ylabel="val loss"):
-    """Val loss vs step, one line per curve: curves is {label: [(x, y), ...]}, the first one
-    (the raw weights) drawn in black. Written as a PNG, atomically."""
+def format_duration(seconds):
+    """12345 -> '3:25:45' (h:mm:ss), for ETAs and elapsed times."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Progress of long work that shows in any log: a tqdm bar on a terminal; elsewhere (SLURM,
+    nohup, a pipe) a line on stderr every `every` seconds and at the end,
+    `snapshots: 12/41 (29%), 0:01:03 elapsed, eta 0:02:34`."""
+
+    def __init__(self, total, desc, every=30.0, stream=None):
+        self.total, self.desc, self.every = total, desc, every
+        self.stream = stream or sys.stderr
+        self.done, self.start = 0, time.perf_counter()
+        self.last_line = self.start
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, file=self.stream)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last_line >= self.every or self.done == self.total:
+            self.last_line = now
+            self.stream.write(self.line(now) + "\n")
+            self.stream.flush()
+
+    def line(self, now=None):
+        elapsed = (now or time.perf_counter()) - self.start
+        text = f"{self.desc}: {self.done}/{self.total}"
+        if self.total:
+            text += f" ({100 * self.done / self.total:.0f}%)"
+        text += f", {format_duration(elapsed)} elapsed"
+        if self.total and 0 < self.done < self.total:
+            text += f", eta {format_duration(elapsed / self.done * (self.total - self.done))}"
+        return text
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress(items, desc, total=None, every=30.0):
+    """Iterate over `items`, reporting progress as Progress does."""
+    items = list(items) if total is None else items
+    meter = Progress(len(items) if total is None else total, desc, every)
+    try:
+        for item in items:
+            yield item
+            meter.update()
+    finally:
+        meter.close()
+
+
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference=None):
+    """Val loss vs x, one line per curve ({label: [(x, y), ...]}), and below it the gain of each
+    curve over the `reference` curve (default: the first, the raw weights) at the x they share.
+    Every curve has its own marker and line style, so curves that coincide stay visible; the
+    legend sits outside the axes; the y axis leaves out curves far above the others only with a
+    note saying which (no silent clipping). Written as a PNG, atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (label, points) in enumerate(curves.items()):
-        x, y = zip(*sorted(points))
-        style = dict(color="black", linewidth=2.5) if i == 0 else {}
-        ax.plot(x, y, marker=".", label=label, **style)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    losses = [y for points in curves.values() for _, y in points]
-    ax.set_ylim(min(losses) - 0.02, min(max(losses), sorted(losses)[len(losses) // 2] + 0.5))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    labels = list(curves)
+    reference = labels[0] if reference is None else reference
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    base = dict(sorted(curves[reference]))
+    for i, label in enumerate(labels):
+        x, y = zip(*sorted(curves[label]))
+        if label == reference:
+            style = dict(color="black", linewidth=2.5, marker="o", markersize=4, zorder=5)
+        else:
+            style = dict(marker=MARKERS[(i - 1) % len(MARKERS)], markersize=5,
+                         linestyle=LINESTYLES[(i - 1) // len(MARKERS) % len(LINESTYLES)],
+                         markerfacecolor="none", linewidth=1.3)
+        line, = top.plot(x, y, label=label, **style)
+        gains = [(xi, base[xi] - yi) for xi, yi in zip(x, y) if xi in base]
+        if gains and label != reference:
+            bottom.plot(*zip(*gains), color=line.get_color(), **{k: v for k, v in style.items()
+                                                                 if k != "color"})
+    bottom.axhline(0.0, color="black", linewidth=1.5)
+    top.set_ylabel(ylabel)
+    top.set_title(title, fontsize=10)
+    bottom.set_ylabel(f"gain over {reference}\n({reference} − curve, > 0 is better)")
+    bottom.set_xlabel(xlabel)
+    gains = {k: [(x, base[x] - y) for x, y in v if x in base]
+             for k, v in curves.items() if k != reference}
+    for ax, values in ((top, curves), (bottom, gains)):
+        ax.grid(alpha=0.3)
+        clipped = _limit_y(ax, values)
+        if clipped:   # said on the plot, never silent
+            lo, hi = ax.get_ylim()
+            ax.text(0.99, 0.97, f"y axis shows {lo:.3g} to {hi:.3g}; partly outside: "
+                    f"{', '.join(clipped)}", transform=ax.transAxes, fontsize=7, va="top",
+                    ha="right", color="dimgray", zorder=10,
+                    bbox=dict(facecolor="white", edgecolor="lightgray", alpha=0.9))
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
     return Path(path)
+
+
+def _limit_y(ax, curves):
+    """Fit the y range to the bulk of the values: a curve reaching far beyond the others (a
+    diverged setting) is left partly outside, and its label returned so the plot can say so."""
+    values = sorted(y for points in curves.values() for _, y in points if math.isfinite(y))
+    if not values:
+        return []
+    q1, q3 = values[len(values) // 4], values[(3 * len(values)) // 4]
+    spread = 1.5 * max(q3 - q1, 1e-3)   # Tukey's fences: beyond 1.5 interquartile ranges
+    low, high = max(values[0], q1 - spread), min(values[-1], q3 + spread)
+    pad = 0.04 * max(high - low, 1e-3)
+    ax.set_ylim(low - pad, high + pad)
+    return [label for label, points in curves.items()
+            if any(not low - pad <= y <= high + pad for _, y in points)]

@@ -38,6 +38,7 @@ from dataloader import (EvalBatches, evaluate_loss, get_batch, micro_batch_seed,
 from flat_params import FlatParameters
 from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
 from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams
+from report import format_duration
 from run_dir import (MetricsLog, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
                      remove_leftover_temporaries)
 from runtime import (StopSignal, all_reduce_mean, check_device, check_dtype, init_runtime,
@@ -582,12 +583,6 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
             "val_loss": last_eval["val"] if last_eval else None,
             "train_loss": last_eval["train"] if last_eval else None,
             "val_loss_averaged": last_eval["averaged"] if last_eval else {}}
-
-
-def format_duration(seconds):
-    """12345 -> '3:25:45' (h:mm:ss), for the ETA of the log lines."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 if __name__ == "__main__":

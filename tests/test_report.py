@@ -1,0 +1,57 @@
+"""report.py: tables, progress lines that reach non-interactive logs, and curve plots that hide
+nothing."""
+
+import io
+
+import pytest
+
+import report
+import sample
+from configurator import ConfigError, load_config
+
+
+def test_markdown_table():
+    rows = [{"a": 1, "b": None}, {"a": 2, "b": "x"}]
+    assert report.markdown_table(rows, [("A", "a"), ("twice", lambda r: 2 * r["a"]),
+                                        ("B", "b")]) == \
+        "| A | twice | B |\n|---|---|---|\n| 1 | 2 |  |\n| 2 | 4 | x |"
+
+
+def test_progress_writes_lines_where_there_is_no_terminal(monkeypatch):
+    stream = io.StringIO()   # not a tty: SLURM, nohup, a pipe
+    clock = iter([0.0, 5.0, 40.0, 41.0, 100.0])
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    meter = report.Progress(4, "snapshots", every=30.0, stream=stream)
+    for _ in range(4):
+        meter.update()
+    lines = stream.getvalue().splitlines()
+    # one line once 30 s have passed, one at the end; none in between
+    assert lines == ["snapshots: 2/4 (50%), 0:00:40 elapsed, eta 0:00:40",
+                     "snapshots: 4/4 (100%), 0:01:40 elapsed"]
+
+
+def test_plot_marks_every_curve_and_says_what_is_outside(tmp_path, monkeypatch):
+    texts = []
+    import matplotlib.axes
+    real_text = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, *a, **k: texts.append(a[2]) or real_text(self, *a, **k))
+    steps = range(0, 500, 50)
+    curves = {"raw": [(s, 3 - s / 500) for s in steps],
+              "swa": [(s, 3.01 - s / 500) for s in steps],
+              "wa": [(s, 3.01 - s / 500) for s in steps],          # coincides with swa
+              "ouema": [(s, 3 + s / 50) for s in steps]}            # diverges
+    path = report.plot_curves(curves, tmp_path / "p.png", title="run on data")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("partly outside: ouema" in t for t in texts)   # never clipped silently
+    before = len(texts)
+    report.plot_curves({k: v for k, v in curves.items() if k != "ouema"}, tmp_path / "q.png",
+                       title="t")
+    assert not any("partly outside" in t for t in texts[before:])
+
+
+def test_sample_takes_nanogpts_start():
+    cfg = load_config(sample.SampleConfig, ["--ckpt=x.pt", "--start=ROMEO:"])
+    assert cfg.prompt == "ROMEO:"
+    with pytest.raises(ConfigError, match="prompt='JULIET:' and start='ROMEO:' are the same"):
+        load_config(sample.SampleConfig, ["--ckpt=x.pt", "--start=ROMEO:", "--prompt=JULIET:"])
