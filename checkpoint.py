@@ -248,6 +248,19 @@ class Checkpoint:
     hparams: dict | None = None     # ... and its hyperparameters
     config: dict | None = None      # resume checkpoints: the run's resolved config
 
+    def tensors(self):
+        """Every tensor the record holds: weights, optimizer and averager state."""
+        found, pending = list((self.weights or {}).values()), [self.optimizer, self.averaging]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, dict):
+                pending += list(item.values())
+            elif isinstance(item, (list, tuple)):
+                pending += list(item)
+            elif isinstance(item, torch.Tensor):
+                found.append(item)
+        return found
+
 
 def read_checkpoint(path, tensors=True):
     """The record of any checkpoint file (see the module docstring); raises CheckpointError

@@ -363,17 +363,7 @@ def newest_finite_checkpoint(out_dir):
             record = checkpoint.read_checkpoint(path)
         except checkpoint.CheckpointError:
             continue
-        tensors = list(record.weights.values())
-        pending = [record.optimizer, record.averaging]
-        while pending:
-            item = pending.pop()
-            if isinstance(item, dict):
-                pending += list(item.values())
-            elif isinstance(item, (list, tuple)):
-                pending += list(item)
-            elif torch.is_tensor(item) and item.is_floating_point():
-                tensors.append(item)
-        if all(torch.isfinite(t).all() for t in tensors):
+        if all(torch.isfinite(t).all() for t in record.tensors() if t.is_floating_point()):
             return path
     return None
 

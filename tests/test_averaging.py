@@ -15,17 +15,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_m
 
 import averaging
 from averaging import AVERAGERS, build_averager
+from trajectories import random_walk
 
 T, P = 1001, 67
 
 
 def trajectory(seed=0, T=T, P=P):
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randn(P, generator=g, dtype=torch.float64)
-    drift = 2e-3 * torch.randn(P, generator=g, dtype=torch.float64)
-    steps = 0.02 * torch.randn(T, P, generator=g, dtype=torch.float64) + drift
-    steps[0] = 0
-    return start + steps.cumsum(0)
+    return random_walk(seed, T, P, first_step=False)
 
 
 TRAJ = trajectory()

@@ -25,6 +25,7 @@ from embedding_metrics import (embedding_metrics, isotropy, isotropy_solver_sign
                                norm_logprob_correlation_all_rows)
 from model import GPT, GPTConfig
 from schedules import LRSchedule
+from trajectories import random_walk
 
 T, P = 301, 64    # a few hundred updates of a 64-entry flat vector
 TOL = 3e-6        # float32 rounding over T updates, relative to max(1, |value|)
@@ -32,12 +33,7 @@ TOL = 3e-6        # float32 rounding over T updates, relative to max(1, |value|)
 
 def trajectory(seed=0):
     """θ_0..θ_{T-1}: a random walk with drift (float64), so averages lag and corrections matter."""
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randn(P, generator=g, dtype=torch.float64)
-    drift = 3e-3 * torch.randn(P, generator=g, dtype=torch.float64)
-    steps = 0.03 * torch.randn(T, P, generator=g, dtype=torch.float64) + drift
-    steps[0] = 0
-    return start + steps.cumsum(0)
+    return random_walk(seed, T, P, drift=3e-3, step=0.03, first_step=False)
 
 
 TRAJ = trajectory()

@@ -28,6 +28,7 @@ from averaging import build_averager  # noqa: E402
 from configurator import ConfigError, load_config  # noqa: E402
 from online_averaging import averager_hparams  # noqa: E402
 from train import TrainConfig  # noqa: E402
+from trajectories import random_walk  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,11 +36,7 @@ T, P = 1001, 29
 
 
 def trajectory(seed=0, T=T, P=P):
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randn(P, generator=g, dtype=torch.float64)
-    drift = 2e-3 * torch.randn(P, generator=g, dtype=torch.float64)
-    steps = 0.02 * torch.randn(T, P, generator=g, dtype=torch.float64) + drift
-    return start + steps.cumsum(0)
+    return random_walk(seed, T, P)
 
 
 TRAJ = trajectory()

@@ -38,19 +38,6 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def every_tensor(record):
-    tensors, pending = list(record.weights.values()), [record.optimizer, record.averaging]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            pending += list(item.values())
-        elif isinstance(item, (list, tuple)):
-            pending += list(item)
-        elif torch.is_tensor(item):
-            tensors.append(item)
-    return tensors
-
-
 def all_files_load(out_dir):
     """Every checkpoint and snapshot in out_dir loads and is finite; metrics.jsonl parses
     (a torn last line dropped). Returns the resume checkpoints' steps."""
@@ -58,7 +45,7 @@ def all_files_load(out_dir):
     steps = []
     for path in checkpoint.list_resume_checkpoints(out_dir):
         record = checkpoint.read_checkpoint(path)
-        assert all(torch.isfinite(t).all() for t in every_tensor(record) if t.is_floating_point())
+        assert all(torch.isfinite(t).all() for t in record.tensors() if t.is_floating_point())
         steps.append(record.step)
     for path in checkpoint.list_snapshots(out_dir / "snapshots"):
         assert all(torch.isfinite(t).all() for t in checkpoint.read_checkpoint(path)
