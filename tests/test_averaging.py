@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_m
 
 import averaging
 from averaging import AVERAGERS, build_averager
-from trajectories import random_walk
+from trajectories import random_walk, run_averager
 
 T, P = 1001, 67
 
@@ -28,15 +28,7 @@ TRAJ = trajectory()
 
 
 def run(avg, traj=TRAJ, dtype=torch.float32, steps=None):
-    """Feed θ_s for s in steps through one tensor mutated in place; return {s: average or None}."""
-    theta = torch.empty(traj.shape[1], dtype=dtype)
-    out = {}
-    for s in (range(len(traj)) if steps is None else steps):
-        theta.copy_(traj[s])
-        avg.update(s, theta)
-        a = avg.average()
-        out[s] = None if a is None else a.double().clone()
-    return out
+    return run_averager(avg, traj, steps, dtype)
 
 
 def assert_matches(got, ref, tol=2e-6):

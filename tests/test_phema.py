@@ -28,7 +28,7 @@ from averaging import build_averager  # noqa: E402
 from configurator import ConfigError, load_config  # noqa: E402
 from online_averaging import averager_hparams  # noqa: E402
 from train import TrainConfig  # noqa: E402
-from trajectories import random_walk  # noqa: E402
+from trajectories import random_walk, run_averager  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,15 +43,7 @@ TRAJ = trajectory()
 
 
 def run(avg, traj=TRAJ, steps=None, dtype=torch.float32):
-    """Feed θ_s through one tensor mutated in place; {s: float64 copy of the average or None}."""
-    theta = torch.empty(traj.shape[1], dtype=dtype)
-    out = {}
-    for s in (range(len(traj)) if steps is None else steps):
-        theta.copy_(traj[s])
-        avg.update(s, theta)
-        a = avg.average()
-        out[s] = None if a is None else a.double().clone()
-    return out
+    return run_averager(avg, traj, steps, dtype)
 
 
 def gamma_edm2(sigma_rel):
