@@ -110,6 +110,7 @@ class VsNanoGPTConfig:
     log_interval: int = 1          # both trainers print every this many iterations
     skip_iters: int = 100          # iterations not timed at the start of each run
     averaging: str | None = None   # ours: --averaging=... (None: the preset's; '' for none)
+    threads: int | None = None     # OMP_NUM_THREADS of both trainers (None: torch's default)
     bench_out: str | None = None   # append the result as a JSON line to this file
 
     def __post_init__(self):
@@ -117,6 +118,8 @@ class VsNanoGPTConfig:
             raise ValueError(f"preset={self.preset!r} is unknown; use one of {sorted(PRESETS)}")
         if self.device.split(":")[0] not in SYSTEM:
             raise ValueError(f"device={self.device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads={self.threads} must be > 0 or None")
         for key in ("rounds", "log_interval"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
@@ -255,10 +258,13 @@ def parse_log(text, trainer, eval_interval, log_interval, skip_iters):
 
 def run_trainer(trainer, command, cwd, log_path, cfg):
     """Run one trainer to its end, its output to log_path: {ms_per_iter, wall_s, val_loss, ...}."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cfg.threads is not None:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         code = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                              env=env).returncode
     wall = time.perf_counter() - start
     text = Path(log_path).read_text()
     if code != 0:
@@ -298,6 +304,8 @@ def bench(cfg):
     dataset_name = prepare_nanogpt_workdir(cfg, workdir)
     info = {**machine_info(cfg.device),
             "nanogpt_commit": nanogpt_commit(cfg.nanogpt_dir)}
+    if cfg.threads is not None:   # what the trainers ran with, not this process
+        info["threads"] = cfg.threads
     print(f"{info['device']}, {info['cpu']}, torch {info['torch']}, {info['threads']} threads; "
           f"nanoGPT {info['nanogpt_commit'] or '(not a git checkout)'}")
     print("nanoGPT: " + " ".join(nanogpt_command(cfg, dataset_name, "ROUND_DIR/nanogpt")[1:]))

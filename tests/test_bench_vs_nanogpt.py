@@ -136,11 +136,11 @@ def test_gpu_commands_are_accepted_by_both_configurators(fake_nanogpt, tiny_data
 
 def test_one_round_end_to_end(fake_nanogpt, tiny_data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(vs_nanogpt.PRESETS, "tiny", TINY)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # a tiny model: one thread is faster (conftest)
     out = tmp_path / "out"
     result = vs_nanogpt.bench(VsNanoGPTConfig(
         nanogpt_dir=str(fake_nanogpt), preset="tiny", data_dir=str(tiny_data_dir),
         out_dir=str(out), rounds=1, skip_iters=2, averaging="ema",
+        threads=1,    # a tiny model: one thread is faster (conftest.one_thread)
         bench_out=str(tmp_path / "bench.jsonl")))
     (row,) = result["rounds"]
     # the fake: 40 or 41 ms except the evaluation iterations (1000 ms), which must be dropped
@@ -173,7 +173,7 @@ def test_one_round_end_to_end(fake_nanogpt, tiny_data_dir, tmp_path, monkeypatch
     assert "| 1 | nanoGPT | 40.0 |" in printed
     assert f"median ours / nanoGPT ms/iter: {result['median_ratio']:.2f}" in printed
     line = json.loads((tmp_path / "bench.jsonl").read_text())
-    assert line["device"] == "cpu" and line["nanogpt_commit"] is None
+    assert line["device"] == "cpu" and line["nanogpt_commit"] is None and line["threads"] == 1
     assert line["rounds"][0]["nanogpt"]["ms_per_iter"] == 40.0
 
 
