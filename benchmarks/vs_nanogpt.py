@@ -4,6 +4,7 @@ same prepared data with the same model, optimizer, schedule and evaluation setti
 
     git clone https://github.com/karpathy/nanoGPT ../nanoGPT
     python benchmarks/vs_nanogpt.py --nanogpt_dir=../nanoGPT                   # CPU, 3 rounds
+    python benchmarks/vs_nanogpt.py --nanogpt_dir=../nanoGPT --threads=1       # one thread each
     python benchmarks/vs_nanogpt.py --nanogpt_dir=../nanoGPT --device=cuda --preset=gpt2_124m
 
 Each round runs both trainers as separate processes, one after the other, taking turns at going
@@ -15,11 +16,11 @@ inside out_dir with links to nanoGPT's configurator.py and to our .bin files, an
 (vocab_size, stoi, itos) built from our meta.json. The nanoGPT checkout itself is never written.
 
 Presets (the same --key=value settings go to both trainers; their keys mean the same in both):
-  baby       nanoGPT's "baby" Shakespeare char config as its README runs it on a CPU: 4 layers,
+  baby       nanoGPT's "baby" Shakespeare char config, from its README's CPU example: 4 layers,
              4 heads, 128 wide, context 64, batch 12, no dropout, no bias; AdamW lr 1e-3,
              beta2 0.99, weight decay 0.1, clip 1.0; cosine, 100 warmup steps, to 1e-4 at 2000;
              eval every 250 steps on 100 batches per split. Ours: train.py's defaults, which are
-             that config (EMA, BEMA and LAWA averages updated every step, as in every default run).
+             that config (so it also keeps EMA, BEMA and LAWA averages, as every default run does).
   gpt2_124m  GPT-2 124M's shapes (12 layers, 12 heads, 768 wide, context 1024, vocab 50304),
              batch 12 x 5 micro-batches (one GPU's share of config/train_small.py on 8 GPUs),
              AdamW lr 6e-4, beta2 0.95, 300 steps. Ours: config/train_small.py (no averaging).

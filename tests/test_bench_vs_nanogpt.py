@@ -49,7 +49,8 @@ for it in range(cfg["max_iters"] + 1):
     if slow:
         print(f"step {it}: train loss 3.0000, val loss {3 - it / 1000:.4f}")
     if it % cfg["log_interval"] == 0:
-        print(f"iter {it}: loss 2.5000, time {1000.0 if slow else 40.0 + it % 2:.2f}ms, mfu -100.00%")
+        ms = 1000.0 if slow else 40.0 + it % 2
+        print(f"iter {it}: loss 2.5000, time {ms:.2f}ms, mfu -100.00%")
 '''
 
 TINY = {"shared": dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
