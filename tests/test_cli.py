@@ -95,14 +95,15 @@ def test_a_typo_is_one_line_and_exit_status_2(tmp_path):
     (["export_hf.py", "--ckpt=BAD", "--out_dir=OUT"], "not a loadable checkpoint"),
     (["average.py", "--ckpt_dir=DIR", "--methods=ema,bemma"], "'bemma' is not an averaging"),
     (["average.py", "--ckpt_dir=DIR/nope"], "does not exist"),
-    (["train.py", "--init_from=resume", "--out_dir=DIR/empty"], "holds no resume checkpoint"),
+    (["train.py", "--init_from=resume", "--out_dir=DIR/empty", "--data_dir=DATA"],
+     "holds no resume checkpoint"),
     (["train.py", "--data_dir=DIR/nodata"], "meta.json missing"),
 ])
-def test_bad_input_is_one_line_naming_the_culprit(args, phrase, tmp_path):
+def test_bad_input_is_one_line_naming_the_culprit(args, phrase, tmp_path, tiny_data_dir):
     bad = tmp_path / "ckpt_1.pt"
     bad.write_bytes(b"garbage, not a checkpoint")
     args = [a.replace("DIR", str(tmp_path)).replace("BAD", str(bad))
-            .replace("OUT", str(tmp_path / "hf")) for a in args]
+            .replace("OUT", str(tmp_path / "hf")).replace("DATA", str(tiny_data_dir)) for a in args]
     result = run([sys.executable, *args])
     assert result.returncode == 2
     assert phrase in one_error_line(result)
