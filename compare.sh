@@ -12,7 +12,8 @@ case "$experiment" in
   shakespeare)
     python train.py config/compare_shakespeare.py "$@"
     python average.py config/avg_compare_shakespeare.py
-    echo "results: out/compare_shakespeare/averaging/{results.csv,plot.png}" ;;
+    mkdir -p docs/img && cp out/compare_shakespeare/averaging/plot.png docs/img/compare_shakespeare.png
+    echo "results: out/compare_shakespeare/averaging/{results.csv,plot.png} (plot also in docs/img/compare_shakespeare.png)" ;;
   owt)
     torchrun --standalone --nproc_per_node="${NPROC:-8}" train.py config/train_small_lawa.py \
         --out_dir=out/compare_owt --averaging= "$@"

@@ -103,9 +103,16 @@ MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
 LINESTYLES = ("-", "--", "-.", ":")
 
 
-def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference=None):
+def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference=None,
+                spread=None, gain_spread=None, panels=()):
     """Val loss vs x, one line per curve ({label: [(x, y), ...]}), and below it the gain of each
-    curve over the `reference` curve (default: the first, the raw weights) at the x they share.
+    curve over its reference curve at the x they share. `reference` is a label (default: the
+    first, the raw weights) or {label: its reference label} (curves compared with different
+    baselines, e.g. the raw weights of two runs; a curve without an entry has no gain line).
+    Over seeds: `spread` {label: [(x, s), ...]} shades y ± s around a curve (its std) and
+    `gain_spread` the same around its gain (the std of the paired differences).
+    `panels` [(ylabel, {label: [(x, y), ...]}, spread or None), ...] adds panels of other
+    quantities of the same curves (same labels, colors and markers) between the two.
     Every curve has its own marker and line style, so curves that coincide stay visible; the
     legend sits outside the axes; the y axis leaves out curves far above the others only with a
     note saying which (no silent clipping). Written as a PNG, atomically."""
@@ -113,31 +120,49 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = list(curves)
-    reference = labels[0] if reference is None else reference
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
-    base = dict(sorted(curves[reference]))
+    if not isinstance(reference, dict):
+        reference = dict.fromkeys(labels, labels[0] if reference is None else reference)
+    references = list(dict.fromkeys(reference.values()))
+    spread, gain_spread = spread or {}, gain_spread or {}
+    fig, axes = plt.subplots(2 + len(panels), 1, figsize=(10, 7.5 + 2 * len(panels)),
+                             sharex=True, gridspec_kw={"height_ratios": [3, *[2] * len(panels),
+                                                                         2]})
+    top, middle, bottom = axes[0], axes[1:-1], axes[-1]
+    gains = {}
     for i, label in enumerate(labels):
         x, y = zip(*sorted(curves[label]))
-        if label == reference:
-            style = dict(color="black", linewidth=2.5, marker="o", markersize=4, zorder=5)
+        if label in references:
+            style = dict(color=("black", "dimgray", "gray")[references.index(label) % 3],
+                         linewidth=2.5, marker="o", markersize=4, zorder=5,
+                         linestyle=LINESTYLES[references.index(label) % len(LINESTYLES)])
         else:
             style = dict(marker=MARKERS[(i - 1) % len(MARKERS)], markersize=5,
                          linestyle=LINESTYLES[(i - 1) // len(MARKERS) % len(LINESTYLES)],
                          markerfacecolor="none", linewidth=1.3)
         line, = top.plot(x, y, label=label, **style)
-        gains = [(xi, base[xi] - yi) for xi, yi in zip(x, y) if xi in base]
-        if gains and label != reference:
-            bottom.plot(*zip(*gains), color=line.get_color(), **{k: v for k, v in style.items()
-                                                                 if k != "color"})
+        _band(top, curves[label], spread.get(label), line.get_color())
+        for ax, (_, values, bands) in zip(middle, panels):
+            if values.get(label):
+                ax.plot(*zip(*sorted(values[label])), color=line.get_color(),
+                        **{k: v for k, v in style.items() if k != "color"})
+                _band(ax, values[label], (bands or {}).get(label), line.get_color())
+        base = dict(curves[reference[label]]) if reference.get(label) in curves else {}
+        if label != reference.get(label) and base:
+            gains[label] = sorted((xi, base[xi] - yi) for xi, yi in zip(x, y) if xi in base)
+        if gains.get(label):
+            bottom.plot(*zip(*gains[label]), color=line.get_color(),
+                        **{k: v for k, v in style.items() if k != "color"})
+            _band(bottom, gains[label], gain_spread.get(label), line.get_color())
     bottom.axhline(0.0, color="black", linewidth=1.5)
     top.set_ylabel(ylabel)
     top.set_title(title, fontsize=10)
-    bottom.set_ylabel(f"gain over {reference}\n({reference} − curve, > 0 is better)")
+    over = references[0] if len(references) == 1 else "its reference"
+    bottom.set_ylabel(f"gain over {over}\n(reference − curve, > 0 is better)")
     bottom.set_xlabel(xlabel)
-    gains = {k: [(x, base[x] - y) for x, y in v if x in base]
-             for k, v in curves.items() if k != reference}
-    for ax, values in ((top, curves), (bottom, gains)):
+    for ax, (panel_label, _, _) in zip(middle, panels):
+        ax.set_ylabel(panel_label)
+    for ax, values in ((top, curves), *((ax, p[1]) for ax, p in zip(middle, panels)),
+                       (bottom, gains)):
         ax.grid(alpha=0.3)
         clipped = _limit_y(ax, values)
         if clipped:   # said on the plot, never silent
@@ -153,6 +178,19 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
     return Path(path)
+
+
+def _band(ax, points, spread, color):
+    """Shade y ± s over the x where both the curve and its spread are known."""
+    if not spread:
+        return
+    s = dict(spread)
+    x = [xi for xi, _ in sorted(points) if xi in s]
+    if len(x) < 2:
+        return
+    y = dict(points)
+    ax.fill_between(x, [y[xi] - s[xi] for xi in x], [y[xi] + s[xi] for xi in x], color=color,
+                    alpha=0.15, linewidth=0)
 
 
 def _limit_y(ax, curves):

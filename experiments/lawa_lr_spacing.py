@@ -1,0 +1,165 @@
+"""
+LAWA (Sanyal et al. 2024, arXiv 2306.03241): the gain of averaging the latest checkpoints over
+the raw weights at the default and at a 10x higher peak LR, with the spacing Δ of the averaged
+checkpoints varied at fixed k = 5; EMAs of the same mean age alongside. Claims tested: the gain
+is larger at high LR, and grows with the spacing.
+
+    python experiments/lawa_lr_spacing.py                # ~20 min on 2 cores
+    python experiments/lawa_lr_spacing.py --smoke=True --seeds=1 --out_dir=/tmp/x
+
+Per seed and peak LR (1e-3, the default recipe, and 1e-2 as `bash compare.sh`; cosine to LR/10,
+100 warmup steps, 2000 steps, batch 12 x 64): one training run with a snapshot every 25 steps,
+then average.py over its snapshots: LAWA k = 5 at Δ = 25, 50, 100, 200 steps (1, 2, 4, 8
+snapshots) and an EMA per snapshot with the same mean age as each window (2Δ: decay
+2Δ/(2Δ + 1) per snapshot), the raw weights and every average on the same val batches. Runs of
+one seed see the same batches at both LRs, so every difference is paired.
+
+Writes out_dir/{table.md,results.json} and the figure (--figure).
+"""
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configurator import main  # noqa: E402
+from experiments import common  # noqa: E402
+from report import markdown_table, plot_curves  # noqa: E402
+
+
+@dataclass
+class LawaConfig(common.ExperimentConfig):
+    out_dir: str = "out/experiments/lawa_lr_spacing"
+    figure: str = "docs/img/lawa_lr_spacing.png"
+    # regime
+    learning_rates: list[float] = field(default_factory=lambda: [1e-3, 1e-2])  # peak LRs
+    steps: int = 2000              # training steps per run
+    snapshot_interval: int = 25    # steps between snapshots (LAWA's Δ = 1 snapshot)
+    spacings: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Δ in snapshots, k = 5
+    eval_every: int = 250          # average.py evaluates at these steps
+    eval_iters: int = 50           # val batches per evaluation
+
+
+def run_name(lr, seed):
+    return f"lr{lr:g}_s{seed}"
+
+
+def ema_decay(spacing):
+    """Per snapshot, the EMA whose mean age (d / (1 - d) snapshots) is LAWA's: 2 x spacing."""
+    return 2 * spacing / (2 * spacing + 1)
+
+
+def labels(cfg):
+    """average.py setting label -> our label, in plotting order."""
+    out = {}
+    for d in cfg.spacings:
+        out[f"lawa[lawa_interval={d * cfg.snapshot_interval}]"] = \
+            f"LAWA Δ={d * cfg.snapshot_interval}"
+    for d in cfg.spacings:
+        out[f"ema[ema_decay={ema_decay(d)!r}]"] = f"EMA age {2 * d * cfg.snapshot_interval}"
+    return out
+
+
+def plan(cfg):
+    out, runs = Path(cfg.out_dir), []
+    smoke = common.SMOKE_MODEL if cfg.smoke else []
+    for seed in cfg.seed_values():
+        for lr in cfg.learning_rates:
+            d = out / run_name(lr, seed)
+            runs.append(common.train_run(run_name(lr, seed), d, [
+                "config/train_shakespeare_char.py", *common.dataset_args(cfg, "shakespeare_char"),
+                f"--learning_rate={lr}", f"--min_lr={lr / 10}", "--averaging=",
+                f"--snapshot_interval={cfg.snapshot_interval}", f"--eval_interval={cfg.steps}",
+                f"--ckpt_interval={cfg.steps}", f"--seed={seed}", *smoke,
+                f"--eval_iters={cfg.eval_iters}",
+                *([f"--warmup_iters={cfg.steps // 20}"] if cfg.smoke else [])], cfg.steps))
+            runs.append(common.Run(f"{run_name(lr, seed)}_average", [
+                "average.py", f"--ckpt_dir={d / 'snapshots'}", f"--out_dir={d / 'averages'}",
+                "--methods=lawa,ema", "--lawa_k=5",
+                f"--lawa_interval={[s * cfg.snapshot_interval for s in cfg.spacings]}",
+                f"--ema_decay={[ema_decay(s) for s in cfg.spacings]}",
+                f"--eval_every={cfg.eval_every}", f"--eval_iters={cfg.eval_iters}",
+                f"--batch_size={4 if cfg.smoke else 12}", f"--seed={seed}", "--plot=False",
+                *([f"--data_dir={cfg.data_dir}"] if cfg.data_dir else [])],
+                d / "averages" / "results.json", after=[run_name(lr, seed)]))
+    return runs
+
+
+def analyze(cfg, started):
+    out, seeds = Path(cfg.out_dir), cfg.seed_values()
+    names = labels(cfg)
+    curves = {}   # (lr, label) -> per seed {step: val loss}
+    for seed in seeds:
+        for lr in cfg.learning_rates:
+            rows = common.average_rows(out / run_name(lr, seed) / "averages")
+            for setting, label in {"raw": "raw", **names}.items():
+                curves.setdefault((lr, label), []).append(
+                    {step: loss for (s, step), loss in rows.items() if s == setting})
+    steps = sorted(curves[(cfg.learning_rates[0], "raw")][0])
+    report_steps = [s for s in steps if s in {cfg.steps // 4, cfg.steps // 2,
+                                              3 * cfg.steps // 4, cfg.steps}]
+
+    def gains(lr, label, step):
+        return common.paired([c[step] for c in curves[(lr, "raw")]],
+                             [c[step] for c in curves[(lr, label)]])
+
+    rows = []
+    for lr in cfg.learning_rates:
+        rows.append({"lr": lr, "method": "raw", **{
+            s: common.pm([c[s] for c in curves[(lr, "raw")]]) for s in report_steps}})
+        for label in names.values():
+            rows.append({"lr": lr, "method": label, **{
+                s: common.pm(gains(lr, label, s), signed=True) for s in report_steps}})
+    table = ("Val loss of the raw weights, and the gain of each average over them (raw − "
+             "average, paired per seed; > 0: the average is better), by step:\n\n"
+             + markdown_table(rows, [("peak LR", lambda r: f"{r['lr']:g}"),
+                                     ("weights", "method")]
+                              + [(f"step {s}", s) for s in report_steps]))
+    # claim 1: gain at the high LR − gain at the default LR, same seed (same batches)
+    lo, hi = cfg.learning_rates[0], cfg.learning_rates[-1]
+    lr_rows = [{"method": label, **{s: common.pm(common.paired(gains(hi, label, s),
+                                                               gains(lo, label, s)), signed=True)
+                                    for s in report_steps}} for label in names.values()]
+    table += (f"\n\nGain at peak LR {hi:g} minus gain at {lo:g} (paired per seed; > 0: "
+              f"averaging helps more at the high LR):\n\n" + markdown_table(
+                  lr_rows, [("average", "method")] + [(f"step {s}", s) for s in report_steps]))
+    table += f"\n\n{len(seeds)} seeds; val loss on {cfg.eval_iters} val batches per seed."
+    results = {"experiment": "lawa_lr_spacing", "seeds": seeds, "steps": steps,
+               "table_steps": report_steps,
+               "gains": {f"{lr:g}/{label}": {s: gains(lr, label, s) for s in steps}
+                         for lr in cfg.learning_rates for label in names.values()},
+               "raw": {f"{lr:g}": {s: [c[s] for c in curves[(lr, "raw")]] for s in steps}
+                       for lr in cfg.learning_rates},
+               "curves": {f"{lr:g}/{label}": c for (lr, label), c in curves.items()}}
+
+    means, spreads, gain_spreads, reference = {}, {}, {}, {}
+    lawa = [label for label in names.values() if label.startswith("LAWA")]
+    for lr in cfg.learning_rates:
+        for label in ["raw"] + lawa:
+            key = f"{label}, LR {lr:g}"
+            means[key], spreads[key] = common.curve_stats(curves[(lr, label)])
+            reference[key] = f"raw, LR {lr:g}"
+            if label != "raw":
+                gain_spreads[key] = common.curve_stats(
+                    [{s: r[s] - c[s] for s in c}
+                     for r, c in zip(curves[(lr, "raw")], curves[(lr, label)])])[1]
+    plot_curves(means, cfg.figure, common.figure_title(
+        cfg, "default char model, cosine to LR/10 over 2000 steps, at two peak LRs: raw weights "
+             "and LAWA (k = 5) at four spacings Δ; gains over the raw weights of the same LR"),
+        reference=reference, spread=spreads, gain_spread=gain_spreads)
+    return common.write_outputs(cfg, results, table, started)
+
+
+def run(cfg):
+    started = time.perf_counter()
+    cfg = common.resolve_paths(cfg)
+    if cfg.smoke:
+        cfg.steps, cfg.snapshot_interval, cfg.eval_every, cfg.eval_iters = 20, 1, 5, 2
+    common.run_all(plan(cfg), cfg)
+    return analyze(cfg, started)
+
+
+if __name__ == "__main__":
+    main(LawaConfig, run, __doc__)
