@@ -116,7 +116,17 @@ def solve_coefficients(stored, target, exact=True, update_freq=1):
     `stored` = [(t_i, γ_i), ...] (t in steps since burn-in, each t_i <= t_r; with exact=True
     all multiples of update_freq, the stored averagers' period). EDM2's least squares with its
     rescaling to sum 1; exact=False uses its continuous inner products."""
+    return fit(stored, target, exact, update_freq)[0]
+
+
+def fit(stored, target, exact=True, update_freq=1):
+    """(solve_coefficients(...), reconstruction_error(...) of them) from one Gram matrix."""
     gram = _checked_gram(stored, target, exact, update_freq)
+    coeffs = _solve(gram, stored, target)
+    return coeffs, _error(gram, coeffs)
+
+
+def _solve(gram, stored, target):
     coeffs = np.linalg.lstsq(gram[:-1, :-1], gram[:-1, -1], rcond=None)[0]
     total = coeffs.sum()
     if not total > 1e-12:   # cannot happen for profiles of an actual run; guard the division
@@ -135,6 +145,10 @@ def reconstruction_error(stored, target, coeffs, exact=True, update_freq=1):
     if c.shape != (len(stored),):
         raise ValueError(f"coeffs has shape {c.shape}; expected ({len(stored)},), one per "
                          f"stored average")
+    return _error(gram, c)
+
+
+def _error(gram, c):
     target_norm2 = gram[-1, -1]
     err2 = c @ gram[:-1, :-1] @ c - 2 * c @ gram[:-1, -1] + target_norm2
     return math.sqrt(max(err2, 0.0) / target_norm2)
@@ -154,18 +168,93 @@ def synthesize(coeffs, tensors):
             raise ValueError(f"more tensors than the {c.shape[0]} coefficients")
         if x.dim() != 1:
             raise ValueError(f"tensor {count} has shape {tuple(x.shape)}; expected a flat one")
-        x = x.to(torch.float64)
         if total is None:
             total = torch.zeros(c.shape[1:] + x.shape, dtype=torch.float64, device=x.device)
         elif x.shape[-1] != total.shape[-1]:
             raise ValueError(f"tensor {count} has {x.numel()} entries, tensor 0 "
                              f"{total.shape[-1]}")
-        ck = c[count].to(x.device)
-        total += ck[..., None] * x if c.dim() == 2 else ck * x
+        _add_(total, c[count], x)
         count += 1
     if count != c.shape[0]:
         raise ValueError(f"{count} tensors for {c.shape[0]} coefficients")
     return total.to(torch.float32)
+
+
+def _add_(total, coeff, x):
+    """total += coeff·x in float64: total (numel,) with a scalar coeff, or (R, numel) with an
+    (R,) coeff (one row per target). The one accumulation of synthesize and Reconstruction."""
+    x = x.to(total.device, torch.float64)
+    coeff = coeff.to(total.device)
+    total += coeff[..., None] * x if coeff.dim() == 1 else coeff * x
+
+
+class Reconstruction:
+    """Post-hoc phemas of several target widths at several steps, from stored profiles read one
+    file at a time: the reconstruction average.py evaluates (`--methods=phema` over a run's
+    posthoc/ files).
+
+        files = [(key, step, [(name, t, gamma), ...]), ...]   # stored files, in step order
+        rec = Reconstruction(files, {"phema[...]": gamma_r, ...}, eval_steps, tau, update_freq,
+                             read=lambda key: {name: flat tensor}, device="cpu", window=4)
+        rec.coeffs[step], rec.errors[step]      # per target: coefficients, profile error
+        weights = rec.at(step)                   # {label: float32 flat weights}, steps in order
+
+    At an evaluation step s the target is the phema at t_r = s − τ (rounded down to a multiple
+    of φ: the average as of its last update) and the stored profiles are those of the files at
+    steps <= s (solve_coefficients with the exact inner products). Each file is read once per
+    window: the reconstruction keeps a float64 accumulator per target for each of the next
+    `window` evaluation steps (8 bytes x targets x window per parameter) and adds every file it
+    reads into each of them; when the window's steps are done the next window reads the files
+    from the first again. A file's contributions are added in file order, in float64, so the
+    result equals synthesize(coeffs[step], the stored tensors) bit for bit, whatever the window.
+    """
+
+    def __init__(self, files, targets, steps, tau, update_freq, read, device="cpu", window=None):
+        self.files, self.targets, self.read = list(files), dict(targets), read
+        self.tau, self.phi, self.device = tau, update_freq, torch.device(device)
+        self.coeffs, self.errors, self.stored = {}, {}, {}
+        for step in sorted(steps):
+            t_r = (step - tau) // update_freq * update_freq
+            stored = [(i, name, t, gamma) for i, (_, file_step, profiles) in enumerate(self.files)
+                      if file_step <= step for name, t, gamma in profiles if t > 0]
+            if t_r <= 0 or not stored:
+                continue   # before the first update there is no phema to reconstruct
+            fits = [fit([(t, g) for _, _, t, g in stored], (t_r, gamma), update_freq=update_freq)
+                    for gamma in self.targets.values()]
+            self.stored[step] = {(i, name): k for k, (i, name, _, _) in enumerate(stored)}
+            self.coeffs[step] = np.stack([c for c, _ in fits], axis=1)   # (K, R)
+            self.errors[step] = {label: e for label, (_, e) in zip(self.targets, fits)}
+        self.steps = sorted(self.coeffs)
+        self.window = len(self.steps) if window is None else max(1, int(window))
+        self.open, self.next_file = {}, 0
+
+    def at(self, step):
+        """{label: float32 flat weights} of every target at this evaluation step; call it with
+        the evaluation steps in increasing order (a step may be left out)."""
+        if step not in self.coeffs:
+            return {}
+        if step not in self.open:   # a new window: from this step on, files from the first
+            first = self.steps.index(step)
+            self.open = {s: None for s in self.steps[first:first + self.window]}
+            self.next_file = 0
+        while self.next_file < len(self.files) and self.files[self.next_file][1] <= step:
+            i = self.next_file
+            tensors = self.read(self.files[i][0])
+            for s in self.open:
+                columns = self.stored[s]
+                for name, _, _ in self.files[i][2]:
+                    if (i, name) not in columns:
+                        continue
+                    x = tensors[name]
+                    if self.open[s] is None:
+                        self.open[s] = torch.zeros(len(self.targets), x.numel(),
+                                                   dtype=torch.float64, device=self.device)
+                    coeff = torch.as_tensor(self.coeffs[s][columns[(i, name)]])
+                    _add_(self.open[s], coeff, x)
+            del tensors
+            self.next_file += 1
+        total = self.open.pop(step)
+        return {label: total[r].to(torch.float32) for r, label in enumerate(self.targets)}
 
 
 # ------------------------------------------------------------------------------- checks
