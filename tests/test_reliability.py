@@ -39,7 +39,8 @@ def env():
 
 
 def every_tensor(record):
-    tensors, pending = list(record.weights.values()), [record.optimizer, record.averaging]
+    tensors = list(record.weights.values())
+    pending = [record.optimizer, record.averaging, record.posthoc]
     while pending:
         item = pending.pop()
         if isinstance(item, dict):
@@ -52,7 +53,8 @@ def every_tensor(record):
 
 
 def all_files_load(out_dir):
-    """Every checkpoint and snapshot in out_dir loads and is finite; metrics.jsonl parses
+    """Every checkpoint, snapshot and post-hoc profile file in out_dir loads and is finite;
+    metrics.jsonl parses
     (a torn last line dropped). Returns the resume checkpoints' steps."""
     out_dir = Path(out_dir)
     steps = []
@@ -63,6 +65,9 @@ def all_files_load(out_dir):
     for path in checkpoint.list_snapshots(out_dir / "snapshots"):
         assert all(torch.isfinite(t).all() for t in checkpoint.read_checkpoint(path)
                    .weights.values())
+    for path in checkpoint.list_snapshots(out_dir / "posthoc"):
+        assert all(torch.isfinite(t).all() for state in checkpoint.read_posthoc(path)
+                   .weights.values() for t in state.values())
     if (out_dir / "metrics.jsonl").exists():
         run_dir.read_metrics(out_dir / "metrics.jsonl")
     return steps
