@@ -11,7 +11,7 @@ weight profiles.
     weights = synthesize(coeffs, tensors)   # tensors: the stored flat EMAs, in the order of stored
     reconstruction_error(stored, (t_r, gamma_r), coeffs)   # relative L2 error of the profile
 
-The math (docs/posthoc.md has it in full):
+The math (docs/averaging.md, "Post-hoc reconstruction of any width", has it in full):
 - Profile. The phema average with exponent γ at time t is ∫ p(x) θ̄(x) dx with
   p(x) = (γ+1) x^γ / t^(γ+1) on (0, t] and θ̄ the trajectory held piecewise constant: θ̄(x) is θ at
   the first acting step at or after x. This is exact for the recursion training runs (see
@@ -28,20 +28,30 @@ The math (docs/posthoc.md has it in full):
       reconstruction error in weights is Σ_j (Σ_i c_i w_i,j − w_r,j) θ_j, so this is the norm
       that matters; the continuous one also counts structure inside one period that no average
       can see. The two agree once the profiles near the target are many periods wide
-      (σ_rel·t >~ 10φ) and differ when they are not; docs/posthoc.md has the measured gap. Cost: a pass over the n = t/φ
-      iterates per distinct γ (gram_matrix explains), well under a second for n = 10^6.
+      (σ_rel·t >~ 10φ) and differ when they are not; docs/averaging.md has the measured gap.
+      Cost: a pass over the n = t/φ iterates per distinct γ (gram_matrix explains), well under a
+      second for n = 10^6.
 Only stored averages from at or before the target step may enter (as in EDM2): one from later
 would mix in iterates the target average has not seen.
+
+Where the stored ones come from and go: train.py keeps them (posthoc_sigma_rel) and writes them
+with every snapshot (checkpoint.save_posthoc); average.py reconstructs from them with
+Reconstruction below, which streams the files.
 """
 
 import math
 import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+import checkpoint
 # the σ_rel ↔ γ relation is the phema averager's own; re-exported here for post-hoc users
 from averaging import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
+from checkpoint import CheckpointError
+from configurator import ConfigError
 
 _CHUNK = 1 << 16   # iterates per block of the exact inner products
 
@@ -255,6 +265,70 @@ class Reconstruction:
             self.next_file += 1
         total = self.open.pop(step)
         return {label: total[r].to(torch.float32) for r, label in enumerate(self.targets)}
+
+
+# ------------------------------------------------------------------- a run's stored profiles
+
+@dataclass
+class StoredProfiles:
+    """The post-hoc profile files of a run that a reconstruction uses."""
+    directory: Path | None
+    looked_in: list             # the directories searched
+    files: list                 # [(path, step, [(name, t, gamma), ...])] in step order: the
+                                # selected profiles of each file, t = last update − τ
+    tau: int | None = None      # the profiles' burn-in ...
+    phi: int | None = None      # ... and period
+    widths: list = field(default_factory=list)   # σ_rel of the selected profiles
+
+
+def _raise(path, step, reason):
+    raise CheckpointError(reason)
+
+
+def find_stored_profiles(directories, model_args, widths=None, skip=_raise):
+    """The StoredProfiles in the first of `directories` that holds posthoc files (train.py
+    writes them to out_dir/posthoc/), read by their headers only; `widths` selects the stored
+    σ_rel to use (None: all). A bad file goes to skip(path, step, reason) (by default an error
+    naming it); profiles of another model than `model_args`, a width no file holds, and
+    profiles of different burn-ins or periods are errors."""
+    looked = [Path(d) for d in directories]
+    directory = next((d for d in looked if checkpoint.list_snapshots(d)), None)
+    stored = StoredProfiles(directory, looked, [])
+    if directory is None:
+        return stored
+    records = []
+    for path in checkpoint.list_snapshots(directory):
+        try:
+            record = checkpoint.read_posthoc(path, tensors=False)
+            if {**record.model_args, "dropout": 0.0} != {**model_args, "dropout": 0.0}:
+                raise CheckpointError(f"{path} holds profiles of another model: model_args "
+                                      f"{record.model_args} differ from the trajectory's "
+                                      f"{model_args}")
+            records.append(record)
+        except CheckpointError as e:
+            skip(path, None, str(e))
+    if not records:
+        return stored
+    available = {info["sigma_rel"] for r in records for info in r.profiles}
+    wanted = available if widths is None else set(widths)
+    missing = sorted(wanted - available)
+    if missing:
+        raise ConfigError(f"posthoc_profiles={list(widths)}: no profile of width {missing[0]} "
+                          f"is stored in {directory} (there are "
+                          f"{', '.join(f'{w:g}' for w in sorted(available))})")
+    chosen = [(r, [info for info in r.profiles if info["sigma_rel"] in wanted])
+              for r in records]
+    timing = {(info["update_after"], info["update_freq"]) for _, infos in chosen for info in infos}
+    if len(timing) > 1:
+        raise ConfigError(f"the post-hoc profiles in {directory} have different burn-ins or "
+                          f"periods (update_after, update_freq) {sorted(timing)}; one "
+                          f"reconstruction needs one: select some with --posthoc_profiles")
+    (stored.tau, stored.phi), = timing
+    stored.widths = sorted(wanted)
+    stored.files = [(r.path, r.step, [(info["name"], info["last_update"] - stored.tau,
+                                       info["gamma"]) for info in infos])
+                    for r, infos in sorted(chosen, key=lambda c: c[0].step)]
+    return stored
 
 
 # ------------------------------------------------------------------------------- checks
