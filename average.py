@@ -5,8 +5,11 @@ served from ONE pass over the checkpoints, each evaluated next to the raw weight
     python average.py --ckpt_dir=out/shakespeare_char/snapshots
     python average.py --ckpt_dir=out/run/snapshots --methods=bema \\
         --bema_ema_power=[0.2,0.5] --bema_bias_power=[-1,0.2,0.4]     # 6 BEMA settings, one pass
+    python average.py --ckpt_dir=out/run/snapshots --methods=phema \\
+        --phema_sigma_rel=[0.02,0.05,0.1,0.2]          # post-hoc EMAs from the stored profiles
     python average.py --ckpt_dir=out/run/snapshots --save=bema          # + the best BEMA weights
     python average.py config/avg_compare_shakespeare.py                 # a config file, as train.py
+    torchrun --standalone --nproc_per_node=8 average.py ...             # the settings over 8 GPUs
     python average.py --help                                            # every key and its default
 
 Any averager key of averaging.py may be given a list; each method runs the cartesian product of
@@ -20,10 +23,23 @@ lawa_interval, wa_interval, ...) to 1, i.e. every snapshot; LAWA then averages t
 snapshots. With a snapshot at every step this is exactly the online averager of train.py
 (tests/test_average.py checks it).
 
+Post-hoc EMA: when the run stored power-function EMA profiles beside its snapshots
+(train.py's posthoc_sigma_rel, out_dir/posthoc/), `phema` is by default reconstructed from them
+(posthoc.Reconstruction: EDM2's least squares over the profiles stored up to each evaluated
+step, the synthesis in float64) instead of replayed over the raw snapshots; `phema_source`
+chooses, and the setting's label and the `source` column say which it is.
+
+Where the state lives: on the device, or (state_device='host', or 'auto' when the device cannot
+hold it) in pinned host memory, updated chunk by chunk through the device (host_state.py), with
+the same results. Under torchrun the settings are split over the processes: each reads every
+snapshot and updates and evaluates its own settings (the raw weights count as one), and rank 0
+gathers the rows and writes the one set of results, equal to one process's.
+
 Outputs in out_dir (never inside ckpt_dir; every file written atomically): results.csv and
-results.json (one row per step x setting: val loss; plus what was skipped and why), plot.png
-(val loss vs step, raw and the best setting of each method), and with --save the averaged
-weights as a snapshot that train.py --init_from, evaluation and sampling accept.
+results.json (one row per step x setting: val loss; plus what was skipped and why, and the time
+spent reading, averaging and evaluating), plot.png (val loss vs step, raw and the best setting
+of each method, and every post-hoc phema width), and with --save the averaged weights as a
+snapshot that train.py --init_from, evaluation and sampling accept.
 """
 
 import csv
@@ -33,23 +49,28 @@ import itertools
 import json
 import math
 import re
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import checkpoint
-from averaging import AVERAGERS, build_averager, parse_method_list
+from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
 from checkpoint import CheckpointError
-from configurator import ConfigError, main
+from configurator import ConfigError, main, parse_choices
 from dataloader import EvalBatches, evaluate_loss, open_dataset
 from embedding_metrics import count_tokens, embedding_metrics
 from flat_params import FlatParameters
+from host_state import HostStateAverager
 from model import GPT, GPTConfig
 from online_averaging import averager_fields
+from posthoc import Reconstruction, find_stored_profiles
 from report import markdown_table, plot_curves, progress
-from runtime import check_dtype, init_runtime, teardown
+from runtime import agree, check_dtype, init_runtime, teardown
 
 
 def _sweepable(cls, key, default):
@@ -65,6 +86,9 @@ def _sweepable(cls, key, default):
 
 SweepConfig = dataclasses.make_dataclass("SweepConfig", averager_fields(_sweepable))
 
+PHEMA_SOURCES = ("auto", "profiles", "snapshots")
+STATE_DEVICES = ("auto", "device", "host")
+
 
 @dataclass
 class AverageConfig(SweepConfig):
@@ -72,6 +96,16 @@ class AverageConfig(SweepConfig):
     ckpt_dir: str = ""             # the trajectory: a run's snapshots/ (or any dir of checkpoints)
     out_dir: str = "out/average"   # results.csv/json, plot.png, saved/ (must not be in ckpt_dir)
     methods: str = "all"           # 'all' or a comma-separated subset of the methods
+    # post-hoc EMA
+    # phema's widths (phema_sigma_rel or phema_gamma, lists sweep) reconstructed at every
+    # evaluated step from the power-function EMA profiles train.py stored with the snapshots
+    # (EDM2's least squares, docs/averaging.md), or replayed over the raw snapshots.
+    phema_source: str = "auto"     # 'auto' (the stored profiles when the run has them, else the
+                                   # snapshots) | 'profiles' | 'snapshots' | 'profiles,snapshots'
+    posthoc_dir: str | None = None  # the stored profiles; None: posthoc/ beside ckpt_dir (a
+                                   # run's snapshots/) or inside it
+    posthoc_profiles: list[float] | None = None  # σ_rel of the stored profiles to reconstruct
+                                   # from (None: all of them)
     # evaluation
     # The same val batches for the raw weights and every average: paired differences.
     dataset: str = "shakespeare_char"  # a prepared folder under data/ ...
@@ -91,12 +125,19 @@ class AverageConfig(SweepConfig):
     save_step: int | None = None   # ... at this step (None: the last)
     plot: bool = True              # write plot.png
     plot_x: str = "step"           # the plot's x axis: 'step' or 'tokens' (tokens seen)
+    # memory and processes
+    # Under torchrun (torchrun --nproc_per_node=N average.py ...) the settings are split over the
+    # N processes and rank 0 writes the results: the same numbers as one process.
+    state_device: str = "auto"     # where the averagers' state lives: 'device' | 'host' (pinned
+                                   # CPU memory, updated chunk by chunk through the device) |
+                                   # 'auto' (host when the sweep does not fit on the device)
+    state_chunk: int = 2**24       # host state: parameters per chunk on the device (64 MiB)
 
     def __post_init__(self):
         if not self.ckpt_dir:
             raise ValueError("ckpt_dir is not set: --ckpt_dir=out/<run>/snapshots (or any "
                              "directory of checkpoints)")
-        for key in ("eval_iters", "batch_size"):
+        for key in ("eval_iters", "batch_size", "state_chunk"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         if self.eval_every < 0:
@@ -104,6 +145,14 @@ class AverageConfig(SweepConfig):
         check_dtype(self.dtype)
         if self.plot_x not in ("step", "tokens"):
             raise ValueError(f"plot_x={self.plot_x!r}: use 'step' or 'tokens'")
+        if self.state_device not in STATE_DEVICES:
+            raise ValueError(f"state_device={self.state_device!r}: use 'auto', 'device' or "
+                             f"'host'")
+        phema_sources(self, stored=None)   # raises on a bad phema_source
+        for width in self.posthoc_profiles or []:
+            if not 0 < width <= SIGMA_REL_MAX:
+                raise ValueError(f"posthoc_profiles={self.posthoc_profiles}: {width} is not a "
+                                 f"stored width (σ_rel in (0, {SIGMA_REL_MAX:.6f}])")
         ckpt, out = Path(self.ckpt_dir).resolve(), Path(self.out_dir).resolve()
         if out == ckpt or ckpt in out.parents:
             raise ValueError(f"out_dir={self.out_dir} is inside ckpt_dir={self.ckpt_dir}; the "
@@ -120,49 +169,114 @@ class Setting:
     method: str
     hparams: dict   # the averager's complete hyperparameters
     swept: dict     # the keys given as lists, with this setting's values
+    source: str = "snapshots"   # what it averages: the raw 'snapshots', or the stored
+                                # post-hoc 'profiles' (phema only)
 
 
 def parse_methods(spec):
     return parse_method_list(spec, key="methods", allow_empty=False)
 
 
-def expand_settings(cfg, first_step):
-    """One Setting per combination of each method's list-valued keys (validated)."""
+def phema_sources(cfg, stored):
+    """What phema settings are computed from: ['snapshots'], ['profiles'] or both. 'auto' is
+    the stored profiles when `stored` (StoredProfiles, None while they have not been looked for)
+    has any, else the snapshots."""
+    choices = parse_choices("phema_source", cfg.phema_source, PHEMA_SOURCES)
+    if "auto" in choices:
+        if len(choices) > 1:
+            raise ConfigError(f"phema_source={cfg.phema_source!r}: 'auto' stands alone; give "
+                              f"'profiles', 'snapshots' or 'profiles,snapshots'")
+        return ["profiles"] if stored is not None and stored.files else ["snapshots"]
+    if "profiles" in choices and stored is not None and not stored.files:
+        looked = " or ".join(str(d) for d in stored.looked_in) or "(nowhere: ckpt_dir is not a " \
+                                                                   "run's snapshots/)"
+        raise ConfigError(
+            f"phema_source={cfg.phema_source!r}, but there are no stored post-hoc profiles in "
+            f"{looked}: train with snapshots (--snapshot_interval=N) and the profiles on "
+            f"(--posthoc_sigma_rel=[0.05,0.1], the default), or point --posthoc_dir at them; "
+            f"--phema_source=snapshots replays a phema over the raw snapshots instead")
+    return choices
+
+
+def expand_settings(cfg, first_step, stored=None):
+    """One Setting per combination of each method's list-valued keys (validated); phema once
+    per source (phema_sources). A phema from the stored profiles takes their burn-in and period
+    (`stored`, StoredProfiles; placeholders while it is None)."""
     settings = []
     for method in parse_methods(cfg.methods):
         cls = AVERAGERS[method]
-        grid = {}
-        for key in cls.defaults:
-            value = getattr(cfg, key)
-            if value is None and key in (cls.start_key, cls.freq_key):
-                # burn-in / period not given: from the trajectory
-                value = first_step if key == cls.start_key else 1
-            grid[key] = value if isinstance(value, list) else [value]
-            if not grid[key]:
-                raise ConfigError(f"{key}=[]: give at least one value")
-        swept_keys = [k for k, v in grid.items() if len(v) > 1]
-        labels = set()
-        for combo in itertools.product(*grid.values()):
-            hparams = dict(zip(grid, combo))
-            swept = {k: hparams[k] for k in swept_keys}
-            label = method + ("[" + ",".join(f"{k}={_short(v)}" for k, v in swept.items())
-                              + "]" if swept else "")
-            if label in labels:
-                raise ConfigError(f"the sweep lists the setting {label} twice")
-            labels.add(label)
-            try:
-                build_averager(method, allow_gaps=True, **hparams)   # raises naming a bad key
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            settings.append(Setting(label, method, hparams, swept))
+        for source in phema_sources(cfg, stored) if method == "phema" else ["snapshots"]:
+            grid = {}
+            for key in cls.defaults:
+                value = getattr(cfg, key)
+                if source == "profiles" and key in (cls.start_key, cls.freq_key):
+                    value = _stored_value(key, value, stored)
+                elif value is None and key in (cls.start_key, cls.freq_key):
+                    # burn-in / period not given: from the trajectory
+                    value = first_step if key == cls.start_key else 1
+                grid[key] = value if isinstance(value, list) else [value]
+                if not grid[key]:
+                    raise ConfigError(f"{key}=[]: give at least one value")
+            swept_keys = [k for k, v in grid.items() if len(v) > 1]
+            shown = {"phema_source": source} if method == "phema" else {}
+            labels = {s.label for s in settings}
+            for combo in itertools.product(*grid.values()):
+                hparams = dict(zip(grid, combo))
+                swept = {k: hparams[k] for k in swept_keys}
+                named = {**shown, **swept}
+                label = method + ("[" + ",".join(f"{k}={_short(v)}" for k, v in named.items())
+                                  + "]" if named else "")
+                if label in labels:
+                    raise ConfigError(f"the sweep lists the setting {label} twice")
+                labels.add(label)
+                try:
+                    build_averager(method, allow_gaps=True, **hparams)   # raises naming a key
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+                settings.append(Setting(label, method, hparams, swept, source))
     return settings
 
 
+def _stored_value(key, given, stored):
+    """The stored profiles' burn-in or period for phema's `key`; a value the user gave must be
+    theirs (a reconstruction cannot change when the stored averages started or how often they
+    were updated)."""
+    is_start = key == AVERAGERS["phema"].start_key
+    if stored is None:   # not looked for yet (config validation): any given value passes here
+        return given if given is not None else (0 if is_start else 1)
+    value = stored.tau if is_start else stored.phi
+    for v in given if isinstance(given, list) else [given]:
+        if v is not None and v != value:
+            raise ConfigError(
+                f"{key}={given}, but the stored post-hoc profiles in {stored.directory} have "
+                f"{'burn-in' if is_start else 'period'} {value}: a reconstruction keeps it; "
+                f"drop --{key}, or replay a phema over the raw snapshots with "
+                f"--phema_source=snapshots")
+    return value
+
+
 def _short(value):
-    """-1.0 -> '-1', 0.2 -> '0.2' (exactly representable in the label, else repr)."""
+    """-1.0 -> '-1', 0.2 -> '0.2' (exactly representable in the label, else repr); strings
+    as they are."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, float) and float(f"{value:g}") == value:
         return f"{value:g}"
     return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stored post-hoc profiles
+
+def profile_directories(cfg):
+    """Where a run's post-hoc profiles are: --posthoc_dir, else posthoc/ beside ckpt_dir when
+    that is a run's snapshots/, or inside it (ckpt_dir = the run's out_dir)."""
+    if cfg.posthoc_dir:
+        if not Path(cfg.posthoc_dir).is_dir():
+            raise CheckpointError(f"posthoc_dir={cfg.posthoc_dir} does not exist")
+        return [Path(cfg.posthoc_dir)]
+    ckpt = Path(cfg.ckpt_dir)
+    return ([ckpt.parent / "posthoc"] if ckpt.name == "snapshots" else []) + [ckpt / "posthoc"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,22 +286,26 @@ class Trajectory:
     """Reads each file once, in step order, and loads it into one model (of the files' model
     args) whose weights are a flat buffer; a file that does not fit is an error (or skipped)."""
 
-    def __init__(self, cfg, files, skipped, device):
+    def __init__(self, cfg, files, skipped, device, times=None, show_progress=True):
         self.cfg, self.files, self.skipped, self.device = cfg, files, skipped, device
+        self.times, self.show_progress = times, show_progress
         self.model_args = {**files[0].model_args, "dropout": 0.0}
         self.model = GPT(GPTConfig(**self.model_args)).to(device)
         self.model.eval()
         self.flat = FlatParameters(self.model)
 
     def __iter__(self):
-        for entry in progress(self.files, desc="snapshots"):
+        files = progress(self.files, desc="snapshots") if self.show_progress else self.files
+        for entry in files:
             try:
-                weights = checkpoint.read_checkpoint(entry.path)
-                self._load(weights, entry.path)
+                with self.times("read") if self.times else _nothing():
+                    weights = checkpoint.read_checkpoint(entry.path)
+                    self._load(weights, entry.path)
             except CheckpointError as e:
                 if not self.cfg.skip_bad:
                     raise
-                warnings.warn(f"skipped {entry.path.name}: {e}")
+                if self.show_progress:
+                    warnings.warn(f"skipped {entry.path.name}: {e}")
                 self.skipped.append({"file": entry.path.name, "step": entry.step,
                                      "reason": str(e)})
                 continue
@@ -201,10 +319,49 @@ class Trajectory:
         with torch.no_grad():
             checkpoint.load_model_state(self.model, weights.weights, path)
 
+    def read_profiles(self, names, device):
+        """read(path) for posthoc.Reconstruction: {name: flat float32 weights on `device`} of
+        the named profiles in a posthoc file."""
+        def read(path):
+            record = checkpoint.read_posthoc(path)
+            return {name: self.flat.flat_from_state(record.weights[name], f"{path} ({name})",
+                                                    device=device)
+                    for name in names if name in record.weights}
+        return read
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+class PhaseTimes:
+    """Seconds spent per phase ('read', 'average', 'evaluate'), the device synchronised at each
+    boundary so that GPU work is counted where it is queued."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds = {"read": 0.0, "average": 0.0, "evaluate": 0.0}
+
+    @contextmanager
+    def __call__(self, phase):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
 
 def average(cfg):
     """Run the pass; write results.csv/json and plot.png; return the summary (rows, best
-    settings, skipped files, and the final averagers)."""
+    settings, skipped files, time per phase, and this process's final averagers). Under
+    torchrun every process returns; rank 0 writes the outputs and its summary has every row."""
     files, ignored, bad = checkpoint.discover(cfg.ckpt_dir)
     skipped = []
 
@@ -236,17 +393,31 @@ def average(cfg):
         raise ConfigError(f"save_step={cfg.save_step} is not a step of the trajectory "
                           f"({steps[0]}..{steps[-1]}, {len(steps)} files)")
     eval_steps.add(save_step)
+    stored = None
+    if "phema" in parse_methods(cfg.methods) and cfg.phema_source != "snapshots":
+        stored = find_stored_profiles(profile_directories(cfg), files[0].model_args,
+                                      cfg.posthoc_profiles, skip)
+    settings = expand_settings(cfg, first_step=steps[0], stored=stored)   # errors before work
 
     runtime = init_runtime(cfg.device, cfg.dtype)
     try:
-        check_memory(files[0].model_args, expand_settings(cfg, first_step=steps[0]), runtime)
+        owner = assign_ranks(settings, runtime.world_size)
+        mine = [s for s in settings if owner[s.label] == runtime.rank]
+        placement = agree(runtime, lambda: check_memory(
+            files[0].model_args, mine, runtime, cfg, stored, len(eval_steps)))
         data = open_dataset(cfg.dataset, cfg.data_dir)
-        summary = _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped)
+        summary = _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped,
+                            stored, placement)
     finally:
         teardown(runtime)
+    if not runtime.master:
+        return summary
     summary["ignored"] = [p.name for p in ignored]
     _write_outputs(cfg, summary)
     print(format_table(summary["best"]))
+    if summary["posthoc"]:
+        print(format_posthoc_table(summary["posthoc"]))
+    print(format_times(summary["timing"]))
     if skipped:
         print(f"skipped {len(skipped)} file(s): " +
               "; ".join(f"{s['file']} ({s['reason'][:80]})" for s in skipped))
@@ -289,25 +460,81 @@ def _files_of_one_model(cfg, files, skip):
     return chosen
 
 
-def check_memory(model_args, settings, runtime):
-    """Print what the pass will hold (the model, the swap buffer, one temporary average and
-    every setting's state, float32) and stop if the device cannot hold it."""
+# ---------------------------------------------------------------------------------------------
+# memory and processes
+
+@dataclass
+class Placement:
+    state: str          # 'device' or 'host': where the averagers' state and the
+                        # reconstruction's accumulators live
+    window: int         # evaluation steps the reconstruction accumulates at once
+
+
+def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_steps=1):
+    """Print what this process's share of the pass holds (the model, the swap buffer, one
+    temporary average, every setting's state, float32, and the reconstruction's float64
+    accumulators) and where; return the Placement. With state_device 'auto' the state goes to
+    host memory when the device (a GPU) cannot hold it; with too little memory either way,
+    stop, naming the fix."""
     with torch.device("meta"):
         numel = sum(p.numel() for p in GPT(GPTConfig(**{**model_args, "dropout": 0.0}))
                     .parameters())
+    replays = [s for s in settings if s.source == "snapshots"]
     copies = {s.label: build_averager(s.method, allow_gaps=True, **s.hparams).state_copies()
-              for s in settings}
-    need = 4 * numel * (3 + sum(copies.values()))
-    free = available_memory(runtime.device)
-    print(f"memory: {need / 2**30:.2f} GiB for {numel:,} parameters x "
-          f"({sum(copies.values())} state copies of {len(settings)} settings + 3)"
-          + (f", {free / 2**30:.1f} GiB available on {runtime.device}" if free else ""))
-    if free is not None and need > free:
-        biggest = max(copies, key=copies.get)
-        raise ConfigError(f"the sweep needs {need / 2**30:.1f} GiB but {runtime.device} has "
-                          f"{free / 2**30:.1f} GiB available: sweep fewer settings per pass "
+              for s in replays}
+    widths = sum(s.source == "profiles" for s in settings)
+    per_file = len(stored.files[0][2]) if stored and stored.files else 0
+
+    def reconstruction(window):   # float32 copies: 2 per float64 accumulator, R outputs, a file
+        return 0 if not widths else 2 * widths * window + widths + 2 * per_file
+
+    gib = 4 * numel / 2**30
+    state_of = lambda window: sum(copies.values()) + reconstruction(window)   # noqa: E731
+    fixed = 3   # the model, the swap buffer, one temporary average
+    device_free = available_memory(runtime.device)
+    host_free = available_memory(torch.device("cpu"))
+    mode = cfg.state_device if cfg is not None else "device"
+    separate = runtime.device.type == "cuda"   # else the "device" is host memory already
+    if mode == "auto":
+        mode = "host" if separate and device_free is not None and \
+            gib * (fixed + state_of(1)) * 2**30 > device_free else "device"
+    pool = host_free if mode == "host" and separate else device_free
+    on_pool = 0 if mode == "host" and separate else fixed
+    window = max(1, eval_steps)
+    if widths and pool is not None:   # as many evaluation steps at once as fit
+        while window > 1 and gib * (on_pool + state_of(window)) * 2**30 > pool:
+            window -= 1
+    need = gib * (fixed + state_of(window)) * 2**30
+    text = (f"memory: {need / 2**30:.2f} GiB for {numel:,} parameters x "
+            f"({sum(copies.values())} state copies of {len(replays)} settings + 3)")
+    if widths:
+        text += (f" + {reconstruction(window)} copies for the post-hoc reconstruction ({widths} "
+                 f"widths in float64 at {window} of {eval_steps} evaluation steps at a time)")
+    if mode == "host" and separate:
+        text += (f"; the state in pinned host memory ({host_free / 2**30:.1f} GiB available), "
+                 f"{state_chunk_gib(cfg, numel):.2f} GiB chunks through {runtime.device}")
+    elif pool:
+        text += f", {pool / 2**30:.1f} GiB available on {runtime.device}"
+    if runtime.ddp:
+        text += f" (rank {runtime.rank} of {runtime.world_size})"
+    if runtime.master:
+        print(text)
+    need_in_pool = gib * (on_pool + state_of(window)) * 2**30
+    if pool is not None and need_in_pool > pool:
+        where = "host memory" if mode == "host" and separate else str(runtime.device)
+        biggest = max(copies, key=copies.get) if copies else "the reconstruction"
+        hint = (f"; or keep the state in host memory with --state_device=host"
+                if separate and mode == "device" else "")
+        raise ConfigError(f"the sweep needs {need_in_pool / 2**30:.1f} GiB but {where} has "
+                          f"{pool / 2**30:.1f} GiB available: sweep fewer settings per pass "
                           f"(split --methods or shorten the lists; the largest state is "
-                          f"{biggest}, {copies[biggest]} copies of the weights)")
+                          f"{biggest}, {copies.get(biggest, reconstruction(1))} copies of the "
+                          f"weights), or run it under torchrun over more processes{hint}")
+    return Placement(mode, window)
+
+
+def state_chunk_gib(cfg, numel):
+    return 4 * min(cfg.state_chunk if cfg else numel, numel) / 2**30
 
 
 def available_memory(device):
@@ -323,59 +550,149 @@ def available_memory(device):
     return None
 
 
-def _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped):
+def assign_ranks(settings, world_size):
+    """{label: rank} for every setting and 'raw': the rank that updates and evaluates it. Each
+    item weighs one evaluation plus its state copies (the update's memory traffic), and goes to
+    the least loaded rank, heaviest first (the same answer on every rank)."""
+    if world_size == 1:
+        return {"raw": 0, **{s.label: 0 for s in settings}}
+    items = [("raw", 1)]
+    for s in settings:
+        copies = 2 if s.source == "profiles" else \
+            build_averager(s.method, allow_gaps=True, **s.hparams).state_copies()
+        items.append((s.label, 1 + copies))
+    load = [0] * world_size
+    owner = {}
+    for label, weight in sorted(items, key=lambda item: -item[1]):   # stable: ties in order
+        rank = min(range(world_size), key=lambda r: load[r])
+        owner[label] = rank
+        load[rank] += weight
+    return owner
+
+
+def _make_averager(setting, placement, numel, device, cfg):
+    def build():
+        return build_averager(setting.method, allow_gaps=True, **setting.hparams)
+    if placement.state == "host":
+        return HostStateAverager(build, numel, device, cfg.state_chunk)
+    return build()
+
+
+def _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped, stored,
+              placement):
     token_counts = count_tokens(data.splits["train"], data.vocab_size) if cfg.embeddings else None
-    traj = Trajectory(cfg, files, skipped, runtime.device)
-    settings, averagers, rows, saved, batches = None, None, [], None, None
+    local = dataclasses.replace(runtime, rank=0, world_size=1)   # evaluations are not split
+    times = PhaseTimes(runtime.device)
+    traj = Trajectory(cfg, files, skipped, runtime.device, times, show_progress=runtime.master)
+    state_device = torch.device("cpu") if placement.state == "host" else runtime.device
+    settings, averagers, rows, saved, batches, rebuild = None, None, [], None, None, None
     for entry, weights in traj:
         if settings is None:   # the first readable snapshot fixes the model and the burn-ins
-            settings = expand_settings(cfg, first_step=entry.step)
+            settings = expand_settings(cfg, first_step=entry.step, stored=stored)
             _check_save_choice(cfg, settings)
-            averagers = {s.label: build_averager(s.method, allow_gaps=True, **s.hparams)
-                         for s in settings}
+            owner = assign_ranks(settings, runtime.world_size)
+            mine = [s for s in settings if owner[s.label] == runtime.rank]
+            numel = traj.flat.buffer.numel()
+            averagers = {s.label: _make_averager(s, placement, numel, runtime.device, cfg)
+                         for s in mine if s.source == "snapshots"}
+            targets = {s.label: build_averager(s.method, **s.hparams).gamma
+                       for s in mine if s.source == "profiles"}
+            if targets:
+                rebuild = Reconstruction(
+                    stored.files, targets, sorted(eval_steps), stored.tau, stored.phi,
+                    traj.read_profiles({name for _, _, profiles in stored.files
+                                        for name, _, _ in profiles}, state_device),
+                    device=state_device, window=placement.window)
             block = cfg.block_size or traj.model_args["block_size"]
             data.check_fits(block, traj.model_args["vocab_size"])
             batches = EvalBatches(cfg.eval_iters, cfg.batch_size, block, cfg.seed)
-            print(f"{len(files)} checkpoints, steps {steps[0]}..{steps[-1]}; "
-                  f"{len(settings)} settings of {len(parse_methods(cfg.methods))} methods; "
-                  f"evaluating at {len(eval_steps)} steps on {cfg.eval_iters} val batches")
-        for averager in averagers.values():
-            averager.update(entry.step, traj.flat.buffer)
+            if runtime.master:
+                print(f"{len(files)} checkpoints, steps {steps[0]}..{steps[-1]}; "
+                      f"{len(settings)} settings of {len(parse_methods(cfg.methods))} methods"
+                      f"{f' over {runtime.world_size} processes' if runtime.ddp else ''}; "
+                      f"evaluating at {len(eval_steps)} steps on {cfg.eval_iters} val batches")
+                if stored is not None and stored.files:
+                    print(f"post-hoc profiles: {len(stored.files)} files in {stored.directory}, "
+                          f"σ_rel {', '.join(f'{w:g}' for w in stored.widths)} (from step "
+                          f"{stored.tau}, every {stored.phi} steps)")
+        with times("average"):
+            for averager in averagers.values():
+                averager.update(entry.step, traj.flat.buffer)
         if entry.step not in eval_steps:
             continue
+        with times("average"):   # reading the stored profiles and synthesising
+            rebuilt = rebuild.at(entry.step) if rebuild is not None else {}
 
-        def measure(step, method, label, hparams):
-            loss = evaluate_loss(traj.model, data, batches, runtime, splits=("val",))["val"]
-            row = _row(step, weights.tokens_seen, method, label, hparams, loss)
+        def measure(step, setting, error=None):
+            loss = evaluate_loss(traj.model, data, batches, local, splits=("val",))["val"]
+            method, label = (setting.method, setting.label) if setting else ("raw", "raw")
+            row = _row(step, weights.tokens_seen, method, label,
+                       setting.hparams if setting else {}, loss,
+                       setting.source if setting else "snapshots", error)
             if cfg.embeddings:
                 metrics = embedding_metrics(traj.model.transformer.wte.weight, token_counts,
                                             vocab_size=data.vocab_size)
                 row.update({k: metrics.get(k) for k in EMBEDDING_COLUMNS})
             return row
 
-        step_rows = [measure(entry.step, "raw", "raw", {})]
-        for s in settings:
-            averager = averagers[s.label]
-            if averager.average() is None:
-                continue
-            with averager.swapped_in(traj.flat):
-                step_rows.append(measure(entry.step, s.method, s.label, s.hparams))
-        rows += step_rows
+        def swapped(setting):
+            if setting.source == "profiles":
+                return traj.flat.swapped(rebuilt[setting.label])
+            return averagers[setting.label].swapped_in(traj.flat)
+
+        step_rows = []
+        with times("evaluate"):
+            if owner["raw"] == runtime.rank:
+                step_rows.append((0, measure(entry.step, None)))
+            for position, s in enumerate(settings, start=1):
+                if owner[s.label] != runtime.rank:
+                    continue
+                if s.source == "profiles":
+                    if s.label not in rebuilt:
+                        continue   # before the profiles' first update
+                    error = rebuild.errors[entry.step][s.label]
+                elif averagers[s.label].step is None:
+                    continue
+                else:
+                    error = None
+                with swapped(s):
+                    step_rows.append((position, measure(entry.step, s, error)))
+        rows += [(entry.step, position, row) for position, row in step_rows]
         if cfg.save and entry.step == save_step:
-            saved = _save(cfg, traj, settings, averagers, step_rows, entry, weights)
+            saved = _save(cfg, runtime, traj, settings, owner, swapped,
+                          [row for _, row in step_rows], entry, weights)
+        del rebuilt
     if settings is None:
         raise CheckpointError(f"{cfg.ckpt_dir}: every checkpoint was skipped")
-    return {"rows": rows, "best": best_settings(rows), "skipped": skipped, "saved": saved,
+    mine = {"rows": rows, "saved": saved, "timing": dict(times.seconds)}
+    if runtime.ddp:   # rank 0 gathers every rank's rows
+        parts = [None] * runtime.world_size if runtime.master else None
+        dist.gather_object(mine, parts, dst=0, group=runtime.control_group)
+    else:
+        parts = [mine]
+    if runtime.master:
+        rows = [row for _, _, row in sorted(
+            (r for part in parts for r in part["rows"]), key=lambda r: (r[0], r[1]))]
+        saved = next((p["saved"] for p in parts if p["saved"]), None)
+    else:
+        rows = [row for _, _, row in rows]
+    return {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),
+            "skipped": skipped, "saved": saved,
+            "timing": [p["timing"] for p in parts] if runtime.master else [mine["timing"]],
             "averagers": averagers,
             "files": [{"file": f.path.name, "step": f.step} for f in files]}
 
 
 def _check_burn_in_steps(cfg, steps):
-    """An explicit burn-in must be a step the trajectory has: averaging starts from θ_τ."""
+    """An explicit burn-in must be a step the trajectory has: averaging starts from θ_τ (a
+    phema reconstructed from stored profiles takes theirs and is checked against them)."""
     available = set(steps)
     for method in parse_methods(cfg.methods):
         key = AVERAGERS[method].start_key
         values = getattr(cfg, key)
+        if method == "phema" and "snapshots" not in cfg.phema_source and \
+                cfg.phema_source != "auto":
+            continue
         for tau in values if isinstance(values, list) else [values]:
             if tau is not None and tau not in available:
                 later = [s for s in steps if s >= tau]
@@ -399,26 +716,35 @@ EMBEDDING_COLUMNS = ("isotropy", "mean_norm", "norm_ratio", "singular_value_rati
                      "norm_logfreq_pearson")
 
 
-def _row(step, tokens, method, label, hparams, loss):
+def _row(step, tokens, method, label, hparams, loss, source="snapshots", error=None):
     return {"step": step, "tokens": tokens, "method": method, "setting": label,
-            "hparams": json.dumps(hparams, sort_keys=True), "val_loss": loss}
+            "source": source, "hparams": json.dumps(hparams, sort_keys=True), "val_loss": loss,
+            "reconstruction_error": error}
 
 
-def _save(cfg, traj, settings, averagers, step_rows, entry, weights):
-    """The lowest-loss setting among those `cfg.save` names, at this step, as a snapshot."""
+def _save(cfg, runtime, traj, settings, owner, swapped, step_rows, entry, weights):
+    """The lowest-loss setting among those `cfg.save` names, at this step, as a snapshot
+    (written by the rank that owns it; every rank takes part in choosing)."""
     losses = {r["setting"]: r["val_loss"] for r in step_rows}
+    if runtime.ddp:
+        every = [None] * runtime.world_size
+        dist.all_gather_object(every, losses, group=runtime.control_group)
+        losses = {k: v for part in every for k, v in part.items()}
     candidates = [s for s in settings if s.label in losses and
                   cfg.save in ("best", s.method, s.label)]
     if not candidates:
         raise ConfigError(f"save={cfg.save!r}: no average of it exists at step {entry.step} "
                           f"(its burn-in is later)")
     choice = min(candidates, key=lambda s: losses[s.label])
+    if owner[choice.label] != runtime.rank:
+        return None
     directory = Path(cfg.out_dir) / "saved" / re.sub(r"[^\w.=,+-]+", "_", choice.label)
-    with averagers[choice.label].swapped_in(traj.flat):
+    with swapped(choice):
         path = checkpoint.save_snapshot(
             directory, traj.model, entry.step, weights.tokens_seen or 0, traj.model_args,
             extra={"averager": choice.method, "hparams": choice.hparams,
-                   "source": str(cfg.ckpt_dir)})
+                   "source": str(cfg.ckpt_dir) if choice.source == "snapshots" else
+                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"})
     return {"label": choice.label, "step": entry.step, "path": str(path),
             "val_loss": losses[choice.label]}
 
@@ -427,37 +753,76 @@ def _save(cfg, traj, settings, averagers, step_rows, entry, weights):
 # results
 
 def best_settings(rows):
-    """Per method, the setting with the lowest val loss at the last evaluated step, its gain
-    over the raw weights there, and the lowest loss it reaches at any step."""
+    """Per method (and source: a phema from the stored profiles is its own entry), the setting
+    with the lowest val loss at the last evaluated step, its gain over the raw weights there,
+    and the lowest loss it reaches at any step."""
     last = max(r["step"] for r in rows)
     raw = {r["step"]: r["val_loss"] for r in rows if r["method"] == "raw"}
     best = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        at_last = [r for r in rows if r["method"] == method and r["step"] == last]
+    for method, source in dict.fromkeys((r["method"], r["source"]) for r in rows):
+        at_last = [r for r in rows if r["method"] == method and r["source"] == source
+                   and r["step"] == last]
         if not at_last:
             continue
         top = min(at_last, key=lambda r: r["val_loss"])
         curve = [r for r in rows if r["setting"] == top["setting"]]
         lowest = min(curve, key=lambda r: r["val_loss"])
-        best.append({"method": method, "setting": top["setting"], "step": last,
-                     "val_loss": top["val_loss"], "gain": raw[last] - top["val_loss"],
+        best.append({"method": method, "source": source, "setting": top["setting"],
+                     "step": last, "val_loss": top["val_loss"],
+                     "gain": raw[last] - top["val_loss"] if last in raw else None,
                      "lowest": lowest["val_loss"], "lowest_step": lowest["step"]})
     return best
 
 
+def posthoc_widths(rows):
+    """Every phema reconstructed from the stored profiles at the last evaluated step: its val
+    loss, gain over raw, and the relative error of its weight profile."""
+    last = max(r["step"] for r in rows)
+    raw = {r["step"]: r["val_loss"] for r in rows if r["method"] == "raw"}
+    return [{"setting": r["setting"], "step": last, "val_loss": r["val_loss"],
+             "gain": raw[last] - r["val_loss"] if last in raw else None,
+             "reconstruction_error": r["reconstruction_error"]}
+            for r in rows if r["source"] == "profiles" and r["step"] == last]
+
+
+def _method_cell(b):
+    return b["method"] if b["source"] == "snapshots" else f"{b['method']} ({b['source']})"
+
+
 def format_table(best):
     return markdown_table(best, [
-        ("method", "method"), ("best setting", "setting"),
+        ("method", _method_cell), ("best setting", "setting"),
         ("val loss", lambda b: f"{b['val_loss']:.4f}"),
-        ("gain over raw", lambda b: "" if b["method"] == "raw" else f"{b['gain']:+.4f}"),
+        ("gain over raw", lambda b: "" if b["method"] == "raw" or b["gain"] is None
+         else f"{b['gain']:+.4f}"),
         ("lowest (step)", lambda b: f"{b['lowest']:.4f} ({b['lowest_step']})")])
+
+
+def format_posthoc_table(widths):
+    return f"post-hoc EMA from the stored profiles, step {widths[0]['step']}:\n" + markdown_table(
+        widths, [("setting", "setting"), ("val loss", lambda b: f"{b['val_loss']:.4f}"),
+                 ("gain over raw", lambda b: "" if b["gain"] is None else f"{b['gain']:+.4f}"),
+                 ("profile error", lambda b: f"{b['reconstruction_error']:.2e}")])
+
+
+def format_times(timing):
+    """'time: read 1.2 s, average 3.4 s, evaluate 5.6 s' (per rank under torchrun)."""
+    def line(t):
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in t.items())
+    if len(timing) == 1:
+        return f"time: {line(timing[0])}"
+    return "time per process: " + "; ".join(f"rank {r}: {line(t)}" for r, t in enumerate(timing))
+
+
+CSV_COLUMNS = ["step", "tokens", "method", "setting", "source", "hparams", "val_loss",
+               "reconstruction_error"]
 
 
 def _write_outputs(cfg, summary):
     out = Path(cfg.out_dir)
     buffer = io.StringIO()
-    columns = ["step", "tokens", "method", "setting", "hparams", "val_loss"]
-    writer = csv.DictWriter(buffer, columns + (list(EMBEDDING_COLUMNS) if cfg.embeddings else []))
+    writer = csv.DictWriter(buffer, CSV_COLUMNS +
+                            (list(EMBEDDING_COLUMNS) if cfg.embeddings else []))
     writer.writeheader()
     writer.writerows(summary["rows"])
     for s in summary["skipped"]:
@@ -472,17 +837,21 @@ def _write_outputs(cfg, summary):
 
 
 def plot(summary, path, cfg):
-    """Val loss vs step (or tokens): the raw weights and the best setting of each method, with
-    the gain of each over the raw weights below; the run and the data in the title."""
+    """Val loss vs step (or tokens): the raw weights, the best setting of each method and every
+    phema width reconstructed from the stored profiles, with the gain of each over the raw
+    weights below; the run and the data in the title."""
     x = "tokens" if cfg.plot_x == "tokens" else "step"
-    curves = {b["setting"]: [(r[x], r["val_loss"]) for r in summary["rows"]
-                             if r["setting"] == b["setting"] and r[x] is not None]
-              for b in summary["best"]}
+    shown = list(dict.fromkeys([b["setting"] for b in summary["best"]] +
+                               [w["setting"] for w in summary["posthoc"]]))
+    curves = {label: [(r[x], r["val_loss"]) for r in summary["rows"]
+                      if r["setting"] == label and r[x] is not None]
+              for label in shown}
     steps = [f["step"] for f in summary["files"]]
     data = cfg.data_dir or f"data/{cfg.dataset}"
     title = (f"{cfg.ckpt_dir}: {len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}; val loss "
              f"on {data} ({cfg.eval_iters} batches)\nraw weights vs the best setting of each "
-             f"method at the last step")
+             f"method at the last step" +
+             (" and every post-hoc phema width" if summary["posthoc"] else ""))
     return plot_curves(curves, path, title, xlabel="tokens seen" if x == "tokens" else "step")
 
 

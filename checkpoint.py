@@ -4,10 +4,10 @@ Checkpoint files: the one writer, the one reader, and a directory of them as a t
 Files this project writes (every one atomically, see atomic_path):
 
     out_dir/ckpt_0001000.pt                  resume checkpoint (torch.save, read weights_only=True):
-                                             model, optimizer, averaging, iter_num, tokens_seen,
-                                             config, model_args, sampler. The keys model/model_args/
-                                             iter_num are nanoGPT's, so nanoGPT tools read it. The
-                                             last `keep_last` are kept.
+                                             model, optimizer, averaging, posthoc, iter_num,
+                                             tokens_seen, config, model_args, sampler. The keys
+                                             model/model_args/iter_num are nanoGPT's, so nanoGPT
+                                             tools read it. The last `keep_last` are kept.
     out_dir/snapshots/step_0001000.safetensors
                                              model-only snapshot of the trajectory, never pruned: the
                                              float32 weights (tied lm_head stored once) plus metadata
@@ -16,6 +16,16 @@ Files this project writes (every one atomically, see atomic_path):
     out_dir/averaged/<method>/step_....safetensors
                                              an average, as a snapshot whose metadata adds
                                              `averager` and `hparams` (JSON)
+    out_dir/posthoc/step_0001000.safetensors
+                                             the post-hoc EMA profiles at a snapshot step: the
+                                             float32 weights of each stored power-function EMA,
+                                             named `<profile>/<parameter>` (the snapshot layout
+                                             under a prefix such as `sigma_rel=0.05/`), plus
+                                             metadata {format, step, tokens_seen, model_args,
+                                             profiles (JSON: each one's name, sigma_rel, gamma,
+                                             update_after τ, update_freq φ, last_update)}.
+                                             Written and read by save_posthoc / read_posthoc;
+                                             read_checkpoint refuses it (it is no one model).
 
 Files it reads (`read_checkpoint`, one record for all of them): those three, nanoGPT-style
 checkpoints as nanoGPT, the LAWA code and the Coupled Adam code write them (a torch.save'd dict
@@ -47,6 +57,7 @@ from model import GPT, GPTConfig
 
 RESUME_FORMAT = "wa-resume-v1"
 SNAPSHOT_FORMAT = "wa-snapshot-v1"
+POSTHOC_FORMAT = "wa-posthoc-v1"
 SUFFIXES = (".safetensors", ".pt", ".pth")
 _RESUME_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _SNAPSHOT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
@@ -229,6 +240,79 @@ def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None
     return atomic_write(snapshot_path(snapshot_dir, step), blob)
 
 
+def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args):
+    """Write the post-hoc EMA profiles of one step as one file: `profiles` is
+    [(info, state)] with info = {name, sigma_rel, gamma, update_after, update_freq, last_update}
+    and state the profile's weights as a model state dict (checkpoint.model_state's names)."""
+    tensors = {}
+    for info, state in profiles:
+        for key, value in state.items():
+            tensors[f"{info['name']}/{key}"] = value.to("cpu", torch.float32, copy=True)
+    metadata = {"format": POSTHOC_FORMAT, "step": str(step), "tokens_seen": str(tokens_seen),
+                "model_args": json.dumps(model_args, sort_keys=True),
+                "profiles": json.dumps([info for info, _ in profiles])}
+    return atomic_write(snapshot_path(posthoc_dir, step),
+                        safetensors_save(tensors, metadata=metadata))
+
+
+@dataclass
+class PosthocRecord:
+    """A file of post-hoc EMA profiles (save_posthoc)."""
+    path: Path
+    step: int
+    tokens_seen: int | None
+    model_args: dict
+    profiles: list               # [{name, sigma_rel, gamma, update_after, update_freq,
+                                 #   last_update}], in the file's order
+    weights: dict | None = None  # profile name -> {parameter name -> tensor}; None when read
+                                 # with tensors=False
+
+
+_PROFILE_KEYS = {"name": str, "sigma_rel": float, "gamma": float, "update_after": int,
+                 "update_freq": int, "last_update": int}
+
+
+def read_posthoc(path, tensors=True):
+    """The PosthocRecord of a file save_posthoc wrote; CheckpointError naming the file when it
+    is missing, truncated, corrupt or not such a file. tensors=False reads only its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"post-hoc profile file {path} does not exist")
+    blob, header = _read_safetensors_header(path, tensors)
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != POSTHOC_FORMAT:
+        raise CheckpointError(f"{path} is not a file of post-hoc EMA profiles (its format is "
+                              f"{metadata.get('format')!r}, not {POSTHOC_FORMAT!r}; train.py "
+                              f"writes them to out_dir/posthoc/)")
+    try:
+        profiles = json.loads(metadata["profiles"])
+        for info in profiles:
+            for key, kind in _PROFILE_KEYS.items():
+                if not isinstance(info[key], kind) and not (kind is float and
+                                                            isinstance(info[key], int)):
+                    raise ValueError(f"profile entry {key}={info[key]!r}")
+        model_args = json.loads(metadata["model_args"])
+        step = _int_step(metadata["step"], path)
+        tokens = metadata.get("tokens_seen")
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
+    weights = None
+    if tensors:
+        try:
+            flat = safetensors_load(blob)
+        except (SafetensorError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
+                                  f"corrupt?): {e}") from None
+        weights = {info["name"]: {} for info in profiles}
+        for key, value in flat.items():
+            name, _, parameter = key.partition("/")
+            if name not in weights:
+                raise CheckpointError(f"{path}: tensor {key!r} belongs to no listed profile")
+            weights[name][parameter] = value
+    return PosthocRecord(path, step, int(tokens) if tokens is not None else None,
+                         _check_model_args(model_args, path), profiles, weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # the one reader
 
@@ -244,13 +328,16 @@ class Checkpoint:
                                  # None when read with tensors=False
     optimizer: dict | None = None   # resume checkpoints
     averaging: dict | None = None   # resume checkpoints: every averager's state
+    posthoc: dict | None = None     # resume checkpoints: the post-hoc EMA profiles' state
     averager: str | None = None     # averaged snapshots: the method ...
     hparams: dict | None = None     # ... and its hyperparameters
     config: dict | None = None      # resume checkpoints: the run's resolved config
 
     def tensors(self):
-        """Every tensor the record holds: weights, optimizer and averager state."""
-        found, pending = list((self.weights or {}).values()), [self.optimizer, self.averaging]
+        """Every tensor the record holds: weights, optimizer, averager and post-hoc profile
+        state."""
+        found = list((self.weights or {}).values())
+        pending = [self.optimizer, self.averaging, self.posthoc]
         while pending:
             item = pending.pop()
             if isinstance(item, dict):
@@ -302,22 +389,33 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), record
 
 
-def _read_safetensors(path, tensors):
+def _read_safetensors_header(path, whole_file):
+    """(the file's bytes if whole_file else None, its parsed header)."""
     try:
-        if tensors:
+        if whole_file:
             blob = path.read_bytes()
-            weights = safetensors_load(blob)
-            header = _safetensors_header(blob[:8], blob[8:], path)
-        else:
-            with open(path, "rb") as f:
-                size_bytes = f.read(8)
-                header = _safetensors_header(size_bytes, f.read(_header_size(size_bytes, path)),
+            return blob, _safetensors_header(blob[:8], blob[8:], path)
+        with open(path, "rb") as f:
+            size_bytes = f.read(8)
+            return None, _safetensors_header(size_bytes, f.read(_header_size(size_bytes, path)),
                                              path)
-            weights = None
-    except (SafetensorError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
+                              f"corrupt?): {e}") from None
+
+
+def _read_safetensors(path, tensors):
+    blob, header = _read_safetensors_header(path, tensors)
+    try:
+        weights = safetensors_load(blob) if tensors else None
+    except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
                               f"corrupt?): {e}") from None
     metadata = header.get("__metadata__") or {}
+    if metadata.get("format") == POSTHOC_FORMAT:
+        raise CheckpointError(f"{path} holds post-hoc EMA profiles (several averages of one "
+                              f"step), not one model: average.py reads them itself for "
+                              f"--methods=phema; give it the run's snapshots/ as --ckpt_dir")
     if "model_args" not in metadata:
         raise CheckpointError(f"{path} has no model_args metadata: not a snapshot of this "
                               f"project (checkpoint.save_snapshot writes them)")
@@ -362,7 +460,8 @@ def _read_torch(path, tensors):
                       _check_model_args(ckpt["model_args"], path), step,
                       tokens_seen=int(tokens) if tokens is not None else None,
                       weights=weights if tensors else None, optimizer=ckpt.get("optimizer"),
-                      averaging=ckpt.get("averaging"), config=ckpt.get("config"))
+                      averaging=ckpt.get("averaging"), posthoc=ckpt.get("posthoc"),
+                      config=ckpt.get("config"))
 
 
 def _torch_load(path):

@@ -25,13 +25,14 @@ ALIGN_BYTES = 128
 
 class FlatParameters:
     def __init__(self, model):
-        # model.parameters() yields a tied parameter once, so it is stored (and averaged) once
-        params = [p for p in model.parameters()]
-        if not params:
+        # named_parameters() yields a tied parameter once (under its first name, the one
+        # checkpoint.model_state keeps), so it is stored (and averaged) once
+        named = list(model.named_parameters())
+        if not named:
             raise ValueError("the model has no parameters to flatten")
         by_key = {}
-        for p in params:
-            by_key.setdefault((p.dtype, p.device), []).append(p)
+        for name, p in named:
+            by_key.setdefault((p.dtype, p.device), []).append((name, p))
         self.groups = [_flatten(group) for group in by_key.values()]
 
     @property
@@ -48,6 +49,26 @@ class FlatParameters:
         """Raise if a parameter no longer lives in its slice of the buffer."""
         for group in self.groups:
             group.check()
+
+    def flat_from_state(self, state, source, device=None):
+        """A new flat tensor in `buffer`'s layout (on `device`, default the buffer's) holding
+        the weights of the state dict `state` (parameter name -> tensor, as
+        checkpoint.model_state names them; padding zero), without touching the model: how a
+        stored average becomes a vector the averaging math takes. `source` names it in errors."""
+        group = self.groups[0] if len(self.groups) == 1 else None
+        if group is None:
+            self.buffer   # raises, naming the dtype/device combinations
+        out = torch.zeros_like(group.buffer, device=device)
+        missing = [name for name in group.names if name not in state]
+        if missing:
+            raise ValueError(f"{source} lacks the parameters {missing[:5]}")
+        for name, p, offset in zip(group.names, group.params, group.offsets):
+            tensor = state[name]
+            if tuple(tensor.shape) != tuple(p.shape):
+                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model "
+                                 f"{tuple(p.shape)}")
+            out[offset:offset + p.numel()].copy_(tensor.reshape(-1))
+        return out
 
     @contextmanager
     def swapped(self, weights):
@@ -69,8 +90,8 @@ class FlatParameters:
 
 
 class _Group:
-    def __init__(self, buffer, params, offsets):
-        self.buffer, self.params, self.offsets = buffer, params, offsets
+    def __init__(self, buffer, names, params, offsets):
+        self.buffer, self.names, self.params, self.offsets = buffer, names, params, offsets
 
     def check(self):
         base, size = self.buffer.data_ptr(), self.buffer.element_size()
@@ -82,7 +103,8 @@ class _Group:
                     "build FlatParameters after the model is on its device and loaded")
 
 
-def _flatten(params):
+def _flatten(named):
+    names, params = [name for name, _ in named], [p for _, p in named]
     dtype, device = params[0].dtype, params[0].device
     align = max(1, ALIGN_BYTES // params[0].element_size())
     offsets, total = [], 0
@@ -95,4 +117,4 @@ def _flatten(params):
             view = buffer[offset:offset + p.numel()].view(p.shape)
             view.copy_(p)
             p.data = view   # same Parameter object, new storage: optimizers and DDP see no change
-    return _Group(buffer, params, offsets)
+    return _Group(buffer, names, params, offsets)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from averaging import AVERAGERS, build_averager, parse_method_list
+from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
 from configurator import ConfigError, FieldGroup, dict_notes
 
 
@@ -68,6 +68,35 @@ def parse_methods(spec):
     return parse_method_list(spec, key="averaging", allow_empty=True)
 
 
+def posthoc_profiles(cfg):
+    """{profile name: phema hyperparameters} of the post-hoc EMA profiles train.py keeps
+    (posthoc_sigma_rel, posthoc_update_after, posthoc_update_freq), validated; {} when they are
+    off: no widths, or no snapshots to write them with (snapshot_interval 0)."""
+    widths = list(cfg.posthoc_sigma_rel or ())
+    profiles = {}
+    for sigma_rel in widths:
+        if not 0 < sigma_rel <= SIGMA_REL_MAX:
+            raise ValueError(f"posthoc_sigma_rel={tuple(widths)}: {sigma_rel} is not a width of "
+                             f"a power-function EMA; each must be in (0, 1/sqrt(12) = "
+                             f"{SIGMA_REL_MAX:.6f}] (EDM2 stores 0.05 and 0.1)")
+        name = profile_name(sigma_rel)
+        if name in profiles:
+            raise ValueError(f"posthoc_sigma_rel={tuple(widths)} lists {sigma_rel} twice")
+        profiles[name] = {"phema_sigma_rel": float(sigma_rel), "phema_gamma": None,
+                          "phema_update_after": cfg.posthoc_update_after,
+                          "phema_update_freq": cfg.posthoc_update_freq}
+        try:
+            build_averager("phema", **profiles[name])
+        except ValueError as e:   # name the train.py keys, not the averager's
+            raise ValueError(str(e).replace("phema_update", "posthoc_update")) from None
+    return profiles if cfg.snapshot_interval else {}
+
+
+def profile_name(sigma_rel):
+    """The name of a stored profile in posthoc files and resume checkpoints: 'sigma_rel=0.05'."""
+    return f"sigma_rel={float(sigma_rel)!r}"
+
+
 def averager_hparams(cfg):
     """{method: its hyperparameters from cfg} for the methods in cfg.averaging; validates them
     (an impossible value raises here, naming the key, before any work is done)."""
@@ -79,13 +108,17 @@ def averager_hparams(cfg):
 
 
 class OnlineAveraging:
-    def __init__(self, flat, methods, rank=0, world_size=1):
+    def __init__(self, flat, methods, rank=0, world_size=1, method=None):
+        """methods: {name: hyperparameters}, each averager the registered method `name`; or,
+        with `method` given, each one that method under a name of its own (train.py's post-hoc
+        profiles: {'sigma_rel=0.05': {...}, 'sigma_rel=0.1': {...}} of method 'phema')."""
         self.flat, self.rank, self.world_size = flat, rank, world_size
         self.numel = flat.buffer.numel()
         self.shard = -(-self.numel // world_size)
         self.lo = min(rank * self.shard, self.numel)
         self.hi = min(self.lo + self.shard, self.numel)
-        self.averagers = {name: build_averager(name, **hp) for name, hp in methods.items()}
+        self.averagers = {name: build_averager(method or name, **hp)
+                          for name, hp in methods.items()}
 
     @property
     def names(self):

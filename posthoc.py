@@ -11,7 +11,7 @@ weight profiles.
     weights = synthesize(coeffs, tensors)   # tensors: the stored flat EMAs, in the order of stored
     reconstruction_error(stored, (t_r, gamma_r), coeffs)   # relative L2 error of the profile
 
-The math (docs/posthoc.md has it in full):
+The math (docs/averaging.md, "Post-hoc reconstruction of any width", has it in full):
 - Profile. The phema average with exponent γ at time t is ∫ p(x) θ̄(x) dx with
   p(x) = (γ+1) x^γ / t^(γ+1) on (0, t] and θ̄ the trajectory held piecewise constant: θ̄(x) is θ at
   the first acting step at or after x. This is exact for the recursion training runs (see
@@ -28,20 +28,30 @@ The math (docs/posthoc.md has it in full):
       reconstruction error in weights is Σ_j (Σ_i c_i w_i,j − w_r,j) θ_j, so this is the norm
       that matters; the continuous one also counts structure inside one period that no average
       can see. The two agree once the profiles near the target are many periods wide
-      (σ_rel·t >~ 10φ) and differ when they are not; docs/posthoc.md has the measured gap. Cost: a pass over the n = t/φ
-      iterates per distinct γ (gram_matrix explains), well under a second for n = 10^6.
+      (σ_rel·t >~ 10φ) and differ when they are not; docs/averaging.md has the measured gap.
+      Cost: a pass over the n = t/φ iterates per distinct γ (gram_matrix explains), well under a
+      second for n = 10^6.
 Only stored averages from at or before the target step may enter (as in EDM2): one from later
 would mix in iterates the target average has not seen.
+
+Where the stored ones come from and go: train.py keeps them (posthoc_sigma_rel) and writes them
+with every snapshot (checkpoint.save_posthoc); average.py reconstructs from them with
+Reconstruction below, which streams the files.
 """
 
 import math
 import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+import checkpoint
 # the σ_rel ↔ γ relation is the phema averager's own; re-exported here for post-hoc users
 from averaging import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
+from checkpoint import CheckpointError
+from configurator import ConfigError
 
 _CHUNK = 1 << 16   # iterates per block of the exact inner products
 
@@ -116,7 +126,17 @@ def solve_coefficients(stored, target, exact=True, update_freq=1):
     `stored` = [(t_i, γ_i), ...] (t in steps since burn-in, each t_i <= t_r; with exact=True
     all multiples of update_freq, the stored averagers' period). EDM2's least squares with its
     rescaling to sum 1; exact=False uses its continuous inner products."""
+    return fit(stored, target, exact, update_freq)[0]
+
+
+def fit(stored, target, exact=True, update_freq=1):
+    """(solve_coefficients(...), reconstruction_error(...) of them) from one Gram matrix."""
     gram = _checked_gram(stored, target, exact, update_freq)
+    coeffs = _solve(gram, stored, target)
+    return coeffs, _error(gram, coeffs)
+
+
+def _solve(gram, stored, target):
     coeffs = np.linalg.lstsq(gram[:-1, :-1], gram[:-1, -1], rcond=None)[0]
     total = coeffs.sum()
     if not total > 1e-12:   # cannot happen for profiles of an actual run; guard the division
@@ -135,6 +155,10 @@ def reconstruction_error(stored, target, coeffs, exact=True, update_freq=1):
     if c.shape != (len(stored),):
         raise ValueError(f"coeffs has shape {c.shape}; expected ({len(stored)},), one per "
                          f"stored average")
+    return _error(gram, c)
+
+
+def _error(gram, c):
     target_norm2 = gram[-1, -1]
     err2 = c @ gram[:-1, :-1] @ c - 2 * c @ gram[:-1, -1] + target_norm2
     return math.sqrt(max(err2, 0.0) / target_norm2)
@@ -154,18 +178,157 @@ def synthesize(coeffs, tensors):
             raise ValueError(f"more tensors than the {c.shape[0]} coefficients")
         if x.dim() != 1:
             raise ValueError(f"tensor {count} has shape {tuple(x.shape)}; expected a flat one")
-        x = x.to(torch.float64)
         if total is None:
             total = torch.zeros(c.shape[1:] + x.shape, dtype=torch.float64, device=x.device)
         elif x.shape[-1] != total.shape[-1]:
             raise ValueError(f"tensor {count} has {x.numel()} entries, tensor 0 "
                              f"{total.shape[-1]}")
-        ck = c[count].to(x.device)
-        total += ck[..., None] * x if c.dim() == 2 else ck * x
+        _add_(total, c[count], x)
         count += 1
     if count != c.shape[0]:
         raise ValueError(f"{count} tensors for {c.shape[0]} coefficients")
     return total.to(torch.float32)
+
+
+def _add_(total, coeff, x):
+    """total += coeff·x in float64: total (numel,) with a scalar coeff, or (R, numel) with an
+    (R,) coeff (one row per target). The one accumulation of synthesize and Reconstruction."""
+    x = x.to(total.device, torch.float64)
+    coeff = coeff.to(total.device)
+    total += coeff[..., None] * x if coeff.dim() == 1 else coeff * x
+
+
+class Reconstruction:
+    """Post-hoc phemas of several target widths at several steps, from stored profiles read one
+    file at a time: the reconstruction average.py evaluates (`--methods=phema` over a run's
+    posthoc/ files).
+
+        files = [(key, step, [(name, t, gamma), ...]), ...]   # stored files, in step order
+        rec = Reconstruction(files, {"phema[...]": gamma_r, ...}, eval_steps, tau, update_freq,
+                             read=lambda key: {name: flat tensor}, device="cpu", window=4)
+        rec.coeffs[step], rec.errors[step]      # per target: coefficients, profile error
+        weights = rec.at(step)                   # {label: float32 flat weights}, steps in order
+
+    At an evaluation step s the target is the phema at t_r = s − τ (rounded down to a multiple
+    of φ: the average as of its last update) and the stored profiles are those of the files at
+    steps <= s (solve_coefficients with the exact inner products). Each file is read once per
+    window: the reconstruction keeps a float64 accumulator per target for each of the next
+    `window` evaluation steps (8 bytes x targets x window per parameter) and adds every file it
+    reads into each of them; when the window's steps are done the next window reads the files
+    from the first again. A file's contributions are added in file order, in float64, so the
+    result equals synthesize(coeffs[step], the stored tensors) bit for bit, whatever the window.
+    """
+
+    def __init__(self, files, targets, steps, tau, update_freq, read, device="cpu", window=None):
+        self.files, self.targets, self.read = list(files), dict(targets), read
+        self.tau, self.phi, self.device = tau, update_freq, torch.device(device)
+        self.coeffs, self.errors, self.stored = {}, {}, {}
+        for step in sorted(steps):
+            t_r = (step - tau) // update_freq * update_freq
+            stored = [(i, name, t, gamma) for i, (_, file_step, profiles) in enumerate(self.files)
+                      if file_step <= step for name, t, gamma in profiles if t > 0]
+            if t_r <= 0 or not stored:
+                continue   # before the first update there is no phema to reconstruct
+            fits = [fit([(t, g) for _, _, t, g in stored], (t_r, gamma), update_freq=update_freq)
+                    for gamma in self.targets.values()]
+            self.stored[step] = {(i, name): k for k, (i, name, _, _) in enumerate(stored)}
+            self.coeffs[step] = np.stack([c for c, _ in fits], axis=1)   # (K, R)
+            self.errors[step] = {label: e for label, (_, e) in zip(self.targets, fits)}
+        self.steps = sorted(self.coeffs)
+        self.window = len(self.steps) if window is None else max(1, int(window))
+        self.open, self.next_file = {}, 0
+
+    def at(self, step):
+        """{label: float32 flat weights} of every target at this evaluation step; call it with
+        the evaluation steps in increasing order (a step may be left out)."""
+        if step not in self.coeffs:
+            return {}
+        if step not in self.open:   # a new window: from this step on, files from the first
+            first = self.steps.index(step)
+            self.open = {s: None for s in self.steps[first:first + self.window]}
+            self.next_file = 0
+        while self.next_file < len(self.files) and self.files[self.next_file][1] <= step:
+            i = self.next_file
+            tensors = self.read(self.files[i][0])
+            for s in self.open:
+                columns = self.stored[s]
+                for name, _, _ in self.files[i][2]:
+                    if (i, name) not in columns:
+                        continue
+                    x = tensors[name]
+                    if self.open[s] is None:
+                        self.open[s] = torch.zeros(len(self.targets), x.numel(),
+                                                   dtype=torch.float64, device=self.device)
+                    coeff = torch.as_tensor(self.coeffs[s][columns[(i, name)]])
+                    _add_(self.open[s], coeff, x)
+            del tensors
+            self.next_file += 1
+        total = self.open.pop(step)
+        return {label: total[r].to(torch.float32) for r, label in enumerate(self.targets)}
+
+
+# ------------------------------------------------------------------- a run's stored profiles
+
+@dataclass
+class StoredProfiles:
+    """The post-hoc profile files of a run that a reconstruction uses."""
+    directory: Path | None
+    looked_in: list             # the directories searched
+    files: list                 # [(path, step, [(name, t, gamma), ...])] in step order: the
+                                # selected profiles of each file, t = last update − τ
+    tau: int | None = None      # the profiles' burn-in ...
+    phi: int | None = None      # ... and period
+    widths: list = field(default_factory=list)   # σ_rel of the selected profiles
+
+
+def _raise(path, step, reason):
+    raise CheckpointError(reason)
+
+
+def find_stored_profiles(directories, model_args, widths=None, skip=_raise):
+    """The StoredProfiles in the first of `directories` that holds posthoc files (train.py
+    writes them to out_dir/posthoc/), read by their headers only; `widths` selects the stored
+    σ_rel to use (None: all). A bad file goes to skip(path, step, reason) (by default an error
+    naming it); profiles of another model than `model_args`, a width no file holds, and
+    profiles of different burn-ins or periods are errors."""
+    looked = [Path(d) for d in directories]
+    directory = next((d for d in looked if checkpoint.list_snapshots(d)), None)
+    stored = StoredProfiles(directory, looked, [])
+    if directory is None:
+        return stored
+    records = []
+    for path in checkpoint.list_snapshots(directory):
+        try:
+            record = checkpoint.read_posthoc(path, tensors=False)
+            if {**record.model_args, "dropout": 0.0} != {**model_args, "dropout": 0.0}:
+                raise CheckpointError(f"{path} holds profiles of another model: model_args "
+                                      f"{record.model_args} differ from the trajectory's "
+                                      f"{model_args}")
+            records.append(record)
+        except CheckpointError as e:
+            skip(path, None, str(e))
+    if not records:
+        return stored
+    available = {info["sigma_rel"] for r in records for info in r.profiles}
+    wanted = available if widths is None else set(widths)
+    missing = sorted(wanted - available)
+    if missing:
+        raise ConfigError(f"posthoc_profiles={list(widths)}: no profile of width {missing[0]} "
+                          f"is stored in {directory} (there are "
+                          f"{', '.join(f'{w:g}' for w in sorted(available))})")
+    chosen = [(r, [info for info in r.profiles if info["sigma_rel"] in wanted])
+              for r in records]
+    timing = {(info["update_after"], info["update_freq"]) for _, infos in chosen for info in infos}
+    if len(timing) > 1:
+        raise ConfigError(f"the post-hoc profiles in {directory} have different burn-ins or "
+                          f"periods (update_after, update_freq) {sorted(timing)}; one "
+                          f"reconstruction needs one: select some with --posthoc_profiles")
+    (stored.tau, stored.phi), = timing
+    stored.widths = sorted(wanted)
+    stored.files = [(r.path, r.step, [(info["name"], info["last_update"] - stored.tau,
+                                       info["gamma"]) for info in infos])
+                    for r, infos in sorted(chosen, key=lambda c: c[0].step)]
+    return stored
 
 
 # ------------------------------------------------------------------------------- checks

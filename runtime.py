@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from configurator import ConfigError
+from configurator import ConfigError, UserError, one_line
 
 DTYPES = ("auto", "float32", "bfloat16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -108,6 +108,26 @@ def init_runtime(device="auto", dtype="auto"):
 def teardown(runtime):
     if runtime.ddp and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree(runtime, check):
+    """check() on every rank; when it raises a UserError on any, every rank raises (rank 0 with
+    the first failing rank's message), so that no rank waits for another at a collective."""
+    error = None
+    try:
+        result = check()
+    except UserError as e:
+        error, result = e, None
+    if runtime.ddp:
+        messages = [None] * runtime.world_size
+        dist.all_gather_object(messages, None if error is None else one_line(error),
+                               group=runtime.control_group)
+        failed = [m for m in messages if m]
+        if failed and error is None:
+            error = ConfigError(failed[0])
+    if error is not None:
+        raise error
+    return result
 
 
 def all_reduce_mean(value, runtime):

@@ -37,7 +37,7 @@ from dataloader import (EvalBatches, evaluate_loss, get_batch, micro_batch_seed,
                         to_device)
 from flat_params import FlatParameters
 from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
-from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams
+from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams, posthoc_profiles
 from report import format_duration
 from run_dir import (MetricsLog, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
                      remove_leftover_temporaries)
@@ -114,6 +114,16 @@ class TrainConfig(AveragingConfig):
     ema_decay: float = 0.995       # the default run's: EMA half-life ~140 steps
     lawa_k: int = 5                # the default run's: the 5 latest checkpoints ...
     lawa_interval: int = 100       # ... spaced 100 steps apart
+    # post-hoc EMA profiles
+    # Power-function EMAs (EDM2's phema) of these widths, kept apart from --averaging and written
+    # with every snapshot to out_dir/posthoc/step_N.safetensors (each one the size of a
+    # snapshot); average.py --methods=phema reconstructs the phema of any other width from them
+    # (docs/averaging.md). Off when snapshot_interval is 0.
+    posthoc_sigma_rel: tuple[float, ...] | None = (0.05, 0.10)  # σ_rel of each stored profile
+                                   # (EDM2's pair); None or () = none
+    posthoc_update_after: int = 0  # τ: the profiles start at this step (a run branched off a
+                                   # snapshot at step s needs s or later)
+    posthoc_update_freq: int = 1   # φ: the profiles act every φ steps
     # system
     device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
     dtype: str = "auto"            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16'
@@ -161,6 +171,7 @@ class TrainConfig(AveragingConfig):
             raise ValueError(f"stop_iter={self.stop_iter} must be in (0, max_iters={self.max_iters}]")
         schedules.from_config(self)  # raises on an impossible schedule, naming the key
         averager_hparams(self)       # raises on an unknown method or impossible hyperparameter
+        posthoc_profiles(self)       # raises on an impossible width, burn-in or period
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +217,7 @@ class TrainState:
     tokens_seen: int = 0
     source: str = "scratch"  # where the weights came from
     averaging: dict | None = None  # saved averager states to continue (from a resume checkpoint)
+    posthoc: dict | None = None    # saved post-hoc profile states to continue (likewise)
 
 
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
@@ -253,7 +265,7 @@ def build(cfg, runtime, data, loaded=None):
         model_args = {**model_args,
                       **{k: v for k, v in loaded.model_args.items() if k != "dropout"}}
         state = TrainState(loaded.step or 0, loaded.tokens_seen or 0, str(loaded.path),
-                           loaded.averaging)
+                           loaded.averaging, loaded.posthoc)
     data.check_fits(model_args["block_size"], model_args["vocab_size"])
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -290,6 +302,33 @@ def build_averaging(cfg, runtime, flat, state):
             print(f"continuing the {', '.join(loaded)} average(s) from {state.source}")
     online.start(state.iter_num)
     return online
+
+
+def build_posthoc(cfg, runtime, flat, state):
+    """The post-hoc EMA profiles (phema averagers named 'sigma_rel=0.05', ...; none when off),
+    continuing saved state where there is some, else starting at posthoc_update_after."""
+    profiles = posthoc_profiles(cfg)
+    posthoc = OnlineAveraging(flat, profiles, runtime.rank, runtime.world_size, method="phema")
+    loaded = []
+    if state.posthoc:
+        loaded = posthoc.load_state_dict(state.posthoc, state.source,
+                                         strict=cfg.init_from == "resume")
+    fresh = [name for name in profiles if name not in loaded]
+    if fresh and cfg.posthoc_update_after < state.iter_num:
+        raise ConfigError(
+            f"posthoc_update_after={cfg.posthoc_update_after}, but this run starts at step "
+            f"{state.iter_num} with no saved post-hoc profile {fresh[0]} to continue; set "
+            f"--posthoc_update_after={state.iter_num} (or later) to start the profiles here, or "
+            f"turn them off with --posthoc_sigma_rel=None")
+    posthoc.start(state.iter_num)
+    return posthoc
+
+
+def profile_info(name, averager):
+    """What a posthoc file records of each profile (checkpoint.save_posthoc)."""
+    return {"name": name, "sigma_rel": averager.sigma_rel, "gamma": averager.gamma,
+            "update_after": averager.tau, "update_freq": averager.phi,
+            "last_update": averager.step}
 
 
 def wrap_model(model, cfg, runtime):
@@ -342,11 +381,12 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the state became NaN or infinite; nothing non-finite is saved."""
 
 
-def state_is_finite(flat, optimizer, online, runtime):
-    """Whether the weights, the optimizer state and the averagers' state are all finite, on every
-    rank: one reduction per tensor (the weights are one flat buffer), one host sync, and one
-    all-reduce under DDP. Called before anything is saved."""
+def state_is_finite(flat, optimizer, online, runtime, posthoc=None):
+    """Whether the weights, the optimizer state and the averagers' (and post-hoc profiles')
+    state are all finite, on every rank: one reduction per tensor (the weights are one flat
+    buffer), one host sync, and one all-reduce under DDP. Called before anything is saved."""
     tensors = [flat.buffer] + online.state_tensors()
+    tensors += posthoc.state_tensors() if posthoc is not None else []
     tensors += [v for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
     ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().double()
@@ -422,17 +462,19 @@ def _train(cfg, runtime):
         refuse_to_overwrite(cfg.out_dir)
     model, optimizer, state, model_args, flat = build(cfg, runtime, data, loaded)
     online = build_averaging(cfg, runtime, flat, state)
+    posthoc = build_posthoc(cfg, runtime, flat, state)
     log = MetricsLog(cfg, runtime.master)
     log.check()
     lock = claim_out_dir(cfg, runtime)
     try:
-        return _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online, log)
+        return _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
+                     posthoc, log)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online, log):
+def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online, posthoc, log):
     raw_model, model = model, wrap_model(model, cfg, runtime)
     schedule = schedules.from_config(cfg)
     evals = eval_batches(cfg)
@@ -447,6 +489,11 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
         if online.names:
             print(f"averaging {', '.join(online.names)}: "
                   f"{online.memory_bytes() / 2**20:.1f} MiB of state per rank")
+        if posthoc.names:
+            print(f"post-hoc EMA profiles {', '.join(posthoc.names)} (from step "
+                  f"{cfg.posthoc_update_after}, every {cfg.posthoc_update_freq} steps): written "
+                  f"with every snapshot to {out_dir / 'posthoc'}, {len(posthoc.names)}x a "
+                  f"snapshot's size")
     log.open(state.iter_num)
     batches = train_batches(data, cfg, runtime, state.iter_num)
     last_loss, last_eval, stopped_by, saved_at = None, None, None, {}
@@ -454,7 +501,7 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
     def check_finite():
         if last_loss is not None and not math.isfinite(all_reduce_mean(last_loss, runtime)):
             raise non_finite_error("the training loss is not finite", state.iter_num, out_dir)
-        if not state_is_finite(flat, optimizer, online, runtime):
+        if not state_is_finite(flat, optimizer, online, runtime, posthoc):
             raise non_finite_error("the weights, optimizer or averager state are not finite",
                                    state.iter_num, out_dir)
 
@@ -464,6 +511,7 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
         check_finite()
         saved_at.update(step=state.iter_num, path=checkpoint.resume_path(out_dir, state.iter_num))
         averaging_state = online.state_dict()  # gathers the DDP shards: every rank takes part
+        posthoc_state = posthoc.state_dict()
         if runtime.master:
             previous = checkpoint.latest_resume(out_dir)
             try:
@@ -471,6 +519,7 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
                     "model": checkpoint.model_state(model),
                     "optimizer": optimizer.state_dict(),
                     "averaging": averaging_state,
+                    "posthoc": posthoc_state,
                     "iter_num": state.iter_num, "tokens_seen": state.tokens_seen,
                     "model_args": model_args, "config": dataclasses.asdict(cfg),
                     "sampler": {"seed": cfg.seed, "next_step": state.iter_num},
@@ -481,11 +530,25 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
         return saved_at["path"]
 
     def save_snapshots(raw, averaged):
-        """The raw weights to snapshots/, each average to averaged/<method>/step_N.safetensors."""
+        """The raw weights to snapshots/ and the post-hoc profiles to posthoc/ (once they have
+        averaged anything: not at their burn-in step), each average to
+        averaged/<method>/step_N.safetensors."""
         check_finite()
         if raw and runtime.master:
             checkpoint.save_snapshot(out_dir / "snapshots", raw_model, state.iter_num,
                                      state.tokens_seen, model_args)
+        if raw and posthoc.names and all(a.step is not None and a.step > a.tau
+                                         for a in posthoc.averagers.values()):
+            profiles = []
+            for name, averager in posthoc.averagers.items():
+                with posthoc.swapped_in(name):  # a collective under DDP
+                    if runtime.master:
+                        profiles.append((profile_info(name, averager), {
+                            k: v.to("cpu", torch.float32, copy=True)
+                            for k, v in checkpoint.model_state(raw_model).items()}))
+            if runtime.master:
+                checkpoint.save_posthoc(out_dir / "posthoc", profiles, state.iter_num,
+                                        state.tokens_seen, model_args)
         for name in online.ready() if averaged else []:
             with online.swapped_in(name):  # a collective under DDP
                 if runtime.master:
@@ -531,6 +594,7 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
             state.tokens_seen += tokens_per_iter
             timed_steps += 1
             online.update(state.iter_num)  # θ_s, s = updates applied; acts where it is due
+            posthoc.update(state.iter_num)
 
             if cfg.snapshot_interval and state.iter_num % cfg.snapshot_interval == 0:
                 save_snapshots(raw=True, averaged=cfg.save_averaged)

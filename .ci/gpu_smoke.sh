@@ -26,6 +26,16 @@ $PY train.py $RUN --optimizer=coupled_adam --averaging= --stop_iter=40 --out_dir
 step "offline averaging over the snapshots, on the GPU, saving the best"
 $PY average.py --ckpt_dir=$W/run/snapshots --out_dir=$W/avg --device=$DEV --eval_iters=5 \
     --lawa_interval=20 --wa_horizon=20 --save=best
+step "offline: phema from the stored post-hoc profiles, the state on the GPU, then in pinned host memory: the same results.csv"
+for SD in device host; do
+  $PY average.py --ckpt_dir=$W/run/snapshots --out_dir=$W/avg_$SD --device=$DEV --eval_iters=5 \
+      --methods=phema,ema,lawa --phema_sigma_rel=[0.02,0.05,0.1,0.2] --lawa_interval=20 \
+      --state_device=$SD --state_chunk=100000 --plot=False
+done
+cmp $W/avg_device/results.csv $W/avg_host/results.csv
+step "offline under torchrun (1 process)"
+torchrun --standalone --nproc_per_node=1 average.py --ckpt_dir=$W/run/snapshots \
+    --out_dir=$W/avg_ddp --device=$DEV --eval_iters=5 --methods=phema,ema
 step "evaluate (resume checkpoint, averaged snapshot), with embedding metrics"
 $PY evaluate.py --ckpt=$W/run/ckpt_0000080.pt --device=$DEV --eval_iters=5
 $PY evaluate.py --ckpt=$(ls $W/run/averaged/bema/*.safetensors | tail -1) --device=$DEV \

@@ -1,8 +1,17 @@
 """average.py: one pass serving every method and setting, equal to the online averagers, over
-this project's snapshots and nanoGPT checkpoints, with clear errors for bad input."""
+this project's snapshots and nanoGPT checkpoints, with clear errors for bad input; phema
+reconstructed from the stored post-hoc profiles; state in host memory and settings split over
+processes, with the results of the plain pass."""
 
+import csv
+import dataclasses
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +19,19 @@ from safetensors.torch import save_file
 
 import average
 import checkpoint
+import posthoc
 import train
 from average import AverageConfig
-from averaging import AVERAGERS
-from configurator import ConfigError, load_config
+from averaging import AVERAGERS, build_averager, sigma_rel_to_gamma
+from configurator import ConfigError, UserError, load_config, main
 from dataloader import EvalBatches, evaluate_loss, open_dataset
-from runtime import init_runtime
+from flat_params import FlatParameters
+from host_state import HostStateAverager
+from model import GPT, GPTConfig
+from runtime import Runtime, init_runtime
 from train import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 STEPS = 8
 # every method; online and offline get the same hyperparameters (period 1 = every snapshot)
@@ -40,9 +55,11 @@ def run_dir(tiny_data_dir, tmp_path_factory):
 
 
 def config(run_dir, tiny_data_dir, tmp_path, ckpt_dir=None, **overrides):
+    """average.py over the run's snapshots; phema replayed over them (the run also stored
+    post-hoc profiles, which the tests of the reconstruction below use)."""
     base = dict(ckpt_dir=str(ckpt_dir or run_dir / "snapshots"), out_dir=str(tmp_path / "avg"),
                 data_dir=str(tiny_data_dir), eval_iters=2, batch_size=4, device="cpu",
-                methods=ALL, plot=False, **SAME)
+                methods=ALL, plot=False, phema_source="snapshots", **SAME)
     return AverageConfig(**{**base, **overrides})
 
 
@@ -56,8 +73,10 @@ def test_offline_equals_online_averaging(run_dir, tiny_data_dir, tmp_path):
     round trip aside, which is exact)."""
     summary = average.average(config(run_dir, tiny_data_dir, tmp_path))
     online = checkpoint.read_checkpoint(checkpoint.latest_resume(run_dir)).averaging
-    assert set(online) == set(summary["averagers"]) == set(ALL.split(","))
-    for name, averager in summary["averagers"].items():
+    offline = {a.name: a for a in summary["averagers"].values()}
+    assert set(online) == set(offline) == set(ALL.split(","))
+    assert "phema[phema_source=snapshots]" in summary["averagers"]   # the label says the source
+    for name, averager in offline.items():
         offline = averager.state_dict()
         assert offline["step"] == online[name]["step"] == STEPS, name
         assert offline["counters"] == online[name]["counters"], name
@@ -154,7 +173,7 @@ def test_save_writes_a_checkpoint_train_and_evaluation_accept(run_dir, tiny_data
 # ------------------------------------------------------------------------------ bad input
 
 def copy_snapshots(run_dir, directory, steps=(0, 1, 2, 3)):
-    directory.mkdir()
+    directory.mkdir(parents=True)
     for s in steps:
         src = checkpoint.snapshot_path(run_dir / "snapshots", s)
         (directory / src.name).write_bytes(src.read_bytes())
@@ -270,3 +289,252 @@ def test_embedding_metrics_per_averaged_model(run_dir, tiny_data_dir, tmp_path):
     assert rows[(8, "raw")]["isotropy"] == pytest.approx(expected["isotropy"])
     assert rows[(8, "ema")]["isotropy"] != rows[(8, "raw")]["isotropy"]
     assert "isotropy" in (tmp_path / "avg" / "results.csv").read_text().splitlines()[0]
+
+
+# ---------------------------------------------------------------------- post-hoc EMA (phema)
+# The run above also stored the post-hoc profiles σ_rel 0.05 and 0.1 at every step (train.py's
+# default with snapshots on) and tracked phema σ_rel 0.05 online.
+
+def stored_flat(run_dir, step):
+    """[(t, γ, flat tensor)] of the stored profiles in the files up to `step`, in file order."""
+    model = GPT(GPTConfig(**checkpoint.read_checkpoint(
+        checkpoint.snapshot_path(run_dir / "snapshots", 0), tensors=False).model_args))
+    flat = FlatParameters(model)
+    out = []
+    for path in checkpoint.list_snapshots(run_dir / "posthoc"):
+        record = checkpoint.read_posthoc(path)
+        if record.step <= step:
+            out += [(info["last_update"] - info["update_after"], info["gamma"],
+                     flat.flat_from_state(record.weights[info["name"]], path))
+                    for info in record.profiles]
+    return out, flat, model
+
+
+def saved_flat(summary, flat):
+    record = checkpoint.read_checkpoint(summary["saved"]["path"])
+    return flat.flat_from_state(record.weights, record.path)
+
+
+def test_phema_from_the_stored_profiles_is_the_solved_synthesis(run_dir, tiny_data_dir,
+                                                                tmp_path):
+    """average.py's reconstruction equals posthoc.synthesize over the stored tensors with
+    solve_coefficients' coefficients (the float64 reference), bit for bit, and evaluates and
+    reports its profile error as such; a stored width is the phema tracked directly."""
+    label = "phema[phema_source=profiles,phema_sigma_rel=0.02]"
+    summary = average.average(config(run_dir, tiny_data_dir, tmp_path, methods="phema",
+                                     phema_source="profiles", phema_sigma_rel=[0.02, 0.05, 0.2],
+                                     save=label, save_step=6))
+    stored, flat, model = stored_flat(run_dir, 6)
+    target = (6, sigma_rel_to_gamma(0.02))
+    coeffs = posthoc.solve_coefficients([(t, g) for t, g, _ in stored], target)
+    expected = posthoc.synthesize(coeffs, [x for _, _, x in stored])
+    assert torch.equal(saved_flat(summary, flat), expected)
+    row = next(r for r in summary["rows"] if r["setting"] == label and r["step"] == 6)
+    assert row["source"] == "profiles" and row["method"] == "phema"
+    assert row["reconstruction_error"] == pytest.approx(posthoc.reconstruction_error(
+        [(t, g) for t, g, _ in stored], target, coeffs), rel=1e-9)
+    with flat.swapped(expected):
+        runtime = init_runtime("cpu")
+        loss = evaluate_loss(model, open_dataset("x", str(tiny_data_dir)),
+                             EvalBatches(eval_iters=2, batch_size=4, block_size=16, seed=1337),
+                             runtime, splits=("val",))["val"]
+    assert row["val_loss"] == pytest.approx(loss, abs=1e-6)
+    # no reconstruction at step 0 (no profile has averaged anything); every width after it
+    assert {r["step"] for r in summary["rows"] if r["source"] == "profiles"} == \
+        set(range(1, STEPS + 1))
+    # σ_rel 0.05 is stored: its reconstruction is the phema tracked online, to float32 rounding
+    again = average.average(config(run_dir, tiny_data_dir, tmp_path, methods="phema",
+                                   phema_source="profiles", save="phema", save_step=STEPS,
+                                   out_dir=str(tmp_path / "stored_width")))
+    online = checkpoint.read_checkpoint(checkpoint.latest_resume(run_dir)).averaging["phema"]
+    assert online["hparams"]["phema_sigma_rel"] == 0.05
+    torch.testing.assert_close(saved_flat(again, flat), online["tensors"]["e"], rtol=0,
+                               atol=2e-6)
+    assert again["rows"][-1]["reconstruction_error"] < 1e-7
+
+
+def test_the_post_hoc_sweep_command_prints_and_plots_every_width(run_dir, tiny_data_dir,
+                                                                  tmp_path, capsys):
+    """`python average.py --methods=phema --phema_sigma_rel=[0.02,0.05,0.1,0.2]` over a run
+    that stored profiles: by default (phema_source=auto) the reconstruction, every width in
+    the table, the plot and results.csv, next to the raw weights."""
+    out = tmp_path / "sweep"
+    main(AverageConfig, average.average, average.__doc__, [
+        f"--ckpt_dir={run_dir / 'snapshots'}", f"--out_dir={out}", f"--data_dir={tiny_data_dir}",
+        "--eval_iters=2", "--batch_size=4", "--device=cpu", "--methods=phema",
+        "--phema_sigma_rel=[0.02,0.05,0.1,0.2]", "--eval_every=4"])
+    printed = capsys.readouterr().out
+    labels = [f"phema[phema_source=profiles,phema_sigma_rel={w}]" for w in (0.02, 0.05, 0.1, 0.2)]
+    assert "post-hoc profiles: 8 files" in printed
+    assert "post-hoc EMA from the stored profiles, step 8:" in printed
+    assert all(f"| {label} |" in printed for label in labels)
+    assert "| phema (profiles) |" in printed
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["setting"] for r in rows} == {"raw", *labels}
+    assert {r["source"] for r in rows} == {"snapshots", "profiles"}
+    assert all(float(r["reconstruction_error"]) >= 0 for r in rows if r["source"] == "profiles")
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "results.json").read_text())
+    assert [w["setting"] for w in record["posthoc"]] == labels
+
+
+def test_auto_source_and_both_sources(run_dir, tiny_data_dir, tmp_path):
+    """auto: the stored profiles when the run has them, else the snapshots; both on request,
+    as separate settings that say their source."""
+    copied = copy_snapshots(run_dir, tmp_path / "snapshots_elsewhere" / "snapshots")
+    replay = average.average(config(run_dir, tiny_data_dir, tmp_path, ckpt_dir=copied,
+                                    methods="phema", phema_source="auto"))
+    assert {r["setting"] for r in replay["rows"]} == {"raw", "phema[phema_source=snapshots]"}
+    both = average.average(config(run_dir, tiny_data_dir, tmp_path, methods="phema",
+                                  phema_source="profiles,snapshots"))
+    at_last = {r["setting"]: r for r in both["rows"] if r["step"] == STEPS}
+    assert set(at_last) == {"raw", "phema[phema_source=profiles]",
+                            "phema[phema_source=snapshots]"}
+    # with a snapshot at every step the replay is the online phema; the reconstruction of a
+    # stored width is too: the two losses agree to float32 rounding
+    assert at_last["phema[phema_source=profiles]"]["val_loss"] == pytest.approx(
+        at_last["phema[phema_source=snapshots]"]["val_loss"], abs=1e-5)
+    assert sorted((b["method"], b["source"]) for b in both["best"]) == [
+        ("phema", "profiles"), ("phema", "snapshots"), ("raw", "snapshots")]
+
+
+def test_posthoc_profiles_selects_the_stored_widths(run_dir, tiny_data_dir, tmp_path):
+    """Only the selected stored profiles enter: from the files of steps 4 and 8, σ_rel 0.05 at
+    step 8 is the stored one itself (error 0), but from the 0.1 profiles alone it is not, and
+    the reported error says so."""
+    sparse = tmp_path / "sparse_posthoc"
+    sparse.mkdir()
+    for step in (4, 8):
+        path = checkpoint.snapshot_path(run_dir / "posthoc", step)
+        (sparse / path.name).write_bytes(path.read_bytes())
+    error = {}
+    for name, selected in (("both", None), ("alone", [0.1])):
+        summary = average.average(config(run_dir, tiny_data_dir, tmp_path, methods="phema",
+                                         phema_source="profiles", posthoc_dir=str(sparse),
+                                         posthoc_profiles=selected, eval_every=4,
+                                         out_dir=str(tmp_path / name)))
+        error[name] = summary["rows"][-1]["reconstruction_error"]
+        assert [r["step"] for r in summary["rows"] if r["source"] == "profiles"] == [4, 8]
+    assert error["both"] < 1e-7 and error["alone"] > 1e-3
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(phema_update_after=2), "phema_update_after=2, but the stored post-hoc profiles"),
+    (dict(phema_update_freq=2), "phema_update_freq=2, but the stored post-hoc profiles"),
+    (dict(posthoc_profiles=[0.07]), "no profile of width 0.07 is stored"),
+    (dict(posthoc_dir="NOWHERE"), "posthoc_dir=.*NOWHERE does not exist"),
+])
+def test_bad_reconstruction_settings_are_named(run_dir, tiny_data_dir, tmp_path, overrides,
+                                               match):
+    if "posthoc_dir" in overrides:
+        overrides = dict(posthoc_dir=str(tmp_path / "NOWHERE"))
+    with pytest.raises(UserError, match=match):
+        average.average(config(run_dir, tiny_data_dir, tmp_path, methods="phema",
+                               phema_source="profiles", **overrides))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--phema_source=profiles"],
+     "error: phema_source='profiles', but there are no stored post-hoc profiles in .*"
+     "--posthoc_sigma_rel=.*--phema_source=snapshots"),
+    (["--phema_sigma_rel=[0.02,0.5]"], "error: phema_sigma_rel=0.5: must be a finite number"),
+    (["--phema_source=profile"], "error: phema_source='profile': 'profile' is unknown"),
+    (["--phema_source=auto,profiles"], "error: phema_source='auto,profiles': 'auto' stands"),
+    (["--state_device=gpu"], "error: state_device='gpu'"),
+])
+def test_bad_post_hoc_input_is_one_line(run_dir, tiny_data_dir, tmp_path, args, match):
+    snaps = copy_snapshots(run_dir, tmp_path / "snaps")   # no posthoc/ beside it
+    result = subprocess.run(
+        [sys.executable, "average.py", f"--ckpt_dir={snaps}", f"--out_dir={tmp_path / 'o'}",
+         f"--data_dir={tiny_data_dir}", "--device=cpu", "--methods=phema", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert re.match(match, result.stderr.strip()), result.stderr
+
+
+# --------------------------------------------------------------- host state and processes
+
+def test_host_state_gives_the_results_of_device_state_bit_for_bit(run_dir, tiny_data_dir,
+                                                                  tmp_path):
+    """Every method (with a LAWA and a BEMA sweep) and the reconstruction, their state in
+    chunks of 100 parameters streamed through the device (on the CPU the copies are no-ops and
+    the chunking is what is tested): the same rows, the same final state."""
+    common = dict(methods=ALL, phema_source="profiles,snapshots", lawa_k=[2, 3],
+                  bema_bias_power=[-1.0, 0.2], eval_every=3)
+    device = average.average(config(run_dir, tiny_data_dir, tmp_path, state_device="device",
+                                    out_dir=str(tmp_path / "device"), **common))
+    host = average.average(config(run_dir, tiny_data_dir, tmp_path, state_device="host",
+                                  state_chunk=100, out_dir=str(tmp_path / "host"), **common))
+    assert host["rows"] == device["rows"]
+    assert any(r["source"] == "profiles" for r in host["rows"])
+    assert host["averagers"].keys() == device["averagers"].keys()
+    for label, averager in host["averagers"].items():
+        assert isinstance(averager, HostStateAverager) and len(averager.parts) > 100
+        a, b = averager.state_dict(), device["averagers"][label].state_dict()
+        assert (a["step"], a["counters"], a["numel"]) == (b["step"], b["counters"], b["numel"])
+        for key, tensor in b["tensors"].items():
+            assert torch.equal(a["tensors"][key], tensor), (label, key)
+
+
+def test_two_gloo_ranks_give_one_process_results(run_dir, tiny_data_dir, tmp_path):
+    """torchrun --nproc_per_node=2 average.py: the settings split over the ranks, rank 0 writes
+    results.csv/json equal to one process's (every row, exactly) and the chosen --save."""
+    args = [f"--ckpt_dir={run_dir / 'snapshots'}", f"--data_dir={tiny_data_dir}",
+            "--eval_iters=2", "--batch_size=4", "--device=cpu", "--plot=False",
+            f"--methods={ALL}", "--phema_source=profiles,snapshots",
+            "--phema_sigma_rel=[0.03,0.05]", "--lawa_k=[2,3]", "--ema_decay=[0.5,0.8]",
+            "--eval_every=2", "--save=best", "--save_step=6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "average.py", f"--out_dir={tmp_path / 'one'}", *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "average.py", f"--out_dir={tmp_path / 'two'}",
+                          *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "over 2 processes" in two.stdout and two.stdout.count("| method |") == 1
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert a["rows"] == b["rows"] and a["best"] == b["best"] and a["saved"] == {
+        **b["saved"], "path": b["saved"]["path"].replace("/two/", "/one/")}
+    assert len(b["timing"]) == 2 and len(a["timing"]) == 1
+    assert (tmp_path / "one" / "results.csv").read_text() == \
+        (tmp_path / "two" / "results.csv").read_text()
+    x, y = (checkpoint.read_checkpoint(p["saved"]["path"]).weights for p in (a, b))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_ranks_share_the_work_and_own_every_setting():
+    cfg = AverageConfig(ckpt_dir="x", methods="lawa,ema,bema", lawa_k=[2, 9],
+                        ema_decay=[0.5, 0.6, 0.7], bema_bias_power=[-1.0, 0.2])
+    settings = average.expand_settings(cfg, first_step=0)
+    owner = average.assign_ranks(settings, 3)
+    assert set(owner) == {"raw"} | {s.label for s in settings}
+    assert set(owner.values()) == {0, 1, 2}
+    assert owner == average.assign_ranks(settings, 3)   # the same on every rank
+    assert average.assign_ranks(settings, 1) == dict.fromkeys(owner, 0)
+    # each item weighs an evaluation plus its state copies; the loads differ by less than the
+    # heaviest item (lawa_k=9: 10)
+    weight = {"raw": 1, **{s.label: 1 + build_averager(s.method, **s.hparams).state_copies()
+                           for s in settings}}
+    load = [sum(w for label, w in weight.items() if owner[label] == r) for r in range(3)]
+    assert max(load) - min(load) < max(weight.values())
+
+
+def test_auto_puts_the_state_in_host_memory_when_the_device_is_too_small(monkeypatch, capsys):
+    cfg = AverageConfig(ckpt_dir="x", methods="lawa", lawa_k=[5, 10])
+    settings = average.expand_settings(cfg, first_step=0)
+    gpu = Runtime(torch.device("cuda", 0))
+    model_args = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=32, bias=False,
+                      dropout=0.0)
+    free = {"cuda": 10**6, "cpu": 10**12}   # 1 MB on the GPU: not even the model
+    monkeypatch.setattr(average, "available_memory", lambda device: free[device.type])
+    assert average.check_memory(model_args, settings, gpu, cfg).state == "host"
+    assert "pinned host memory" in capsys.readouterr().out
+    free["cuda"] = 10**12
+    assert average.check_memory(model_args, settings, gpu, cfg).state == "device"
+    free["cuda"] = 10**6
+    with pytest.raises(ConfigError, match="cuda:0 has 0.0 GiB .* --state_device=host"):
+        average.check_memory(model_args, settings, gpu, dataclasses.replace(
+            cfg, state_device="device"))

@@ -109,3 +109,51 @@ def test_compiled_prefix_is_stripped():
     fresh = Tied()
     checkpoint.load_model_state(fresh, state, "nanogpt-style")
     assert torch.equal(fresh.emb.weight, model.emb.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# post-hoc EMA profile files
+
+def profile(name, sigma_rel, gamma, last_update):
+    return {"name": name, "sigma_rel": sigma_rel, "gamma": gamma, "update_after": 3,
+            "update_freq": 2, "last_update": last_update}
+
+
+def test_posthoc_file_round_trip(tmp_path):
+    a, b = Tied(), Tied()
+    infos = [profile("sigma_rel=0.05", 0.05, 16.97, 41), profile("sigma_rel=0.1", 0.1, 6.94, 41)]
+    path = checkpoint.save_posthoc(tmp_path / "posthoc", [(infos[0], checkpoint.model_state(a)),
+                                                          (infos[1], checkpoint.model_state(b))],
+                                   step=42, tokens_seen=99, model_args={"n_layer": 2})
+    assert path == tmp_path / "posthoc" / "step_0000042.safetensors"
+    header = checkpoint.read_posthoc(path, tensors=False)
+    assert (header.step, header.tokens_seen, header.model_args, header.profiles, header.weights) \
+        == (42, 99, {"n_layer": 2}, infos, None)
+    record = checkpoint.read_posthoc(path)
+    for info, model in zip(infos, (a, b)):
+        state = record.weights[info["name"]]
+        assert state.keys() == checkpoint.model_state(model).keys()   # tied weight once
+        for key, tensor in checkpoint.model_state(model).items():
+            assert torch.equal(state[key], tensor), key
+    # safetensors without pickle: any reader sees the tensors under '<profile>/<parameter>'
+    from safetensors.torch import load_file
+    assert set(load_file(path)) == {f"{i['name']}/{k}" for i in infos
+                                    for k in checkpoint.model_state(a)}
+
+
+def test_posthoc_files_are_not_models_and_bad_ones_are_named(tmp_path):
+    info = profile("sigma_rel=0.05", 0.05, 16.97, 5)
+    path = checkpoint.save_posthoc(tmp_path, [(info, checkpoint.model_state(Tied()))], 5, 0, {})
+    with pytest.raises(CheckpointError, match="post-hoc EMA profiles .* give it the run's "
+                                              "snapshots/"):
+        checkpoint.read_checkpoint(path)
+    snapshot = checkpoint.save_snapshot(tmp_path / "snaps", Tied(), 5, 0, {})
+    with pytest.raises(CheckpointError, match="not a file of post-hoc EMA profiles"):
+        checkpoint.read_posthoc(snapshot)
+    cut = tmp_path / "cut" / "step_0000005.safetensors"
+    cut.parent.mkdir()
+    cut.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(CheckpointError, match="cut/step_0000005.safetensors is not a readable"):
+        checkpoint.read_posthoc(cut)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.read_posthoc(tmp_path / "nope.safetensors")

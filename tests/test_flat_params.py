@@ -134,3 +134,23 @@ def test_torch_compile_trains_the_flat_weights_and_sees_swaps():
     with flat.swapped(torch.zeros_like(before)):   # all-zero weights: uniform logits
         assert compiled(idx, idx)[1].item() == pytest.approx(torch.log(torch.tensor(37.)).item())
     torch.testing.assert_close(compiled(idx, idx)[1], model(idx, idx)[1])
+
+
+def test_flat_from_state_puts_a_state_dict_in_the_buffer_layout():
+    model, other = tiny_model(0), tiny_model(1)
+    flat = FlatParameters(model)
+    live = flat.buffer.clone()
+    state = checkpoint.model_state(other)   # the tied head stored once, as in every file
+    out = flat.flat_from_state(state, "other")
+    assert torch.equal(flat.buffer, live)   # the model is untouched
+    with flat.swapped(out):
+        for name, p in model.named_parameters():
+            assert torch.equal(p, dict(other.named_parameters())[name]), name
+    assert out[~torch.isin(torch.arange(out.numel()), torch.cat([
+        torch.arange((p.data_ptr() - flat.buffer.data_ptr()) // 4,
+                     (p.data_ptr() - flat.buffer.data_ptr()) // 4 + p.numel())
+        for p in model.parameters()]))].abs().sum() == 0   # padding zero
+    with pytest.raises(ValueError, match="lacks the parameters"):
+        flat.flat_from_state({k: v for k, v in state.items() if "wte" not in k}, "cut")
+    with pytest.raises(ValueError, match="has shape"):
+        flat.flat_from_state({**state, "transformer.wte.weight": torch.zeros(3)}, "bad")

@@ -11,7 +11,8 @@ import averaging
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {"train", "average", "evaluate", "sample", "export_hf"}
-BENCHMARKS = {"bench", "benchmarks"}   # may import the entry points they time
+BENCHMARKS = {"bench", "benchmarks", "experiments"}   # may import the entry points they time
+                                                      # or drive
 
 
 def imported_modules(path):
@@ -56,7 +57,7 @@ def test_benchmarks_live_in_their_folder():
     top = {p.stem for p in REPO.glob("*.py")}
     assert {p for p in top if p.startswith("bench")} == {"bench"}
     assert {p.stem for p in (REPO / "benchmarks").glob("bench_*.py")} >= {
-        "bench_averaging", "bench_kernels", "bench_offline"}
+        "bench_averaging", "bench_kernels", "bench_offline", "bench_sweep"}
 
 
 def readme_method_rows():

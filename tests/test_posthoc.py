@@ -187,7 +187,7 @@ def test_a_stored_profile_is_reconstructed_as_itself():
 
 
 def test_continuous_and_exact_fits_differ_for_narrow_profiles_only():
-    """The finding of docs/posthoc.md. Updated every step, stored every 2 steps up to t = 20
+    """The finding of docs/averaging.md (continuous vs exact). Updated every step, stored every 2 steps up to t = 20
     (σ_rel 0.05 is then 1 step wide): 20 profiles span the 20 iterates, so the exact fit is
     exact, while the continuous one misses by 10%. Stored every 500 steps up to 5000: both
     fits agree to ~1e-5."""
@@ -291,3 +291,76 @@ def test_synthesize_rejects_mismatches(coeffs, tensors, match):
 def test_bad_inputs_name_the_culprit(stored, target, kw, match):
     with pytest.raises(ValueError, match=match):
         solve_coefficients(stored, target, **kw)
+
+
+# ------------------------------------------------------------- streamed reconstruction
+
+def stored_files(store_every=3, steps=30, tau=2, phi=1, numel=50):
+    """Stored phemas (σ_rel 0.05, 0.1) of a random walk every `store_every` steps, as the
+    Reconstruction sees a run's posthoc files: [(key, step, [(name, t, γ)])] and the tensors."""
+    g = torch.Generator().manual_seed(9)
+    traj = torch.randn(numel, generator=g) + 0.05 * torch.randn(steps + 1, numel,
+                                                                generator=g).cumsum(0)
+    averagers = {name: build_averager("phema", phema_sigma_rel=sr, phema_update_after=tau,
+                                      phema_update_freq=phi)
+                 for name, sr in (("a", 0.05), ("b", 0.1))}
+    files, tensors = [], {}
+    for s in range(steps + 1):
+        for averager in averagers.values():
+            averager.update(s, traj[s].clone())
+        if s > tau and s % store_every == 0:
+            files.append((s, s, [(n, a.step - tau, a.gamma) for n, a in averagers.items()]))
+            tensors[s] = {n: a.average().clone() for n, a in averagers.items()}
+    return files, tensors
+
+
+@pytest.mark.parametrize("phi", [1, 2])
+def test_streamed_reconstruction_is_synthesize_of_the_solved_coefficients(phi):
+    """posthoc.Reconstruction (average.py's) at each evaluation step equals, bit for bit,
+    synthesize over the files stored up to it with solve_coefficients' coefficients, whatever
+    the window of steps accumulated at once; steps before the first stored profile have
+    none; each file is read once per window."""
+    tau = 2
+    files, tensors = stored_files(tau=tau, phi=phi)
+    targets = {"x": sigma_rel_to_gamma(0.03), "y": sigma_rel_to_gamma(0.2)}
+    steps = [2, 4, 9, 15, 16, 30]   # step 2 = τ: nothing to reconstruct
+    results = {}
+    for window in (1, 2, None):
+        reads = []
+
+        def read(key):
+            reads.append(key)
+            return tensors[key]
+        rec = posthoc.Reconstruction(files, targets, steps, tau, phi, read, window=window)
+        results[window] = {s: rec.at(s) for s in steps}
+        if window is None:   # one window: every file read once, in order
+            assert reads == [key for key, _, _ in files]
+    assert results[1][2] == {}
+    for s in steps[1:]:
+        t_r = (s - tau) // phi * phi
+        used = [(key, name, t, g) for key, step, profiles in files if step <= s
+                for name, t, g in profiles if t > 0]   # t = 0: still the copy of θ_τ
+        stored = [(t, g) for _, _, t, g in used]
+        flat = [tensors[key][name] for key, name, _, _ in used]
+        if not stored:   # no profile has averaged anything yet
+            assert results[None][s] == {}
+            continue
+        for label, gamma in targets.items():
+            c = solve_coefficients(stored, (t_r, gamma), update_freq=phi)
+            expected = synthesize(c, flat)
+            for window in (1, 2, None):
+                assert torch.equal(results[window][s][label], expected), (s, label, window)
+        rec_errors = posthoc.Reconstruction(files, targets, [s], tau, phi, None).errors[s]
+        assert rec_errors["x"] == pytest.approx(reconstruction_error(
+            stored, (t_r, targets["x"]), solve_coefficients(stored, (t_r, targets["x"]),
+                                                            update_freq=phi), update_freq=phi))
+
+
+def test_a_stored_width_is_reconstructed_as_the_stored_average():
+    files, tensors = stored_files()
+    rec = posthoc.Reconstruction(files, {"a": files[-1][2][0][2]}, [files[-1][1]], 2, 1,
+                                 lambda key: tensors[key])
+    got = rec.at(files[-1][1])["a"]
+    stored = tensors[files[-1][0]]["a"]
+    assert rec.errors[files[-1][1]]["a"] < 1e-7
+    torch.testing.assert_close(got, stored, rtol=0, atol=2e-6)

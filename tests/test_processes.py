@@ -36,7 +36,8 @@ def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
                      "--max_iters=6", "--eval_interval=3", "--log_interval=3",
                      "--ckpt_interval=3", "--dropout=0.0", "--averaging=ema,bema,lawa,swa",
                      "--lawa_interval=2", "--lawa_k=2",
-                     "--ema_update_after=0"]   # every average already at the step-0 eval
+                     "--ema_update_after=0",   # every average already at the step-0 eval
+                     "--snapshot_interval=3"]  # and the post-hoc profiles, sharded too
     single = run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *common])
     assert single.returncode == 0, single.stderr
     ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -53,6 +54,19 @@ def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
         for key, tensor in a.averaging[method]["tensors"].items():
             torch.testing.assert_close(tensor, b.averaging[method]["tensors"][key],
                                        rtol=1e-4, atol=1e-5, msg=f"{method}.{key}")
+    # so do the post-hoc profiles, in the checkpoint and in the files written with snapshots
+    assert a.posthoc.keys() == b.posthoc.keys() == {"sigma_rel=0.05", "sigma_rel=0.1"}
+    for name in a.posthoc:
+        torch.testing.assert_close(a.posthoc[name]["tensors"]["e"],
+                                   b.posthoc[name]["tensors"]["e"], rtol=1e-4, atol=1e-5)
+    for step in (3, 6):
+        x, y = (checkpoint.read_posthoc(checkpoint.snapshot_path(tmp_path / run / "posthoc",
+                                                                 step)) for run in ("single",
+                                                                                    "ddp"))
+        assert x.profiles == y.profiles
+        for name, state in x.weights.items():
+            for key, tensor in state.items():
+                torch.testing.assert_close(tensor, y.weights[name][key], rtol=1e-4, atol=1e-5)
     # and the logged eval losses agree, raw and averaged (eval batches are split across ranks)
     single_evals, ddp_evals = evals(tmp_path / "single"), evals(tmp_path / "ddp")
     assert [r["iter"] for r in ddp_evals] == [0, 3, 6]

@@ -39,7 +39,8 @@ def env():
 
 
 def all_files_load(out_dir):
-    """Every checkpoint and snapshot in out_dir loads and is finite; metrics.jsonl parses
+    """Every checkpoint, snapshot and post-hoc profile file in out_dir loads and is finite;
+    metrics.jsonl parses
     (a torn last line dropped). Returns the resume checkpoints' steps."""
     out_dir = Path(out_dir)
     steps = []
@@ -50,6 +51,9 @@ def all_files_load(out_dir):
     for path in checkpoint.list_snapshots(out_dir / "snapshots"):
         assert all(torch.isfinite(t).all() for t in checkpoint.read_checkpoint(path)
                    .weights.values())
+    for path in checkpoint.list_snapshots(out_dir / "posthoc"):
+        assert all(torch.isfinite(t).all() for state in checkpoint.read_posthoc(path)
+                   .weights.values() for t in state.values())
     if (out_dir / "metrics.jsonl").exists():
         run_dir.read_metrics(out_dir / "metrics.jsonl")
     return steps
