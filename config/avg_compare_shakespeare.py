@@ -22,3 +22,5 @@ bema_update_after = [0, 1000]
 dema_multiplier = [1.0, 0.02]
 ouema_multiplier = [1.0, 0.02]
 wa_horizon = [250, 500]             # windows of 5 or 10 snapshots
+phema_sigma_rel = [0.02, 0.05, 0.1, 0.2]  # power-function EMA widths, from the run's stored
+                                    # post-hoc profiles (0.05, 0.10; every step)
