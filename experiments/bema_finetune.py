@@ -20,7 +20,6 @@ Writes out_dir/{table.md,results.json} and the figure (--figure).
 """
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,13 +142,13 @@ def analyze(cfg, started):
     return common.write_outputs(cfg, results, table, started)
 
 
+def smoke_settings(cfg):
+    """--smoke=True: a tiny regime that runs every step of the pipeline in seconds."""
+    return {"pretrain_iters": 6, "finetune_iters": 6}
+
+
 def run(cfg):
-    started = time.perf_counter()
-    cfg = common.resolve_paths(cfg)
-    if cfg.smoke:
-        cfg.pretrain_iters, cfg.finetune_iters = 6, 6
-    common.run_all(plan(cfg), cfg)
-    return analyze(cfg, started)
+    return common.run_experiment(cfg, plan, analyze, smoke_settings)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,18 @@ def resolve_paths(cfg):
     return cfg
 
 
+def run_experiment(cfg, plan, analyze, smoke_settings):
+    """An experiment's command: paths made absolute, `smoke_settings(cfg)` ({key: value}) applied
+    when cfg.smoke, every run of `plan(cfg)` not done yet run, then `analyze(cfg, started)`."""
+    started = time.perf_counter()
+    cfg = resolve_paths(cfg)
+    if cfg.smoke:
+        for key, value in smoke_settings(cfg).items():
+            setattr(cfg, key, value)
+    run_all(plan(cfg), cfg)
+    return analyze(cfg, started)
+
+
 def dataset_args(cfg, dataset):
     """--dataset=<name>, or --data_dir=<cfg.data_dir> where the config overrides the data."""
     return [f"--data_dir={cfg.data_dir}"] if cfg.data_dir else [f"--dataset={dataset}"]

@@ -21,7 +21,6 @@ Writes out_dir/{table.md,results.json} and the figure (--figure).
 """
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,14 +151,14 @@ def analyze(cfg, started):
     return common.write_outputs(cfg, results, table, started)
 
 
+def smoke_settings(cfg):
+    """--smoke=True: a tiny regime that runs every step of the pipeline in seconds."""
+    return {"steps": 10, "snapshot_interval": 5, "eval_interval": 5, "eval_iters": 2,
+            "batch_size": 4, "block_size": 16}
+
+
 def run(cfg):
-    started = time.perf_counter()
-    cfg = common.resolve_paths(cfg)
-    if cfg.smoke:
-        cfg.steps, cfg.snapshot_interval, cfg.eval_interval, cfg.eval_iters = 10, 5, 5, 2
-        cfg.batch_size, cfg.block_size = 4, 16
-    common.run_all(plan(cfg), cfg)
-    return analyze(cfg, started)
+    return common.run_experiment(cfg, plan, analyze, smoke_settings)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Writes out_dir/{table.md,results.json} and the figure (--figure).
 """
 
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,13 +151,13 @@ def analyze(cfg, started):
     return common.write_outputs(cfg, results, table, started)
 
 
+def smoke_settings(cfg):
+    """--smoke=True: a tiny regime that runs every step of the pipeline in seconds."""
+    return {"steps": 20, "snapshot_interval": 1, "eval_every": 5, "eval_iters": 2}
+
+
 def run(cfg):
-    started = time.perf_counter()
-    cfg = common.resolve_paths(cfg)
-    if cfg.smoke:
-        cfg.steps, cfg.snapshot_interval, cfg.eval_every, cfg.eval_iters = 20, 1, 5, 2
-    common.run_all(plan(cfg), cfg)
-    return analyze(cfg, started)
+    return common.run_experiment(cfg, plan, analyze, smoke_settings)
 
 
 if __name__ == "__main__":

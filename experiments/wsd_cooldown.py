@@ -24,7 +24,6 @@ Writes out_dir/{table.md,results.json} and the figure (--figure).
 
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,14 +273,14 @@ def _average_label(setting):
     return setting
 
 
+def smoke_settings(cfg):
+    """--smoke=True: a tiny regime that runs every step of the pipeline in seconds."""
+    return {"lengths": [max(1, n // 100) for n in cfg.lengths],   # 5, 10, 20
+            "eval_iters": 2}
+
+
 def run(cfg):
-    started = time.perf_counter()
-    cfg = common.resolve_paths(cfg)
-    if cfg.smoke:
-        cfg.lengths = [max(1, n // 100) for n in cfg.lengths]   # 5, 10, 20
-        cfg.eval_iters = 2
-    common.run_all(plan(cfg), cfg)
-    return analyze(cfg, started)
+    return common.run_experiment(cfg, plan, analyze, smoke_settings)
 
 
 if __name__ == "__main__":
