@@ -13,6 +13,7 @@ import io
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -167,8 +168,8 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
         clipped = _limit_y(ax, values)
         if clipped:   # said on the plot, never silent
             lo, hi = ax.get_ylim()
-            ax.text(0.99, 0.97, f"y axis shows {lo:.3g} to {hi:.3g}; partly outside: "
-                    f"{', '.join(clipped)}", transform=ax.transAxes, fontsize=7, va="top",
+            ax.text(0.99, 0.97, _clip_note(lo, hi, clipped), transform=ax.transAxes,
+                    fontsize=7, va="top",
                     ha="right", color="dimgray", zorder=10,
                     bbox=dict(facecolor="white", edgecolor="lightgray", alpha=0.9))
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
@@ -191,6 +192,14 @@ def _band(ax, points, spread, color):
     y = dict(points)
     ax.fill_between(x, [y[xi] - s[xi] for xi in x], [y[xi] + s[xi] for xi in x], color=color,
                     alpha=0.15, linewidth=0)
+
+
+def _clip_note(lo, hi, clipped, width=70):
+    """'y axis shows lo to hi; partly outside: a, b', wrapped to the axes' width (long legends
+    would otherwise stretch the figure); beyond 4 curves, their count."""
+    names = ", ".join(clipped) if len(clipped) <= 4 else f"{len(clipped)} curves"
+    return "\n".join(textwrap.wrap(f"y axis shows {lo:.3g} to {hi:.3g}; partly outside: {names}",
+                                    width))
 
 
 def _limit_y(ax, curves):

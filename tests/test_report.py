@@ -50,6 +50,15 @@ def test_plot_marks_every_curve_and_says_what_is_outside(tmp_path, monkeypatch):
     assert not any("partly outside" in t for t in texts[before:])
 
 
+def test_a_long_clipping_note_is_wrapped_and_counts_many_curves():
+    many = [f"lawa[lawa_interval={d}], LR 0.001" for d in (25, 50, 100, 200, 400)]
+    note = report._clip_note(1.71, 3.49, many)
+    assert "partly outside: 5 curves" in note
+    few = report._clip_note(1.71, 3.49, many[:3])
+    assert all(name in few.replace("\n", " ") for name in many[:3])
+    assert max(len(line) for line in few.splitlines()) <= 70 < len(few)
+
+
 def test_sample_takes_nanogpts_start():
     cfg = load_config(sample.SampleConfig, ["--ckpt=x.pt", "--start=ROMEO:"])
     assert cfg.prompt == "ROMEO:"
