@@ -100,9 +100,12 @@ class Run:
 
 
 def train_run(name, out_dir, args, max_iters, after=()):
-    """A train.py run into out_dir that ends at step max_iters."""
+    """A train.py run into out_dir that ends at step max_iters, without post-hoc EMA profiles
+    (no experiment here reads them but posthoc_validation.py, which trains in-process; they would
+    triple the disk of every run with snapshots)."""
     out_dir = Path(out_dir)
-    return Run(name, ["train.py", *args, f"--max_iters={max_iters}", f"--out_dir={out_dir}"],
+    return Run(name, ["train.py", *args, "--posthoc_sigma_rel=None", f"--max_iters={max_iters}",
+                      f"--out_dir={out_dir}"],
                checkpoint.resume_path(out_dir, max_iters), tuple(after), train_dir=out_dir)
 
 

@@ -20,6 +20,7 @@ def smoke(module, config_cls, tmp_path, *args):
     runs = [json.loads(line) for line in (tmp_path / "exp" / "runs.jsonl").read_text()
             .splitlines()]
     assert runs and all(r["ok"] for r in runs)
+    assert not list((tmp_path / "exp").rglob("posthoc"))   # no profiles: they are not read
     return results, cfg
 
 
