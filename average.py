@@ -668,6 +668,9 @@ def _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped, 
     if runtime.ddp:   # rank 0 gathers every rank's rows
         parts = [None] * runtime.world_size if runtime.master else None
         dist.gather_object(mine, parts, dst=0, group=runtime.control_group)
+        # no rank tears its process group down while rank 0 may still be receiving (gloo's
+        # send can return before the transfer ends; exiting then aborts the process)
+        dist.barrier(group=runtime.control_group)
     else:
         parts = [mine]
     if runtime.master:
