@@ -8,7 +8,7 @@ Two layers:
      rules (`ema_update_`, `bema_step_`, `dema_step_`, `ouema_update_`, `running_mean_update_`)
      and the schedules as functions of t (`bema_beta`, `bema_alpha`, `ema_warmup_decay`,
      `ouema_a`). θ may be float32 or bfloat16; it is upcast, state is always float32 (1/t-sized
-     increments are below bf16 resolution). A fused kernel (kernels/) replaces exactly one of
+     increments are below bf16 resolution). A fused kernel (wagpt/kernels/) replaces exactly one of
      these functions and is tested against the same float64 reference.
   2. one class per method behind the `Averager` interface, registered in AVERAGERS by name. A
      class's `defaults` dict is the complete, literal list of its hyperparameters (each key
@@ -42,7 +42,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-import kernels
+from wagpt import kernels
 
 
 # ---------------------------------------------------------------------------- schedules (pure)

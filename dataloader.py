@@ -12,7 +12,7 @@ draw different batches because each owns different global micro-batch indices.
 
 Evaluation (`evaluate_loss`) uses a fixed set of batches, `EvalBatches`: the same at every call,
 so the losses of different weights (the raw model and its averages, two checkpoints) on it are
-paired comparisons. train.py, average.py and evaluate.py all call it, so with the same
+paired comparisons. train.py, average.py and eval_ckpt.py all call it, so with the same
 eval_iters, batch_size, block_size and seed they report the same numbers for the same weights.
 """
 

@@ -1,6 +1,6 @@
 """
 Results as people read them: markdown tables, JSON lines, progress of long work, and the figures
-of val-loss curves. One implementation for train.py, average.py, evaluate.py, the benchmarks and
+of val-loss curves. One implementation for train.py, average.py, eval_ckpt.py, the benchmarks and
 the experiments.
 
     print(markdown_table(rows, [("method", "method"), ("val loss", lambda r: f"{r['loss']:.4f}")]))

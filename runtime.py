@@ -8,7 +8,7 @@ few collectives the tools need, and the stop signals.
     mean = all_reduce_mean(loss, runtime)
     teardown(runtime)
 
-Every entry point (train.py, average.py, evaluate.py, sample.py) starts here, so "auto" means the
+Every entry point (train.py, average.py, eval_ckpt.py, sample.py) starts here, so "auto" means the
 same everywhere: CUDA if available with bfloat16 autocast, else the CPU in float32.
 """
 

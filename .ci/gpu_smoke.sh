@@ -37,8 +37,8 @@ step "offline under torchrun (1 process)"
 torchrun --standalone --nproc_per_node=1 average.py --ckpt_dir=$W/run/snapshots \
     --out_dir=$W/avg_ddp --device=$DEV --eval_iters=5 --methods=phema,ema
 step "evaluate (resume checkpoint, averaged snapshot), with embedding metrics"
-$PY evaluate.py --ckpt=$W/run/ckpt_0000080.pt --device=$DEV --eval_iters=5
-$PY evaluate.py --ckpt=$(ls $W/run/averaged/bema/*.safetensors | tail -1) --device=$DEV \
+$PY eval_ckpt.py --ckpt=$W/run/ckpt_0000080.pt --device=$DEV --eval_iters=5
+$PY eval_ckpt.py --ckpt=$(ls $W/run/averaged/bema/*.safetensors | tail -1) --device=$DEV \
     --eval_iters=5
 step "sample"
 $PY sample.py --ckpt=$W/run/ckpt_0000080.pt --device=$DEV --prompt="ROMEO:" --max_new_tokens=40

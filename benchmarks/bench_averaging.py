@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 import averaging  # noqa: E402
 import bench  # noqa: E402
-import kernels  # noqa: E402
+from wagpt import kernels  # noqa: E402
 import train  # noqa: E402
 from benchmarks.bench_common import machine_info  # noqa: E402
 from configurator import ConfigError, main, parse_choices  # noqa: E402

@@ -1,5 +1,5 @@
 """
-Bandwidth of each averaging kernel of kernels/ on one GPU, after checking it against float64.
+Bandwidth of each averaging kernel of wagpt/kernels/ on one GPU, after checking it against float64.
 
     python benchmarks/bench_kernels.py                       # on a CUDA machine: check, then time
     python benchmarks/bench_kernels.py --numel=50000000 --tune=False
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 import torch  # noqa: E402
 
 import averaging  # noqa: E402
-import kernels  # noqa: E402
+from wagpt import kernels  # noqa: E402
 from benchmarks.bench_common import machine_info  # noqa: E402
 from configurator import main, parse_choices  # noqa: E402
 from report import append_jsonl, markdown_table  # noqa: E402

@@ -85,7 +85,7 @@ def dataset_args(cfg, dataset):
 @dataclass
 class Run:
     """One command of an experiment. `done` is the file that exists once it has finished (a
-    training run's last resume checkpoint, evaluate.py's --out_json, average.py's
+    training run's last resume checkpoint, eval_ckpt.py's --out_json, average.py's
     results.json); a training run names its `train_dir` so that an interrupted run continues
     from its newest resume checkpoint instead of starting over."""
     name: str

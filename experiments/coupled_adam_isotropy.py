@@ -13,7 +13,7 @@ tokens; 6.4M of its 7.2M parameters are the tied embedding) on Shakespeare in GP
 (data/shakespeare: 1.41M train tokens, about 11k distinct), 8 x 32 tokens per step, peak LR 1e-3
 with 100 warmup steps and a cosine to 1e-4, 800 steps; `--optimizer=adamw` or `coupled_adam`,
 `--embedding_weight_decay=0` in both (the paper's pair, config/train_small_coupled_adam.py and
-train_small_adamw_baseline.py, differ only in the optimizer). evaluate.py then measures the
+train_small_adamw_baseline.py, differ only in the optimizer). eval_ckpt.py then measures the
 embedding of every snapshot (every 200 steps), and the final model's val loss on 200 batches
 of 12 x 32 tokens, the same batches for every model.
 
@@ -32,7 +32,7 @@ from experiments import common  # noqa: E402
 from report import markdown_table, plot_curves  # noqa: E402
 
 OPTIMIZERS = {"adamw": "AdamW", "coupled_adam": "Coupled Adam"}
-METRICS = {   # evaluate.py's embedding metrics: key -> what the table calls it
+METRICS = {   # eval_ckpt.py's embedding metrics: key -> what the table calls it
     "isotropy": "isotropy I(E) (ours: ± eigenvectors, token rows)",
     "isotropy_solver_sign_all_rows": "isotropy, Coupled Adam code's convention",
     "norm_ratio": "‖mean embedding‖ / mean ‖embedding‖",
@@ -54,9 +54,9 @@ class CoupledAdamConfig(common.ExperimentConfig):
     steps: int = 800               # training steps per run
     batch_size: int = 8            # sequences per step ...
     block_size: int = 32           # ... of this many tokens
-    snapshot_interval: int = 200   # embedding metrics at these steps (evaluate.py)
+    snapshot_interval: int = 200   # embedding metrics at these steps (eval_ckpt.py)
     eval_interval: int = 200       # train.py's val loss along the run
-    eval_iters: int = 200          # final val loss: evaluate.py, batches of 12, one fixed set
+    eval_iters: int = 200          # final val loss: eval_ckpt.py, batches of 12, one fixed set
 
 
 def run_name(optimizer, seed):
@@ -87,7 +87,7 @@ def plan(cfg):
                 final = step == cfg.steps
                 result = d / "embeddings" / f"step_{step:07d}.json"
                 runs.append(common.Run(f"{run_name(optimizer, seed)}_eval{step}", [
-                    "evaluate.py", f"--ckpt={snapshot_path(d / 'snapshots', step)}", *data,
+                    "eval_ckpt.py", f"--ckpt={snapshot_path(d / 'snapshots', step)}", *data,
                     f"--eval_iters={cfg.eval_iters if final else 0}", "--embeddings=True",
                     f"--out_json={result}", *(["--batch_size=4"] if cfg.smoke else [])],
                     result, after=[train.name]))
@@ -124,7 +124,7 @@ def analyze(cfg, started):
         ("Coupled Adam − AdamW (paired)", lambda r: common.pm(r["diff"], signed=True))])
     rows_measured = common.read_json(out / run_name("adamw", seeds[0]) / "embeddings" /
                                      f"step_{cfg.steps:07d}.json")["embeddings"]["rows"]
-    table += (f"\n\n{len(seeds)} seeds; embedding metrics (evaluate.py) over the "
+    table += (f"\n\n{len(seeds)} seeds; embedding metrics (eval_ckpt.py) over the "
               f"{rows_measured:,} token rows; both optimizers start from the same init in a "
               f"seed and see the same batches.")
     results = {"experiment": "coupled_adam_isotropy", "seeds": seeds, "rows": rows,

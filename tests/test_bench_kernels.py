@@ -3,7 +3,7 @@ catches a kernel that leaves an element unwritten or computes the wrong thing.""
 
 import os
 
-# before kernels/averaging_triton.py is first imported; see the same line in test_kernels.py
+# before wagpt/kernels/averaging_triton.py is first imported; see the same line in test_kernels.py
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="Triton is not installed (no wheels off Lin
 import torch  # noqa: E402
 
 from benchmarks import bench_kernels as bk  # noqa: E402
-import kernels  # noqa: E402
+from wagpt import kernels  # noqa: E402
 from configurator import ConfigError, load_config  # noqa: E402
 
 SMALL = lambda block: (1, 7, block + 1)   # noqa: E731  (the 1M size is slow in the interpreter)

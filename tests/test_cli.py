@@ -13,14 +13,14 @@ import pytest
 
 import average
 import configurator
-import evaluate
+import eval_ckpt
 import export_hf
 import sample
 import train
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {"train.py": train.TrainConfig, "average.py": average.AverageConfig,
-                "evaluate.py": evaluate.EvalConfig, "sample.py": sample.SampleConfig,
+                "eval_ckpt.py": eval_ckpt.EvalConfig, "sample.py": sample.SampleConfig,
                 "export_hf.py": export_hf.ExportConfig}
 
 
@@ -90,7 +90,7 @@ def test_a_typo_is_one_line_and_exit_status_2(tmp_path):
 
 
 @pytest.mark.parametrize("args, phrase", [
-    (["evaluate.py", "--ckpt=nope.pt"], "nope.pt does not exist"),
+    (["eval_ckpt.py", "--ckpt=nope.pt"], "nope.pt does not exist"),
     (["sample.py", "--ckpt=DIR"], "is a directory"),
     (["export_hf.py", "--ckpt=BAD", "--out_dir=OUT"], "not a loadable checkpoint"),
     (["average.py", "--ckpt_dir=DIR", "--methods=ema,bemma"], "'bemma' is not an averaging"),

@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/ run on CPU tensors in Triton's interpreter, checked against
+"""The Triton kernels of wagpt/kernels/ run on CPU tensors in Triton's interpreter, checked against
 float64 references written from the formulas (never by calling averaging.py's torch code), and the
 backend switch that decides which of the two averaging.py runs.
 
@@ -20,8 +20,8 @@ import os
 
 # Triton chooses between its GPU compiler and its interpreter when @triton.jit DECORATES a kernel
 # (triton.jit reads triton.knobs.runtime.interpret, i.e. TRITON_INTERPRET, right then; a launch
-# never looks again), and kernels/ decorates its kernels when the first triton_ops() imports
-# kernels/averaging_triton.py. So the variable must be set before that import, but not before
+# never looks again), and wagpt/kernels/ decorates its kernels when the first triton_ops() imports
+# wagpt/kernels/averaging_triton.py. So the variable must be set before that import, but not before
 # `import triton`: conftest.py has already imported triton (train → averaging → kernels), which
 # is harmless. Pytest imports every test module before running any test, so setting it here works
 # alone and in the full suite; it stays set for the session (the interpreter also runs CUDA
@@ -40,11 +40,11 @@ pytest.importorskip("triton", reason="Triton is not installed (no wheels off Lin
 import torch  # noqa: E402
 
 import averaging  # noqa: E402
-import kernels  # noqa: E402
+from wagpt import kernels  # noqa: E402
 
 OPS = kernels.triton_ops()
 if not OPS.INTERPRETED:
-    raise RuntimeError("kernels/averaging_triton.py was imported before TRITON_INTERPRET=1 was "
+    raise RuntimeError("wagpt/kernels/averaging_triton.py was imported before TRITON_INTERPRET=1 was "
                        "set (something called kernels.triton_ops() at import time), so its kernels "
                        "are compiled for a GPU and these CPU tests cannot run them")
 
@@ -289,7 +289,8 @@ def test_imports_and_averages_without_triton():
     code = """
 import sys
 sys.modules["triton"] = None   # every `import triton` now raises ImportError, as if not installed
-import torch, kernels, averaging
+import torch, averaging
+from wagpt import kernels
 assert not kernels.HAVE_TRITON
 assert kernels.get_backend() == "torch"   # from AVERAGING_BACKEND
 kernels.set_backend("auto")
@@ -310,7 +311,7 @@ print("ok")
 
 
 def test_invalid_backend_in_environment_fails_at_import():
-    r = run_python("import kernels", AVERAGING_BACKEND="gpu")
+    r = run_python("from wagpt import kernels", AVERAGING_BACKEND="gpu")
     assert r.returncode != 0
     assert "'gpu' is unknown; use one of 'auto', 'torch', 'triton'" in r.stderr
 

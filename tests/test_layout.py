@@ -2,6 +2,7 @@
 one list of averaging methods, and README's method table agrees with it."""
 
 import ast
+import importlib.metadata
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import averaging
 
 REPO = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = {"train", "average", "evaluate", "sample", "export_hf"}
+ENTRY_POINTS = {"train", "average", "eval_ckpt", "sample", "export_hf"}
 BENCHMARKS = {"bench", "benchmarks", "experiments"}   # may import the entry points they time
                                                       # or drive
 
@@ -101,3 +102,34 @@ def test_defaults_are_literal_dicts_in_each_class():
 def test_all_means_every_registered_method(spec):
     assert averaging.parse_method_list(spec, "averaging", allow_empty=True) == \
         list(averaging.AVERAGERS)
+
+
+def top_level_import_names(root):
+    """The names under which Python finds this repository's code when the repository root is on
+    sys.path (as it is for `python train.py`, `python -m ...` and pytest): its top-level modules
+    and its top-level folders of Python files (packages, and the namespace folders that
+    `python -m benchmarks.bench_kernels` resolves)."""
+    names = {p.stem for p in root.glob("*.py")}
+    names |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+              and any(p.rglob("*.py"))}
+    return names
+
+
+def test_no_top_level_name_hides_an_installed_package():
+    """A library that imports one of these names would get ours instead (transformers 5.25
+    imports Hugging Face's `kernels`, which a top-level kernels/ once hid)."""
+    installed = importlib.metadata.packages_distributions()
+    clashes = {name: installed[name] for name in top_level_import_names(REPO)
+               if name in installed}
+    assert clashes == {}, f"rename these: {clashes}"
+
+
+def test_the_clash_check_sees_modules_and_folders(tmp_path):
+    (tmp_path / "numpy.py").write_text("")
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / "x.py").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("")
+    names = top_level_import_names(tmp_path)
+    assert names == {"numpy", "yaml"}
+    assert {"numpy"} <= set(importlib.metadata.packages_distributions())

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+from wagpt import kernels  # noqa: E402
 from averaging import build_averager  # noqa: E402
 from configurator import ConfigError, load_config  # noqa: E402
 from online_averaging import averager_hparams  # noqa: E402

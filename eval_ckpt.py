@@ -2,9 +2,9 @@
 Evaluate any checkpoint: loss and perplexity on a fixed set of batches, and the geometry of its
 token embeddings (embedding_metrics.py).
 
-    python evaluate.py --ckpt=out/shakespeare_char/ckpt_0002000.pt
-    python evaluate.py --ckpt=out/run/averaged/bema/step_0002000.safetensors --train_loss=True
-    python evaluate.py --ckpt=nanogpt/ckpt.pt --dataset=openwebtext --out_json=eval.json
+    python eval_ckpt.py --ckpt=out/shakespeare_char/ckpt_0002000.pt
+    python eval_ckpt.py --ckpt=out/run/averaged/bema/step_0002000.safetensors --train_loss=True
+    python eval_ckpt.py --ckpt=nanogpt/ckpt.pt --dataset=openwebtext --out_json=eval.json
 
 Any checkpoint: a resume checkpoint (ckpt_*.pt), a snapshot (*.safetensors, also the averaged
 ones of train.py --save_averaged and average.py --save), or a nanoGPT-style .pt

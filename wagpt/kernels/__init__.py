@@ -3,7 +3,7 @@ Fused Triton kernels for the averaging updates, and the switch that decides when
 
 averaging.py's five update rules (`ema_update_`, `bema_step_`, `dema_step_`, `ouema_update_`,
 `running_mean_update_`) ask `use_triton(state)` first and, if true, call the function of the same
-name and signature in `triton_ops()` (kernels/averaging_triton.py); otherwise they run their torch
+name and signature in `triton_ops()` (wagpt/kernels/averaging_triton.py); otherwise they run their torch
 code, which is the CPU path and the reference the kernels are tested against.
 
 Backends (`set_backend`, the `backend(...)` context manager, or the environment variable
@@ -37,7 +37,7 @@ def _checked(name):
 
 
 _backend = _checked(os.environ.get("AVERAGING_BACKEND", "auto"))
-_ops = None   # kernels/averaging_triton.py once imported
+_ops = None   # wagpt/kernels/averaging_triton.py once imported
 
 
 def set_backend(name):
@@ -90,6 +90,6 @@ def triton_ops():
     if _ops is None:
         if not HAVE_TRITON:
             raise RuntimeError("the averaging kernels need Triton: pip install triton")
-        from kernels import averaging_triton
+        from wagpt.kernels import averaging_triton
         _ops = averaging_triton
     return _ops

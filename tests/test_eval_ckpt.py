@@ -1,4 +1,4 @@
-"""evaluate.py and embedding_metrics.py: the metrics against hand-computed values, and the
+"""eval_ckpt.py and embedding_metrics.py: the metrics against hand-computed values, and the
 losses of any checkpoint equal to what train.py reported for the same weights and batches."""
 
 import json
@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import checkpoint
-import evaluate
+import eval_ckpt
 import train
 from checkpoint import CheckpointError
 from configurator import ConfigError, load_config
 from dataloader import EvalBatches, evaluate_loss, open_dataset
 from embedding_metrics import (count_tokens, embedding_metrics, isotropy,
                                norm_frequency_correlation, norm_stats, singular_value_ratio)
-from evaluate import EvalConfig
+from eval_ckpt import EvalConfig
 from model import GPT, GPTConfig
 from runtime import init_runtime
 from train import TrainConfig
@@ -106,7 +106,7 @@ def test_count_tokens_in_chunks():
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluate.py on real checkpoints
+# eval_ckpt.py on real checkpoints
 
 STEPS = 8
 
@@ -141,7 +141,7 @@ def test_losses_are_train_pys(run_dir, tiny_data_dir, tmp_path, capsys):
     record = last_eval_record(run_dir)
     assert record["iter"] == STEPS
     out_json = tmp_path / "eval.json"
-    results = evaluate.evaluate(eval_config(tiny_data_dir, run_dir / f"ckpt_{STEPS:07d}.pt",
+    results = eval_ckpt.evaluate(eval_config(tiny_data_dir, run_dir / f"ckpt_{STEPS:07d}.pt",
                                             train_loss=True, out_json=str(out_json)))
     assert results["val_loss"] == pytest.approx(record["val_loss"], abs=1e-6)
     assert results["train_loss"] == pytest.approx(record["train_loss"], abs=1e-6)
@@ -152,12 +152,12 @@ def test_losses_are_train_pys(run_dir, tiny_data_dir, tmp_path, capsys):
     assert "| isotropy I(E) |" in table
 
     snapshot = run_dir / "snapshots" / f"step_{STEPS:07d}.safetensors"
-    from_snapshot = evaluate.evaluate(eval_config(tiny_data_dir, snapshot))
+    from_snapshot = eval_ckpt.evaluate(eval_config(tiny_data_dir, snapshot))
     assert from_snapshot["val_loss"] == pytest.approx(record["val_loss"], abs=1e-6)
     assert from_snapshot["embeddings"] == results["embeddings"]
 
     averaged = run_dir / "averaged" / "ema" / f"step_{STEPS:07d}.safetensors"
-    ema = evaluate.evaluate(eval_config(tiny_data_dir, averaged))
+    ema = eval_ckpt.evaluate(eval_config(tiny_data_dir, averaged))
     assert ema["ckpt"]["averager"] == "ema" and ema["ckpt"]["step"] == STEPS
     assert ema["val_loss"] == pytest.approx(record["val_loss/ema"], abs=1e-6)
     assert "(ema average)" in capsys.readouterr().out
@@ -173,7 +173,7 @@ def test_val_loss_equals_train_evaluate(run_dir, tiny_data_dir):
     runtime = init_runtime("cpu", "float32")
     data = open_dataset("", data_dir=str(tiny_data_dir))
     expected = evaluate_loss(model, data, batches, runtime, splits=("val",))["val"]
-    results = evaluate.evaluate(eval_config(tiny_data_dir, snapshot, eval_iters=5, block_size=8,
+    results = eval_ckpt.evaluate(eval_config(tiny_data_dir, snapshot, eval_iters=5, block_size=8,
                                             batch_size=3, seed=7, embeddings=False))
     assert results["val_loss"] == expected
     assert results["val_perplexity"] == math.exp(expected)
@@ -190,19 +190,19 @@ def test_nanogpt_checkpoint(run_dir, tiny_data_dir, tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model, "model_args": info["model_args"], "iter_num": STEPS,
                 "optimizer": {}}, path)
-    nano = evaluate.evaluate(eval_config(tiny_data_dir, path, embeddings=False))
-    ours = evaluate.evaluate(eval_config(tiny_data_dir, snapshot, embeddings=False))
+    nano = eval_ckpt.evaluate(eval_config(tiny_data_dir, path, embeddings=False))
+    ours = eval_ckpt.evaluate(eval_config(tiny_data_dir, snapshot, embeddings=False))
     assert nano["val_loss"] == ours["val_loss"] and nano["ckpt"]["step"] == STEPS
 
 
 def test_embedding_metrics_of_a_checkpoint(run_dir, tiny_data_dir):
-    """The metrics of evaluate.py are embedding_metrics of wte over the data's frequencies."""
+    """The metrics of eval_ckpt.py are embedding_metrics of wte over the data's frequencies."""
     path = run_dir / "snapshots" / f"step_{STEPS:07d}.safetensors"
     model, _ = checkpoint.load_model(path)
     data = open_dataset("", data_dir=str(tiny_data_dir))
     counts = np.bincount(np.asarray(data.splits["train"]), minlength=data.vocab_size)
     expected = embedding_metrics(model.transformer.wte.weight, counts)
-    results = evaluate.evaluate(eval_config(tiny_data_dir, path, eval_iters=0))
+    results = eval_ckpt.evaluate(eval_config(tiny_data_dir, path, eval_iters=0))
     assert results["embeddings"] == expected and "val_loss" not in results
     assert 0 < expected["isotropy"] <= 1 and -1 <= expected["norm_logfreq_pearson"] <= 1
 
@@ -215,7 +215,7 @@ def test_bad_files_name_the_file(run_dir, tiny_data_dir, tmp_path):
     truncated = tmp_path / "step_8.safetensors"
     truncated.write_bytes(snapshot[:len(snapshot) // 2])
     with pytest.raises(CheckpointError, match="step_8.safetensors"):
-        evaluate.evaluate(eval_config(tiny_data_dir, truncated))
+        eval_ckpt.evaluate(eval_config(tiny_data_dir, truncated))
     garbage = tmp_path / "ckpt_8.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="ckpt_8.pt"):
