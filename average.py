@@ -58,19 +58,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import checkpoint
+from wagpt import checkpoint
 from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
-from checkpoint import CheckpointError
-from configurator import ConfigError, main, parse_choices
-from dataloader import EvalBatches, evaluate_loss, open_dataset
-from embedding_metrics import count_tokens, embedding_metrics
-from flat_params import FlatParameters
-from host_state import HostStateAverager
+from wagpt.checkpoint import CheckpointError
+from wagpt.configurator import ConfigError, main, parse_choices
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.embedding_metrics import count_tokens, embedding_metrics
+from wagpt.flat_params import FlatParameters
+from wagpt.host_state import HostStateAverager
 from model import GPT, GPTConfig
-from online_averaging import averager_fields
-from posthoc import Reconstruction, find_stored_profiles
-from report import markdown_table, plot_curves, progress
-from runtime import agree, check_dtype, init_runtime, teardown
+from wagpt.online_averaging import averager_fields
+from wagpt.posthoc import Reconstruction, find_stored_profiles
+from wagpt.report import markdown_table, plot_curves, progress
+from wagpt.runtime import agree, check_dtype, init_runtime, teardown
 
 
 def _sweepable(cls, key, default):

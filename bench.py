@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 import train
-from configurator import main
-from dataloader import open_dataset
+from wagpt.configurator import main
+from wagpt.dataloader import open_dataset
 from model import device_peak_flops
-from report import append_jsonl
-from runtime import init_runtime, teardown
+from wagpt.report import append_jsonl
+from wagpt.runtime import init_runtime, teardown
 
 
 @dataclass

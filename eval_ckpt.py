@@ -17,12 +17,12 @@ import json
 import math
 from dataclasses import dataclass
 
-import checkpoint
-from configurator import ConfigError, main
-from dataloader import EvalBatches, evaluate_loss, open_dataset
-from embedding_metrics import count_tokens, embedding_metrics
-from report import Progress, markdown_table
-from runtime import check_dtype, init_runtime, teardown
+from wagpt import checkpoint
+from wagpt.configurator import ConfigError, main
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.embedding_metrics import count_tokens, embedding_metrics
+from wagpt.report import Progress, markdown_table
+from wagpt.runtime import check_dtype, init_runtime, teardown
 
 
 @dataclass

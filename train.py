@@ -28,20 +28,20 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint
-import hf_gpt2
-import schedules
-from configurator import (ConfigError, UserError, check_finite_numbers, main, save_config,
+from wagpt import checkpoint
+from wagpt import hf_gpt2
+from wagpt import schedules
+from wagpt.configurator import (ConfigError, UserError, check_finite_numbers, main, save_config,
                           was_given)
-from dataloader import (EvalBatches, evaluate_loss, get_batch, micro_batch_seed, open_dataset,
+from wagpt.dataloader import (EvalBatches, evaluate_loss, get_batch, micro_batch_seed, open_dataset,
                         to_device)
-from flat_params import FlatParameters
+from wagpt.flat_params import FlatParameters
 from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
-from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams, posthoc_profiles
-from report import format_duration
-from run_dir import (MetricsLog, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
+from wagpt.online_averaging import AveragingConfig, OnlineAveraging, averager_hparams, posthoc_profiles
+from wagpt.report import format_duration
+from wagpt.run_dir import (MetricsLog, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
                      remove_leftover_temporaries)
-from runtime import (StopSignal, all_reduce_mean, check_device, check_dtype, init_runtime,
+from wagpt.runtime import (StopSignal, all_reduce_mean, check_device, check_dtype, init_runtime,
                      teardown)
 
 

@@ -8,10 +8,10 @@ Time one averaging update (EMA, BEMA) over all of a model's parameters, three wa
            torch.optim.swa_utils.AveragedModel with a multi-avg fn)
   loop     one tensor per parameter, a Python loop of mul_/add_/copy_ (TRL's BEMACallback)
 
-    python benchmarks/bench_averaging.py                          # the default Shakespeare model, CPU
-    python benchmarks/bench_averaging.py --model_size=gpt2 --vocab_size=50304 --block_size=1024 \
+    python -m benchmarks.bench_averaging                          # the default Shakespeare model, CPU
+    python -m benchmarks.bench_averaging --model_size=gpt2 --vocab_size=50304 --block_size=1024 \
         --step_bench=False --bench_iters=5                # GPT-2 124M's shapes on a CPU
-    python benchmarks/bench_averaging.py config/train_small.py --device=cuda --dataset=shakespeare_char \
+    python -m benchmarks.bench_averaging config/train_small.py --device=cuda --dataset=shakespeare_char \
         --gradient_accumulation_steps=5 --bench_out=averaging.jsonl      # GPT-2 124M on one GPU
 
 The parameter shapes are those of the GPT that the (train.py) config describes, the tied
@@ -32,33 +32,31 @@ count). The `est. B` column is what each approach moves by our count, temporarie
 Results go to stdout (a markdown table last), and as one JSON line to --bench_out if given.
 """
 
-import sys
 from pathlib import Path
 
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+import averaging
+import bench
+from wagpt import kernels
+import train
+from benchmarks.bench_common import machine_info
+from wagpt.configurator import ConfigError, main, parse_choices
+from wagpt.dataloader import open_dataset
+from model import GPT, GPTConfig
+from wagpt.report import append_jsonl, markdown_table
+from wagpt.runtime import init_runtime
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
-    sys.path.insert(0, str(REPO))
-
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import torch  # noqa: E402
-
-import averaging  # noqa: E402
-import bench  # noqa: E402
-from wagpt import kernels  # noqa: E402
-import train  # noqa: E402
-from benchmarks.bench_common import machine_info  # noqa: E402
-from configurator import ConfigError, main, parse_choices  # noqa: E402
-from dataloader import open_dataset  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from report import append_jsonl, markdown_table  # noqa: E402
-from runtime import init_runtime  # noqa: E402
 
 METHODS = ("ema", "bema")
 APPROACHES = ("flat", "foreach", "loop")

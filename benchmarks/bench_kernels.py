@@ -1,8 +1,8 @@
 """
 Bandwidth of each averaging kernel of wagpt/kernels/ on one GPU, after checking it against float64.
 
-    python benchmarks/bench_kernels.py                       # on a CUDA machine: check, then time
-    python benchmarks/bench_kernels.py --numel=50000000 --tune=False
+    python -m benchmarks.bench_kernels                       # on a CUDA machine: check, then time
+    python -m benchmarks.bench_kernels --numel=50000000 --tune=False
 
 1. Check: every kernel (ema, bema, dema, ouema, running mean) at sizes that straddle the block,
    θ in float32 and bfloat16, random inputs, against the update written out in float64; outputs
@@ -22,23 +22,21 @@ CPU tensors run only the check, in Triton's interpreter (TRITON_INTERPRET=1, --d
 that is how tests/test_bench_kernels.py runs this script's check without a GPU.
 """
 
-import sys
 from pathlib import Path
 
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+import averaging
+from wagpt import kernels
+from benchmarks.bench_common import machine_info
+from wagpt.configurator import main, parse_choices
+from wagpt.report import append_jsonl, markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
-    sys.path.insert(0, str(REPO))
-
-import os  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-
-import torch  # noqa: E402
-
-import averaging  # noqa: E402
-from wagpt import kernels  # noqa: E402
-from benchmarks.bench_common import machine_info  # noqa: E402
-from configurator import main, parse_choices  # noqa: E402
-from report import append_jsonl, markdown_table  # noqa: E402
 
 # kernel: (state buffers it reads and writes, buffers only written, whether it reads θ₀)
 KERNELS = {

@@ -3,9 +3,9 @@ Offline averaging: ONE pass of average.py serving M settings over K snapshots, a
 single-setting passes (how the published tools run a sweep: one method and setting per
 invocation, every snapshot re-read each time).
 
-    python benchmarks/bench_offline.py                                  # M = 12, K = 50, the default model
-    python benchmarks/bench_offline.py --ckpt_dir=out/run/snapshots     # an existing trajectory
-    python benchmarks/bench_offline.py --n_layer=8 --n_embd=512 --out_dir=out/bench_offline_25m
+    python -m benchmarks.bench_offline                                  # M = 12, K = 50, the default model
+    python -m benchmarks.bench_offline --ckpt_dir=out/run/snapshots     # an existing trajectory
+    python -m benchmarks.bench_offline --n_layer=8 --n_embd=512 --out_dir=out/bench_offline_25m
 
 Without --ckpt_dir it first trains the default Shakespeare model (or the shape given) for K − 1
 steps with a snapshot at every step (the timing does not depend on how far apart the snapshots
@@ -16,28 +16,26 @@ are). Two regimes:
 and, to read them against: K snapshot reads alone, and the time of one evaluation.
 """
 
-import sys
 from pathlib import Path
 
+
+import contextlib
+import dataclasses
+import io
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import average
+from wagpt import checkpoint
+import train
+from average import AverageConfig
+from benchmarks.bench_common import machine_info
+from wagpt.configurator import main
+from wagpt.report import append_jsonl, markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
-    sys.path.insert(0, str(REPO))
-
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import io  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import average  # noqa: E402
-import checkpoint  # noqa: E402
-import train  # noqa: E402
-from average import AverageConfig  # noqa: E402
-from benchmarks.bench_common import machine_info  # noqa: E402
-from configurator import main  # noqa: E402
-from report import append_jsonl, markdown_table  # noqa: E402
 
 # the M = 12 settings: 4 methods x 3 values, a typical first sweep
 SWEEP = {"bema": ("bema_bias_power", [-1.0, 0.2, 0.4]),

@@ -3,9 +3,9 @@ Offline sweeps that fit and spread: average.py's averaging-only pass over a synt
 with GPT-2 124M's shapes, for M settings, with the averagers' state on the device vs in host
 memory (--state_device), in one process vs two (torchrun).
 
-    python benchmarks/bench_sweep.py                          # CPU: K = 6 snapshots, M = 8 EMAs
-    python benchmarks/bench_sweep.py --device=cuda --snapshots=20 --settings=16
-    python benchmarks/bench_sweep.py --n_layer=2 --n_embd=64 --vocab_size=512   # a quick look
+    python -m benchmarks.bench_sweep                          # CPU: K = 6 snapshots, M = 8 EMAs
+    python -m benchmarks.bench_sweep --device=cuda --snapshots=20 --settings=16
+    python -m benchmarks.bench_sweep --n_layer=2 --n_embd=64 --vocab_size=512   # a quick look
 
 The trajectory: random weights of the model shape (GPT-2 124M by default: 12 layers, 12 heads,
 768 wide, vocabulary 50304, context 1024, 124.4M parameters), K snapshots written to disk with
@@ -24,25 +24,24 @@ to the wall time of the command. What the issue's targets compare:
 import sys
 from pathlib import Path
 
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wagpt import checkpoint
+from benchmarks.bench_common import machine_info
+from wagpt.configurator import main
+from model import GPT, GPTConfig
+from wagpt.report import append_jsonl, markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
-    sys.path.insert(0, str(REPO))
-
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import checkpoint  # noqa: E402
-from benchmarks.bench_common import machine_info  # noqa: E402
-from configurator import main  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from report import append_jsonl, markdown_table  # noqa: E402
 
 
 @dataclass

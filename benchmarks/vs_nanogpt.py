@@ -3,9 +3,9 @@ Training throughput of this repository's train.py against nanoGPT's train.py, si
 same prepared data with the same model, optimizer, schedule and evaluation settings.
 
     git clone https://github.com/karpathy/nanoGPT ../nanoGPT
-    python benchmarks/vs_nanogpt.py --nanogpt_dir=../nanoGPT                   # CPU, 3 rounds
-    python benchmarks/vs_nanogpt.py --nanogpt_dir=../nanoGPT --threads=1       # one thread each
-    python benchmarks/vs_nanogpt.py --nanogpt_dir=../nanoGPT --device=cuda --preset=gpt2_124m
+    python -m benchmarks.vs_nanogpt --nanogpt_dir=../nanoGPT                   # CPU, 3 rounds
+    python -m benchmarks.vs_nanogpt --nanogpt_dir=../nanoGPT --threads=1       # one thread each
+    python -m benchmarks.vs_nanogpt --nanogpt_dir=../nanoGPT --device=cuda --preset=gpt2_124m
 
 Each round runs both trainers as separate processes, one after the other, taking turns at going
 first (round 1 nanoGPT first, round 2 ours first, ...), so that a slow spell of the machine is
@@ -49,24 +49,23 @@ median ratio, and one JSON line to --bench_out if given (machine, nanoGPT commit
 import sys
 from pathlib import Path
 
+
+import dataclasses
+import os
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+
+from benchmarks.bench_common import machine_info
+from wagpt.configurator import ConfigError, UserError, main
+from wagpt.dataloader import open_dataset
+from wagpt.report import append_jsonl, markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script (python benchmarks/...): the modules at the top
-    sys.path.insert(0, str(REPO))
-
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from benchmarks.bench_common import machine_info  # noqa: E402
-from configurator import ConfigError, UserError, main  # noqa: E402
-from dataloader import open_dataset  # noqa: E402
-from report import append_jsonl, markdown_table  # noqa: E402
 
 NANOGPT_URL = "https://github.com/karpathy/nanoGPT"
 

@@ -2,7 +2,7 @@
 # config/finetune_shakespeare.py recipe (constant LR 3e-5, 1 x 32 sequences of 1024 tokens per
 # step, an eval every 5 steps) run for 200 steps, in BEMA's own regime (Block & Zhang 2025,
 # arXiv 2508.00180): θ₀ = the pretrained weights, the paper's fine-tuning hyperparameters.
-#   python data/shakespeare/prepare.py
+#   python -m data.shakespeare.prepare
 #   python train.py config/finetune_shakespeare.py                      # one GPU
 #   python train.py config/finetune_shakespeare.py --init_from=./gpt2   # a local copy, no hub
 # 'gpt2' comes from the Hugging Face hub through transformers (hf_gpt2.py); where the hub is not

@@ -7,7 +7,7 @@
 # poems), with BEMA, DEMA and OUEMA anchored at θ₀ and evaluated every 10 steps.
 # experiments/bema_finetune.py runs all of it (pretraining, then seeds x this config and its EMA
 # twin); by hand:
-#   python data/shakespeare_char_plays/prepare.py && python data/shakespeare_char_poems/prepare.py
+#   python -m data.shakespeare_char_plays.prepare && python -m data.shakespeare_char_poems.prepare
 #   python train.py config/train_shakespeare_char.py --dataset=shakespeare_char_plays \
 #       --averaging= --snapshot_interval=2000 --out_dir=out/experiments/bema_finetune/pretrain
 #   python train.py config/finetune_shakespeare_char.py

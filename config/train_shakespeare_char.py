@@ -1,6 +1,6 @@
 # The default run: a small character-level GPT on the complete works of Shakespeare, on a CPU in a
 # few minutes (nanoGPT's "baby" config: 4 layers, 4 heads, 128 wide, context 64).
-#   python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char.py
+#   python -m data.shakespeare_char.prepare && python train.py config/train_shakespeare_char.py
 # These are also train.py's defaults; the file is the place to start your own variant.
 # At every eval it prints the raw model's val loss next to EMA, BEMA and LAWA averages of it.
 

@@ -2,7 +2,7 @@
 # (config/train_gpt2.py there: 600k steps, peak LR 6e-4 to 6e-5, 2000 warmup steps). The other
 # train_small_* configs start from it. Global batch ~0.5M tokens: 12 sequences x 1024 tokens x 40
 # micro-steps (5 per GPU on 8 GPUs).
-#   python data/openwebtext/prepare.py
+#   python -m data.openwebtext.prepare
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_small.py
 
 out_dir = "out/small"

@@ -5,7 +5,7 @@
 # which runs the same recipe with Coupled Adam on the embedding, differs from it in the optimizer
 # alone. (train_small.py's AdamW does decay the embedding, like nanoGPT.)
 # Hyperparameters from that code: see config/train_small_coupled_adam.py.
-#   python data/openwebtext/prepare.py
+#   python -m data.openwebtext.prepare
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_small_adamw_baseline.py
 from pathlib import Path as _Path
 

@@ -10,7 +10,7 @@
 #   - update every step (the paper's fine-tuning used 400): the fused kernel makes that cheap,
 #     see docs/benchmarks.md.
 # The paper's "EMA" is this with --bema_bias_power=-1.
-#   python data/openwebtext/prepare.py
+#   python -m data.openwebtext.prepare
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_small_bema.py
 from pathlib import Path as _Path
 

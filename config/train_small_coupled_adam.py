@@ -8,7 +8,7 @@
 # gradient clipping 1.0, coupled scale 1 (its scaled variants use powers of 2).
 # Not the same: its warmup is lr*s/100 (0 at step 0), ours lr*(s+1)/101; batches and init differ.
 # Compare val loss and embedding isotropy (eval_ckpt.py) with out/small_adamw_baseline.
-#   python data/openwebtext/prepare.py
+#   python -m data.openwebtext.prepare
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_small_coupled_adam.py
 from pathlib import Path as _Path
 

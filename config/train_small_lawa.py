@@ -12,7 +12,7 @@
 # and 1000 here is our choice.
 # EMA and SWA baselines as in its code: config/train_small_ema.py / _swa.py, or add averagers to
 # this run (averaging never changes training): --averaging=lawa,ema,swa,bema
-#   python data/openwebtext/prepare.py
+#   python -m data.openwebtext.prepare
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_small_lawa.py
 from pathlib import Path as _Path
 

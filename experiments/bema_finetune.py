@@ -3,8 +3,8 @@ BEMA in its own regime (Block & Zhang 2025, arXiv 2508.00180): fine-tuning a pre
 with small, noisy batches. Claim tested: BEMA converges faster than EMA and than the raw
 iterate, and ends at least as good.
 
-    python experiments/bema_finetune.py                  # ~15 min on 2 cores
-    python experiments/bema_finetune.py --seeds=3 --smoke=True --out_dir=/tmp/x
+    python -m experiments.bema_finetune                  # ~15 min on 2 cores
+    python -m experiments.bema_finetune --seeds=3 --smoke=True --out_dir=/tmp/x
 
 1. Pretrain the default character-level model on Shakespeare's plays (2000 steps, the default
    recipe; data/shakespeare_char_plays).
@@ -19,16 +19,14 @@ iterate, and ends at least as good.
 Writes out_dir/{table.md,results.json} and the figure (--figure).
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configurator import main  # noqa: E402
-from experiments import common  # noqa: E402
-from checkpoint import snapshot_path  # noqa: E402
-from report import markdown_table, plot_curves  # noqa: E402
+from wagpt.configurator import main
+from experiments import common
+from wagpt.checkpoint import snapshot_path
+from wagpt.report import markdown_table, plot_curves
 
 # label in tables and figure -> (run, metrics key)
 METHODS = {"raw": ("bema", "val_loss/raw"),

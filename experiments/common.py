@@ -22,13 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:   # run as `python experiments/x.py`: the library modules
-    sys.path.insert(0, str(REPO))
 
-import checkpoint  # noqa: E402
-from report import append_jsonl, format_duration  # noqa: E402
-from run_dir import read_metrics  # noqa: E402
+from wagpt import checkpoint
+from wagpt.report import append_jsonl, format_duration
+from wagpt.run_dir import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
 
 FIRST_SEED = 1337   # train.py's default: seed 1 of every experiment is the default run's seed
 

@@ -5,8 +5,8 @@ embedding relative to the mean norm, the norm-frequency correlation) and the val
 tested: Adam's second moment makes the embeddings anisotropic (a common shift of all rows, large
 for rare tokens); Coupled Adam removes it.
 
-    python experiments/coupled_adam_isotropy.py          # ~30 min on 2 cores
-    python experiments/coupled_adam_isotropy.py --smoke=True --seeds=1 --out_dir=/tmp/x
+    python -m experiments.coupled_adam_isotropy          # ~30 min on 2 cores
+    python -m experiments.coupled_adam_isotropy --smoke=True --seeds=1 --out_dir=/tmp/x
 
 Per seed and optimizer: the default 4-layer, 128-wide model with the GPT-2 vocabulary (50,257
 tokens; 6.4M of its 7.2M parameters are the tied embedding) on Shakespeare in GPT-2 BPE
@@ -20,16 +20,14 @@ of 12 x 32 tokens, the same batches for every model.
 Writes out_dir/{table.md,results.json} and the figure (--figure).
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import snapshot_path  # noqa: E402
-from configurator import main  # noqa: E402
-from experiments import common  # noqa: E402
-from report import markdown_table, plot_curves  # noqa: E402
+from wagpt.checkpoint import snapshot_path
+from wagpt.configurator import main
+from experiments import common
+from wagpt.report import markdown_table, plot_curves
 
 OPTIMIZERS = {"adamw": "AdamW", "coupled_adam": "Coupled Adam"}
 METRICS = {   # eval_ckpt.py's embedding metrics: key -> what the table calls it

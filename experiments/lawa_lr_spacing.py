@@ -4,8 +4,8 @@ the raw weights at the default and at a 10x higher peak LR, with the spacing Δ 
 checkpoints varied at fixed k = 5; EMAs of the same mean age alongside. Claims tested: the gain
 is larger at high LR, and grows with the spacing.
 
-    python experiments/lawa_lr_spacing.py                # ~20 min on 2 cores
-    python experiments/lawa_lr_spacing.py --smoke=True --seeds=1 --out_dir=/tmp/x
+    python -m experiments.lawa_lr_spacing                # ~20 min on 2 cores
+    python -m experiments.lawa_lr_spacing --smoke=True --seeds=1 --out_dir=/tmp/x
 
 Per seed and peak LR (1e-3, the default recipe, and 1e-2 as `bash compare.sh`; cosine to LR/10,
 100 warmup steps, 2000 steps, batch 12 x 64): one training run with a snapshot every 25 steps,
@@ -17,15 +17,13 @@ one seed see the same batches at both LRs, so every difference is paired.
 Writes out_dir/{table.md,results.json} and the figure (--figure).
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configurator import main  # noqa: E402
-from experiments import common  # noqa: E402
-from report import markdown_table, plot_curves  # noqa: E402
+from wagpt.configurator import main
+from experiments import common
+from wagpt.report import markdown_table, plot_curves
 
 
 @dataclass

@@ -3,8 +3,8 @@ Post-hoc EMA, validated: the phema of a width reconstructed from the two stored 
 (EDM2's σ_rel 0.05 and 0.10) against the phema of that width tracked directly, and against a
 phema replayed over raw snapshots kept at the same storage cost. docs/results.md reports it.
 
-    python experiments/posthoc_validation.py                     # ~15 min on 2 CPU cores
-    python experiments/posthoc_validation.py --max_iters=400 --out_dir=out/phv_short   # a look
+    python -m experiments.posthoc_validation                     # ~15 min on 2 CPU cores
+    python -m experiments.posthoc_validation --max_iters=400 --out_dir=out/phv_short   # a look
 
 1. Train the default model (config/train_shakespeare_char.py: 2000 steps, cosine LR) once, with
    a snapshot every Δ/2 = 50 steps and the post-hoc profiles σ_rel 0.05 and 0.10 (the stored
@@ -25,34 +25,31 @@ Outputs in out_dir: the run, average.py's results, validation.json, and the tabl
 and figure (docs/img/posthoc_validation.png unless --figure says otherwise).
 """
 
-import sys
 from pathlib import Path
 
+
+import dataclasses
+import io
+import json
+import shutil
+from dataclasses import dataclass
+
+
+import average
+from wagpt import checkpoint
+import train
+from average import AverageConfig
+from averaging import build_averager
+from wagpt.configurator import load_config, main
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.flat_params import FlatParameters
+from model import GPT, GPTConfig
+from wagpt.online_averaging import profile_name
+from wagpt.posthoc import Reconstruction, find_stored_profiles
+from wagpt.report import markdown_table
+from wagpt.runtime import init_runtime
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script (python experiments/...): the modules at the top
-    sys.path.insert(0, str(REPO))
-
-import dataclasses  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import torch  # noqa: E402
-
-import average  # noqa: E402
-import checkpoint  # noqa: E402
-import train  # noqa: E402
-from average import AverageConfig  # noqa: E402
-from averaging import build_averager  # noqa: E402
-from configurator import load_config, main  # noqa: E402
-from dataloader import EvalBatches, evaluate_loss, open_dataset  # noqa: E402
-from flat_params import FlatParameters  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from online_averaging import profile_name  # noqa: E402
-from posthoc import Reconstruction, find_stored_profiles  # noqa: E402
-from report import markdown_table  # noqa: E402
-from runtime import init_runtime  # noqa: E402
 
 
 @dataclass

@@ -4,8 +4,8 @@ model: WSD vs cosine at equal steps, the four cooldown shapes, three cooldown le
 constant-LR run with cooldowns branched off it vs a cosine run per length (and what each costs),
 and windowed averaging / SWA read off the constant-LR run vs a real cooldown.
 
-    python experiments/wsd_cooldown.py                   # ~30 min on 2 cores
-    python experiments/wsd_cooldown.py --smoke=True --seeds=1 --out_dir=/tmp/x
+    python -m experiments.wsd_cooldown                   # ~30 min on 2 cores
+    python -m experiments.wsd_cooldown --smoke=True --seeds=1 --out_dir=/tmp/x
 
 Per seed (the default recipe otherwise: peak LR 1e-3, 100 warmup steps, batch 12 x 64):
 - one constant-LR run of `steps` (2000) steps, a resume checkpoint every 200 steps (all kept)
@@ -23,16 +23,14 @@ Writes out_dir/{table.md,results.json} and the figure (--figure).
 """
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import resume_path  # noqa: E402
-from configurator import main  # noqa: E402
-from experiments import common  # noqa: E402
-from report import markdown_table, plot_curves  # noqa: E402
+from wagpt.checkpoint import resume_path
+from wagpt.configurator import main
+from experiments import common
+from wagpt.report import markdown_table, plot_curves
 
 REFERENCE = ("1-sqrt", 0.2)   # the cooldown of the WSD runs: Hägele et al.'s best shape, 20%
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny prepared char-level dataset and a tiny training config."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -8,6 +9,16 @@ import pytest
 import torch
 
 from train import TrainConfig
+
+# Triton chooses between its GPU compiler and its interpreter when @triton.jit DECORATES a kernel
+# (triton.jit reads triton.knobs.runtime.interpret, i.e. TRITON_INTERPRET, right then; a launch
+# never looks again), and wagpt/kernels/ decorates its kernels when the first triton_ops() imports
+# wagpt/kernels/averaging_triton.py. So the variable must be set before that import, though not
+# before `import triton` (the import of train above has done that: train → averaging → kernels).
+# Pytest imports conftest.py before any test module, so this holds for one test file and for the
+# suite; it stays set for the session (the interpreter also runs CUDA tensors, by copying them,
+# so nothing breaks elsewhere, it is only slower). The Triton tests run the kernels in it.
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 def write_char_dataset(directory, text, val_fraction=0.1):

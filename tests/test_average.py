@@ -18,17 +18,17 @@ import torch
 from safetensors.torch import save_file
 
 import average
-import checkpoint
-import posthoc
+from wagpt import checkpoint
+from wagpt import posthoc
 import train
 from average import AverageConfig
 from averaging import AVERAGERS, build_averager, sigma_rel_to_gamma
-from configurator import ConfigError, UserError, load_config, main
-from dataloader import EvalBatches, evaluate_loss, open_dataset
-from flat_params import FlatParameters
-from host_state import HostStateAverager
+from wagpt.configurator import ConfigError, UserError, load_config, main
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.flat_params import FlatParameters
+from wagpt.host_state import HostStateAverager
 from model import GPT, GPTConfig
-from runtime import Runtime, init_runtime
+from wagpt.runtime import Runtime, init_runtime
 from train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,7 +277,7 @@ def test_a_burn_in_or_save_step_off_the_trajectory_is_an_error(run_dir, tiny_dat
 
 
 def test_embedding_metrics_per_averaged_model(run_dir, tiny_data_dir, tmp_path):
-    from embedding_metrics import embedding_metrics
+    from wagpt.embedding_metrics import embedding_metrics
     summary = average.average(config(run_dir, tiny_data_dir, tmp_path, methods="ema",
                                      embeddings=True, eval_every=STEPS))
     rows = {(r["step"], r["method"]): r for r in summary["rows"]}

@@ -464,7 +464,7 @@ def test_windowed_average_with_gaps_keeps_windows_in_steps(horizon, windows):
 
 
 def test_swapped_in_puts_the_average_into_the_model_and_restores_it():
-    from flat_params import FlatParameters
+    from wagpt.flat_params import FlatParameters
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     flat = FlatParameters(model)
     avg = build_averager("ema", ema_decay=0.5, ema_update_after=0)

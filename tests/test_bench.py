@@ -5,7 +5,7 @@ import json
 import pytest
 
 import bench
-from configurator import ConfigError, load_config
+from wagpt.configurator import ConfigError, load_config
 
 
 def test_bench_reports_throughput(tiny_data_dir, tmp_path):

@@ -1,21 +1,20 @@
 """bench_kernels.py's check: on CPU (Triton's interpreter) it passes on the shipped kernels and
 catches a kernel that leaves an element unwritten or computes the wrong thing."""
 
-import os
 
-# before wagpt/kernels/averaging_triton.py is first imported; see the same line in test_kernels.py
-os.environ["TRITON_INTERPRET"] = "1"
+# conftest.py sets TRITON_INTERPRET=1: the Triton tests run the kernels in its interpreter
 
-import pytest  # noqa: E402
+import pytest
 
 # Triton has wheels for Linux only (requirements.txt installs it there); elsewhere the kernels do
 # not exist and averaging.py's torch code, tested in test_averaging.py, is all that runs
 pytest.importorskip("triton", reason="Triton is not installed (no wheels off Linux)")
-import torch  # noqa: E402
+import torch
 
-from benchmarks import bench_kernels as bk  # noqa: E402
-from wagpt import kernels  # noqa: E402
-from configurator import ConfigError, load_config  # noqa: E402
+from benchmarks import bench_kernels as bk
+from wagpt import kernels
+from wagpt.configurator import ConfigError, load_config
+
 
 SMALL = lambda block: (1, 7, block + 1)   # noqa: E731  (the 1M size is slow in the interpreter)
 

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import vs_nanogpt
 from benchmarks.vs_nanogpt import VsNanoGPTConfig
-from configurator import load_config, main
+from wagpt.configurator import load_config, main
 from train import TrainConfig
 
 # nanoGPT's train.py: the type of each config key's default (its configurator rejects a value of

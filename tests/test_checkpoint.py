@@ -1,4 +1,4 @@
-"""checkpoint.py: atomic writes, pruning, safe loading, snapshots."""
+"""wagpt/checkpoint.py: atomic writes, pruning, safe loading, snapshots."""
 
 import os
 import pickle
@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import CheckpointError
+from wagpt import checkpoint
+from wagpt.checkpoint import CheckpointError
 
 
 class Tied(torch.nn.Module):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import average
-import configurator
+from wagpt import configurator
 import eval_ckpt
 import export_hf
 import sample
@@ -116,7 +116,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(REPO)!r})
         from dataclasses import dataclass
-        from configurator import main
+        from wagpt.configurator import main
         @dataclass
         class C:
             x: int = 1
@@ -172,10 +172,10 @@ class Toy(averaging.Averager):
 
 import average
 import train
-from configurator import help_text, load_config
-from flat_params import FlatParameters
+from wagpt.configurator import help_text, load_config
+from wagpt.flat_params import FlatParameters
 from model import GPT, GPTConfig
-from online_averaging import OnlineAveraging, averager_hparams
+from wagpt.online_averaging import OnlineAveraging, averager_hparams
 
 cfg = load_config(train.TrainConfig, ["--averaging=ema,toy", "--toy_rate=0.25"])
 assert averager_hparams(cfg)["toy"] == {{"toy_rate": 0.25, "toy_start": 0, "toy_every": 1}}

@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from wagpt import checkpoint
 import train
 from average import AverageConfig
-from configurator import load_config
-from dataloader import open_dataset
-from online_averaging import parse_methods
-from runtime import init_runtime
+from wagpt.configurator import load_config
+from wagpt.dataloader import open_dataset
+from wagpt.online_averaging import parse_methods
+from wagpt.runtime import init_runtime
 from train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.py"))

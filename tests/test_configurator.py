@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from configurator import ConfigError, load_config, parse_choices, save_config
+from wagpt.configurator import ConfigError, load_config, parse_choices, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-import checkpoint
+from wagpt import checkpoint
 import train
-from coupled_adam import CoupledAdamW
+from wagpt.coupled_adam import CoupledAdamW
 from model import GPT, GPTConfig
 
 V, H = 12, 6                         # an embedding-like matrix: V vocabulary rows of width H

@@ -1,11 +1,9 @@
-"""dataloader.py: the sampler is a pure function of its seed; bad data is caught up front."""
+"""wagpt/dataloader.py: the sampler is a pure function of its seed; bad data is caught up front."""
 
-import json
 
-import numpy as np
 import pytest
 
-from dataloader import DataError, TokenDataset, get_batch, micro_batch_seed
+from wagpt.dataloader import DataError, TokenDataset, get_batch, micro_batch_seed
 
 
 def test_batches_are_pure_functions_of_the_seed(tiny_data_dir):
@@ -30,7 +28,7 @@ def test_targets_are_inputs_shifted_by_one(tiny_data_dir):
 
 
 def test_missing_data_names_the_prepare_command(tmp_path):
-    with pytest.raises(DataError, match="python data/shakespeare_char/prepare.py"):
+    with pytest.raises(DataError, match="python -m data.shakespeare_char.prepare"):
         TokenDataset(tmp_path / "shakespeare_char")
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import train
-from configurator import load_config
-from coupled_adam import CoupledAdamW
-from dataloader import open_dataset
+from wagpt.configurator import load_config
+from wagpt.coupled_adam import CoupledAdamW
+from wagpt.dataloader import open_dataset
 from model import GPT, GPTConfig
-from runtime import init_runtime, teardown
+from wagpt.runtime import init_runtime, teardown
 from train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+from wagpt import checkpoint
 import eval_ckpt
 import train
-from checkpoint import CheckpointError
-from configurator import ConfigError, load_config
-from dataloader import EvalBatches, evaluate_loss, open_dataset
-from embedding_metrics import (count_tokens, embedding_metrics, isotropy,
+from wagpt.checkpoint import CheckpointError
+from wagpt.configurator import ConfigError, load_config
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.embedding_metrics import (count_tokens, embedding_metrics, isotropy,
                                norm_frequency_correlation, norm_stats, singular_value_ratio)
 from eval_ckpt import EvalConfig
 from model import GPT, GPTConfig
-from runtime import init_runtime
+from wagpt.runtime import init_runtime
 from train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models

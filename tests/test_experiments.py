@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from configurator import load_config
+from wagpt.configurator import load_config
 from experiments import bema_finetune, coupled_adam_isotropy, lawa_lr_spacing, wsd_cooldown
 
 
@@ -61,7 +61,7 @@ def test_coupled_adam_isotropy(tiny_data_dir, tmp_path):
 @pytest.mark.parametrize("module", [bema_finetune, wsd_cooldown, lawa_lr_spacing,
                                     coupled_adam_isotropy])
 def test_help_lists_the_keys(module, capsys):
-    from configurator import help_text
+    from wagpt.configurator import help_text
     cls = next(v for k, v in vars(module).items() if k.endswith("Config")
                and k != "ExperimentConfig" and isinstance(v, type))
     text = help_text(cls, module.__doc__, "x.py")

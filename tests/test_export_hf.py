@@ -10,9 +10,9 @@ import torch
 import transformers
 import tiktoken
 
-import checkpoint
+from wagpt import checkpoint
 import export_hf
-from data.common import offline_gpt2_encoding
+from wagpt.corpora import offline_gpt2_encoding
 from export_hf import ExportConfig
 from model import GPT, GPTConfig
 
@@ -111,7 +111,7 @@ def test_gpt2_vocab_export_with_tokenizer(tmp_path, monkeypatch):
     # the pinned ranks from the openai-whisper sdist on PyPI (fetched once, sha256-checked);
     # tiktoken's own download is never attempted
     encoding = offline_gpt2_encoding()
-    monkeypatch.setattr("data.common.gpt2_encoding", lambda *args: encoding)  # never download
+    monkeypatch.setattr("wagpt.corpora.gpt2_encoding", lambda *args: encoding)  # never download
     model, args = random_model(False, vocab_size=50304)     # padded as train_small.py
     snapshot = checkpoint.save_snapshot(tmp_path / "snap", model, 1, 1, args)
     out = export_hf.export(ExportConfig(ckpt=str(snapshot), out_dir=str(tmp_path / "hf")))

@@ -1,4 +1,4 @@
-"""hf_gpt2.py: a transformers GPT-2 folder loads into our GPT with HF's logits, export -> import ->
+"""wagpt/hf_gpt2.py: a transformers GPT-2 folder loads into our GPT with HF's logits, export -> import ->
 export is the identity bit for bit, and what model.py cannot represent is refused by name.
 Nothing here reaches the hub: the models are tiny random GPT2LMHeadModels saved to tmp folders."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 import transformers
 
-import checkpoint
+from wagpt import checkpoint
 import export_hf
-import hf_gpt2
+from wagpt import hf_gpt2
 from export_hf import ExportConfig
-from hf_gpt2 import PretrainedLoadError
+from wagpt.hf_gpt2 import PretrainedLoadError
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
@@ -152,7 +152,7 @@ def test_hub_name_offline_is_one_line_naming_the_id_and_the_fix(tmp_path):
     """HF_HUB_OFFLINE with an empty cache: what a machine without the hub sees, at once."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
            "PYTHONPATH": str(REPO)}
-    code = ("import hf_gpt2\n"
+    code = ("from wagpt import hf_gpt2\n"
             "try:\n    hf_gpt2.load_pretrained('gpt2-xl')\n"
             "except hf_gpt2.PretrainedLoadError as e:\n    print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

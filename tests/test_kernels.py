@@ -18,29 +18,23 @@ would not crash). Outputs that are not read first (out) start as NaN.
 
 import os
 
-# Triton chooses between its GPU compiler and its interpreter when @triton.jit DECORATES a kernel
-# (triton.jit reads triton.knobs.runtime.interpret, i.e. TRITON_INTERPRET, right then; a launch
-# never looks again), and wagpt/kernels/ decorates its kernels when the first triton_ops() imports
-# wagpt/kernels/averaging_triton.py. So the variable must be set before that import, but not before
-# `import triton`: conftest.py has already imported triton (train → averaging → kernels), which
-# is harmless. Pytest imports every test module before running any test, so setting it here works
-# alone and in the full suite; it stays set for the session (the interpreter also runs CUDA
-# tensors, by copying them, so nothing breaks elsewhere, it is only slower).
-os.environ["TRITON_INTERPRET"] = "1"
+# conftest.py sets TRITON_INTERPRET=1 before any kernel is decorated: these tests run the
+# kernels in Triton's interpreter on CPU tensors
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 # Triton has wheels for Linux only (requirements.txt installs it there); elsewhere the kernels do
 # not exist and averaging.py's torch code, tested in test_averaging.py, is all that runs
 pytest.importorskip("triton", reason="Triton is not installed (no wheels off Linux)")
-import torch  # noqa: E402
+import torch
 
-import averaging  # noqa: E402
-from wagpt import kernels  # noqa: E402
+import averaging
+from wagpt import kernels
+
 
 OPS = kernels.triton_ops()
 if not OPS.INTERPRETED:

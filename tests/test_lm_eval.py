@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-extra.txt")
 pytest.importorskip("accelerate", reason="pip install -r requirements-extra.txt")
 
-import checkpoint  # noqa: E402
-import export_hf  # noqa: E402
-from data.common import offline_gpt2_encoding  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from wagpt import checkpoint
+import export_hf
+from wagpt.corpora import offline_gpt2_encoding
+from model import GPT, GPTConfig
+
+lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-extra.txt")
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 
@@ -39,7 +40,7 @@ def test_lm_eval_scores_an_exported_model_on_the_local_task(tmp_path, monkeypatc
     from lm_eval.tasks import TaskManager
 
     encoding = offline_gpt2_encoding()          # the pinned GPT-2 ranks, never tiktoken's download
-    monkeypatch.setattr("data.common.gpt2_encoding", lambda *args: encoding)
+    monkeypatch.setattr("wagpt.corpora.gpt2_encoding", lambda *args: encoding)
     torch.manual_seed(0)
     args = dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                 bias=True)

@@ -8,15 +8,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import checkpoint
+from wagpt import checkpoint
 import train
 from averaging import AVERAGERS
-from configurator import ConfigError, load_config
-from dataloader import evaluate_loss, open_dataset
-from flat_params import FlatParameters
+from wagpt.configurator import ConfigError, load_config
+from wagpt.dataloader import evaluate_loss, open_dataset
+from wagpt.flat_params import FlatParameters
 from model import GPT, GPTConfig
-from online_averaging import OnlineAveraging
-from runtime import init_runtime
+from wagpt.online_averaging import OnlineAveraging
+from wagpt.runtime import init_runtime
 from train import TrainConfig
 
 ALL = ",".join(AVERAGERS)

@@ -13,22 +13,20 @@ largest |value| (measured below 1e-6); a one-step time shift or the wrong expone
 average by 1e-3 or more.
 """
 
-import os
 
-# the Triton test runs the kernels in Triton's interpreter, which must be chosen before the kernel
-# module is first imported (tests/test_kernels.py explains); it stays set for the session
-os.environ["TRITON_INTERPRET"] = "1"
+# conftest.py sets TRITON_INTERPRET=1: the Triton tests run the kernels in its interpreter
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-from wagpt import kernels  # noqa: E402
-from averaging import build_averager  # noqa: E402
-from configurator import ConfigError, load_config  # noqa: E402
-from online_averaging import averager_hparams  # noqa: E402
-from train import TrainConfig  # noqa: E402
-from trajectories import random_walk, run_averager  # noqa: E402
+from wagpt import kernels
+from averaging import build_averager
+from wagpt.configurator import ConfigError, load_config
+from wagpt.online_averaging import averager_hparams
+from train import TrainConfig
+from trajectories import random_walk, run_averager
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

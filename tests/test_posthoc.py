@@ -1,4 +1,4 @@
-"""posthoc.py against brute-force float64 references written from the definitions:
+"""wagpt/posthoc.py against brute-force float64 references written from the definitions:
 - the discrete weights by running the power-EMA recursion on unit vectors (EDM2's update,
   decay (1 − φ/t)^(γ+1) per acting step), never through posthoc's closed form;
 - continuous inner products, widths and least squares by composite Gauss–Legendre quadrature
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-import posthoc
+from wagpt import posthoc
 from averaging import build_averager
-from posthoc import (gamma_to_sigma_rel, gram_matrix, profile_inner_product, profile_weights,
+from wagpt.posthoc import (gamma_to_sigma_rel, gram_matrix, profile_inner_product, profile_weights,
                      reconstruction_error, sigma_rel_to_gamma, solve_coefficients, synthesize)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -316,7 +316,7 @@ def stored_files(store_every=3, steps=30, tau=2, phi=1, numel=50):
 
 @pytest.mark.parametrize("phi", [1, 2])
 def test_streamed_reconstruction_is_synthesize_of_the_solved_coefficients(phi):
-    """posthoc.Reconstruction (average.py's) at each evaluation step equals, bit for bit,
+    """wagpt.posthoc.Reconstruction (average.py's) at each evaluation step equals, bit for bit,
     synthesize over the files stored up to it with solve_coefficients' coefficients, whatever
     the window of steps accumulated at once; steps before the first stored profile have
     none; each file is read once per window."""

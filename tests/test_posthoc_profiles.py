@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from wagpt import checkpoint
 import train
 from averaging import sigma_rel_to_gamma
-from configurator import ConfigError, load_config
-from flat_params import FlatParameters
+from wagpt.configurator import ConfigError, load_config
+from wagpt.flat_params import FlatParameters
 from model import GPT, GPTConfig
 from train import NonFiniteLossError, TrainConfig
 

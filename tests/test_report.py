@@ -1,13 +1,13 @@
-"""report.py: tables, progress lines that reach non-interactive logs, and curve plots that hide
+"""wagpt/report.py: tables, progress lines that reach non-interactive logs, and curve plots that hide
 nothing."""
 
 import io
 
 import pytest
 
-import report
+from wagpt import report
 import sample
-from configurator import ConfigError, load_config
+from wagpt.configurator import ConfigError, load_config
 
 
 def test_markdown_table():

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-import checkpoint
+from wagpt import checkpoint
 import sample
-import tokenizer
-from configurator import load_config
-from data.common import offline_gpt2_encoding
+from wagpt import tokenizer
+from wagpt.configurator import load_config
+from wagpt.corpora import offline_gpt2_encoding
 from model import GPT, GPTConfig
 from sample import SampleConfig
 
@@ -83,7 +83,7 @@ def offline_gpt2(monkeypatch):
     # the pinned ranks from the openai-whisper sdist on PyPI (fetched once, sha256-checked);
     # tiktoken's own download is never attempted
     encoding = offline_gpt2_encoding()
-    monkeypatch.setattr("data.common.gpt2_encoding", lambda *args: encoding)
+    monkeypatch.setattr("wagpt.corpora.gpt2_encoding", lambda *args: encoding)
     return encoding
 
 

@@ -1,4 +1,4 @@
-"""schedules.py: golden multipliers for every schedule and cooldown shape, validation, from_config.
+"""wagpt/schedules.py: golden multipliers for every schedule and cooldown shape, validation, from_config.
 
 The expected numbers are written out by hand (exact fractions, or cos/sqrt of simple angles given
 to 16+ digits) rather than recomputed with the formulas under test.
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from schedules import COOLDOWN_SHAPES, SCHEDULES, LRSchedule, from_config, lr_at, plot
+from wagpt.schedules import COOLDOWN_SHAPES, SCHEDULES, LRSchedule, from_config, lr_at, plot
 
 # All numbers below were worked out by hand (with a calculator for cos and sqrt), e.g.
 # cos(pi/4) = sqrt(1/2) = 0.7071067811865475, cos(0.95 pi) = -cos(9 deg) = -0.9876883405951378,

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-import checkpoint
-import runtime
+from wagpt import checkpoint
+from wagpt import runtime
 import train
-from train import NonFiniteLossError, TrainConfig
+from train import NonFiniteLossError
 
 
 def final_state(out_dir):

@@ -1,9 +1,9 @@
 """
 OpenWebText in GPT-2 BPE, nanoGPT's data/openwebtext/prepare.py for real (GPU) runs.
 
-    python data/openwebtext/prepare.py                   # Skylion007/openwebtext from the hub
-    python data/openwebtext/prepare.py --dataset=owt     # a local folder of .parquet/.arrow files
-    python data/openwebtext/prepare.py --num_proc=16 --cache_dir=/scratch/hf_datasets
+    python -m data.openwebtext.prepare                   # Skylion007/openwebtext from the hub
+    python -m data.openwebtext.prepare --dataset=owt     # a local folder of .parquet/.arrow files
+    python -m data.openwebtext.prepare --num_proc=16 --cache_dir=/scratch/hf_datasets
 
 The source is the Hugging Face dataset Skylion007/openwebtext (parquet), the data nanoGPT loads
 as "openwebtext": datasets >= 4 no longer runs that id's loading script and datasets 5 refuses
@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parents[1]) not in sys.path:  # run as a script: make `data.common` importable
-    sys.path.insert(0, str(HERE.parents[1]))
 
-from checkpoint import atomic_path  # noqa: E402
-from data.common import gpt2_encoding, write_meta  # noqa: E402
+from wagpt.checkpoint import atomic_path
+from wagpt.corpora import gpt2_encoding, write_meta
+
+HERE = Path(__file__).resolve().parent
 
 
 def tokenize_dataset(dataset_dict, encoding, num_proc):

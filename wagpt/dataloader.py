@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError
+from wagpt.configurator import UserError
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 
 # Separate random streams, so the eval batches never coincide with training batches by seed.
 _STREAMS = {"train": 0, "val": 1, "eval_train": 2}
@@ -48,7 +48,7 @@ class TokenDataset:
 
     def __init__(self, data_dir, prepare_hint=None):
         self.dir = Path(data_dir)
-        hint = prepare_hint or f"python data/{self.dir.name}/prepare.py"
+        hint = prepare_hint or f"python -m data.{self.dir.name}.prepare"
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
             raise DataError(f"no prepared dataset in {self.dir} (meta.json missing); run: {hint}")
@@ -112,7 +112,7 @@ def dataset_dir(dataset, data_dir=None):
 
 def open_dataset(dataset, data_dir=None):
     """The prepared dataset `data/<dataset>/` (or the folder `data_dir`), checked."""
-    hint = None if data_dir else f"python data/{dataset}/prepare.py"
+    hint = None if data_dir else f"python -m data.{dataset}.prepare"
     return TokenDataset(dataset_dir(dataset, data_dir), prepare_hint=hint)
 
 

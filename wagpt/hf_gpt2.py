@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
+from wagpt import checkpoint
 from model import GPT, GPTConfig
 
 # the released GPT-2 checkpoints on the Hugging Face hub (the owner-less ids are redirects)

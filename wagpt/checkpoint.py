@@ -52,7 +52,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from configurator import UserError
+from wagpt.configurator import UserError
 from model import GPT, GPTConfig
 
 RESUME_FORMAT = "wa-resume-v1"
@@ -357,7 +357,7 @@ def read_checkpoint(path, tensors=True):
     path = Path(path)
     if path.is_dir():
         if (path / "config.json").is_file():   # a transformers folder (export_hf.py writes them)
-            import hf_gpt2
+            from wagpt import hf_gpt2
             return hf_gpt2.read_pretrained(str(path))
         raise CheckpointError(f"{path} is a directory, not a checkpoint file; give one file "
                               f"(ckpt_*.pt or *.safetensors) or a transformers GPT-2 folder")
