@@ -58,15 +58,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from wagpt import checkpoint
 from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
-from wagpt.checkpoint import CheckpointError
-from wagpt.configurator import ConfigError, main, parse_choices
+from model import GPT, GPTConfig
+from wagpt import checkpoint
+from wagpt.atomic import atomic_write
+from wagpt.configurator import main, parse_choices
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
 from wagpt.embedding_metrics import count_tokens, embedding_metrics
+from wagpt.errors import CheckpointError, ConfigError
 from wagpt.flat_params import FlatParameters
 from wagpt.host_state import HostStateAverager
-from model import GPT, GPTConfig
 from wagpt.online_averaging import averager_fields
 from wagpt.posthoc import Reconstruction, find_stored_profiles
 from wagpt.report import markdown_table, plot_curves, progress
@@ -831,10 +832,10 @@ def _write_outputs(cfg, summary):
     for s in summary["skipped"]:
         writer.writerow({"step": s["step"], "method": "skipped", "setting": s["file"],
                          "hparams": s["reason"], "val_loss": math.nan})
-    checkpoint.atomic_write(out / "results.csv", buffer.getvalue())
+    atomic_write(out / "results.csv", buffer.getvalue())
     record = {k: v for k, v in summary.items() if k != "averagers"}
     record["config"] = dataclasses.asdict(cfg)
-    checkpoint.atomic_write(out / "results.json", json.dumps(record, indent=1))
+    atomic_write(out / "results.json", json.dumps(record, indent=1))
     if cfg.plot:
         plot(summary, out / "plot.png", cfg)
 

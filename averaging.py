@@ -44,7 +44,6 @@ import torch
 
 from wagpt import kernels
 
-
 # ---------------------------------------------------------------------------- schedules (pure)
 
 def bema_beta(t, ema_power, lag, multiplier, min_ema_multiplier=0.0):

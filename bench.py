@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 import train
+from model import device_peak_flops
 from wagpt.configurator import main
 from wagpt.dataloader import open_dataset
-from model import device_peak_flops
 from wagpt.report import append_jsonl
 from wagpt.runtime import init_runtime, teardown
 

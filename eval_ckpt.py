@@ -18,9 +18,11 @@ import math
 from dataclasses import dataclass
 
 from wagpt import checkpoint
-from wagpt.configurator import ConfigError, main
+from wagpt.atomic import atomic_write
+from wagpt.configurator import main
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
 from wagpt.embedding_metrics import count_tokens, embedding_metrics
+from wagpt.errors import ConfigError
 from wagpt.report import Progress, markdown_table
 from wagpt.runtime import check_dtype, init_runtime, teardown
 
@@ -85,7 +87,7 @@ def evaluate(cfg):
         if runtime.master:
             print(format_table(results))
             if cfg.out_json:
-                checkpoint.atomic_write(cfg.out_json, json.dumps(results, indent=2) + "\n")
+                atomic_write(cfg.out_json, json.dumps(results, indent=2) + "\n")
                 print(f"wrote {cfg.out_json}")
         return results
     finally:

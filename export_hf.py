@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wagpt import checkpoint
+from wagpt.atomic import atomic_write
 from wagpt.configurator import main
 from wagpt.hf_gpt2 import max_logit_difference, to_hf_model
 from wagpt.tokenizer import GPT2_VOCAB_SIZE, data_meta
@@ -70,7 +71,7 @@ def write_char_vocab(out_dir, cfg, vocab_size):
               f"{path} does not describe it; pass --dataset/--data_dir of its training data")
         return
     keep = {k: meta[k] for k in ("tokenizer", "vocab_size", "chars", "eot_token") if k in meta}
-    checkpoint.atomic_write(out_dir / "meta.json",
+    atomic_write(out_dir / "meta.json",
                             json.dumps(keep, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out_dir / 'meta.json'}: character-level vocabulary from {path} (id i = "
           f"chars[i]); HF tokenizers do not apply, encode with it as sample.py does")

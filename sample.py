@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from wagpt.checkpoint import load_model
-from wagpt.configurator import ConfigError, main
+from wagpt.configurator import main
+from wagpt.errors import ConfigError
 from wagpt.runtime import check_dtype, init_runtime, teardown
 from wagpt.tokenizer import load_tokenizer
 

@@ -28,21 +28,20 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from wagpt import checkpoint
-from wagpt import hf_gpt2
-from wagpt import schedules
-from wagpt.configurator import (ConfigError, UserError, check_finite_numbers, main, save_config,
-                          was_given)
+from model import GPT, NAMED_SIZES, GPTConfig, device_peak_flops
+from wagpt import checkpoint, schedules
+from wagpt.configurator import check_finite_numbers, main, was_given
 from wagpt.dataloader import (EvalBatches, evaluate_loss, get_batch, micro_batch_seed, open_dataset,
-                        to_device)
+                              to_device)
+from wagpt.errors import CheckpointError, ConfigError, UserError, WriteError
 from wagpt.flat_params import FlatParameters
-from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
-from wagpt.online_averaging import AveragingConfig, OnlineAveraging, averager_hparams, posthoc_profiles
+from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
+                                    posthoc_profiles)
 from wagpt.report import format_duration
 from wagpt.run_dir import (MetricsLog, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
-                     remove_leftover_temporaries)
+                           remove_leftover_temporaries, save_config)
 from wagpt.runtime import (StopSignal, all_reduce_mean, check_device, check_dtype, init_runtime,
-                     teardown)
+                           teardown)
 
 
 @dataclass
@@ -231,10 +230,8 @@ def load_start(cfg):
     describe the model that trains."""
     if cfg.init_from == "resume":
         loaded = checkpoint.read_checkpoint(latest_resume_or_error(cfg.out_dir))
-    elif hf_gpt2.is_pretrained_source(cfg.init_from):   # gpt2 ... gpt2-xl, a transformers folder
-        loaded = hf_gpt2.read_pretrained(cfg.init_from)
-    elif cfg.init_from != "scratch":   # branch off a checkpoint or snapshot, e.g. a cooldown
-        loaded = checkpoint.read_checkpoint(cfg.init_from)
+    elif cfg.init_from != "scratch":   # a checkpoint or snapshot (e.g. a cooldown's branch),
+        loaded = checkpoint.read_checkpoint(cfg.init_from)   # gpt2 ... gpt2-xl, a transformers folder
     else:
         return cfg, None
     saved, given = loaded.model_args, {}
@@ -282,7 +279,7 @@ def build(cfg, runtime, data, loaded=None):
             try:
                 optimizer.load_state_dict(loaded.optimizer)
             except ValueError as e:
-                raise checkpoint.CheckpointError(f"{loaded.path}: cannot continue its optimizer "
+                raise CheckpointError(f"{loaded.path}: cannot continue its optimizer "
                                                  f"state: {e}") from None
         elif runtime.master:
             print(f"{loaded.path} has no optimizer state: starting AdamW moments from zero")
@@ -401,7 +398,7 @@ def newest_finite_checkpoint(out_dir):
     for path in reversed(checkpoint.list_resume_checkpoints(out_dir)):
         try:
             record = checkpoint.read_checkpoint(path)
-        except checkpoint.CheckpointError:
+        except CheckpointError:
             continue
         if all(torch.isfinite(t).all() for t in record.tensors() if t.is_floating_point()):
             return path
@@ -524,8 +521,8 @@ def _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
                     "model_args": model_args, "config": dataclasses.asdict(cfg),
                     "sampler": {"seed": cfg.seed, "next_step": state.iter_num},
                 }, cfg.keep_last)
-            except checkpoint.WriteError as e:
-                raise checkpoint.WriteError(f"{e}; the newest resume checkpoint is "
+            except WriteError as e:
+                raise WriteError(f"{e}; the newest resume checkpoint is "
                                             f"{previous or 'none yet'}") from None
         return saved_at["path"]
 

@@ -32,9 +32,6 @@ count). The `est. B` column is what each approach moves by our count, temporarie
 Results go to stdout (a markdown table last), and as one JSON line to --bench_out if given.
 """
 
-from pathlib import Path
-
-
 import dataclasses
 import math
 import os
@@ -42,17 +39,19 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import averaging
 import bench
-from wagpt import kernels
 import train
 from benchmarks.bench_common import machine_info
-from wagpt.configurator import ConfigError, main, parse_choices
-from wagpt.dataloader import open_dataset
 from model import GPT, GPTConfig
+from wagpt import kernels
+from wagpt.configurator import main, parse_choices
+from wagpt.dataloader import open_dataset
+from wagpt.errors import ConfigError
 from wagpt.report import append_jsonl, markdown_table
 from wagpt.runtime import init_runtime
 

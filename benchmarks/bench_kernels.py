@@ -22,17 +22,15 @@ CPU tensors run only the check, in Triton's interpreter (TRITON_INTERPRET=1, --d
 that is how tests/test_bench_kernels.py runs this script's check without a GPU.
 """
 
-from pathlib import Path
-
-
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 import averaging
-from wagpt import kernels
 from benchmarks.bench_common import machine_info
+from wagpt import kernels
 from wagpt.configurator import main, parse_choices
 from wagpt.report import append_jsonl, markdown_table
 

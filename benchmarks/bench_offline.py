@@ -16,9 +16,6 @@ are). Two regimes:
 and, to read them against: K snapshot reads alone, and the time of one evaluation.
 """
 
-from pathlib import Path
-
-
 import contextlib
 import dataclasses
 import io
@@ -26,12 +23,13 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import average
-from wagpt import checkpoint
 import train
 from average import AverageConfig
 from benchmarks.bench_common import machine_info
+from wagpt import checkpoint
 from wagpt.configurator import main
 from wagpt.report import append_jsonl, markdown_table
 

@@ -21,24 +21,22 @@ to the wall time of the command. What the issue's targets compare:
                     2 ranks at least 1.7x faster than one
 """
 
-import sys
-from pathlib import Path
-
-
 import dataclasses
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from wagpt import checkpoint
 from benchmarks.bench_common import machine_info
-from wagpt.configurator import main
 from model import GPT, GPTConfig
+from wagpt import checkpoint
+from wagpt.configurator import main
 from wagpt.report import append_jsonl, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,10 +46,6 @@ Output: per-round logs and run folders under out_dir, a markdown table of the ro
 median ratio, and one JSON line to --bench_out if given (machine, nanoGPT commit, every round).
 """
 
-import sys
-from pathlib import Path
-
-
 import dataclasses
 import os
 import pickle
@@ -57,12 +53,15 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.bench_common import machine_info
-from wagpt.configurator import ConfigError, UserError, main
+from wagpt.configurator import main
 from wagpt.dataloader import open_dataset
+from wagpt.errors import ConfigError, UserError
 from wagpt.report import append_jsonl, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]

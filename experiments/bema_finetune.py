@@ -22,10 +22,9 @@ Writes out_dir/{table.md,results.json} and the figure (--figure).
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from wagpt.configurator import main
 from experiments import common
 from wagpt.checkpoint import snapshot_path
+from wagpt.configurator import main
 from wagpt.report import markdown_table, plot_curves
 
 # label in tables and figure -> (run, metrics key)

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from wagpt import checkpoint
+from wagpt.atomic import atomic_write
 from wagpt.report import append_jsonl, format_duration
 from wagpt.run_dir import read_metrics
 
@@ -267,8 +267,8 @@ def write_outputs(cfg, results, table, started):
                "commit": git_commit(), "wall_s": round(time.perf_counter() - started, 1),
                "config": {k: v for k, v in vars(cfg).items() if k != "given_keys"},
                **results}
-    checkpoint.atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
-    checkpoint.atomic_write(out / "table.md", table + "\n")
+    atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(out / "table.md", table + "\n")
     print(table)
     print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {cfg.figure} "
           f"({format_duration(results['wall_s'])} wall)")

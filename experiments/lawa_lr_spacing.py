@@ -20,9 +20,8 @@ Writes out_dir/{table.md,results.json} and the figure (--figure).
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from wagpt.configurator import main
 from experiments import common
+from wagpt.configurator import main
 from wagpt.report import markdown_table, plot_curves
 
 

@@ -25,25 +25,23 @@ Outputs in out_dir: the run, average.py's results, validation.json, and the tabl
 and figure (docs/img/posthoc_validation.png unless --figure says otherwise).
 """
 
-from pathlib import Path
-
-
 import dataclasses
 import io
 import json
 import shutil
 from dataclasses import dataclass
-
+from pathlib import Path
 
 import average
-from wagpt import checkpoint
 import train
 from average import AverageConfig
 from averaging import build_averager
+from model import GPT, GPTConfig
+from wagpt import checkpoint
+from wagpt.atomic import atomic_write
 from wagpt.configurator import load_config, main
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
 from wagpt.flat_params import FlatParameters
-from model import GPT, GPTConfig
 from wagpt.online_averaging import profile_name
 from wagpt.posthoc import Reconstruction, find_stored_profiles
 from wagpt.report import markdown_table
@@ -181,7 +179,7 @@ def validate(cfg):
     record = {"config": dataclasses.asdict(cfg), "rows": results, "table": table,
               "storage": {"stored_pair_files": len(stored.files),
                           "raw_snapshots": len(snapshots)}}
-    checkpoint.atomic_write(out / "validation.json", json.dumps(record, indent=1))
+    atomic_write(out / "validation.json", json.dumps(record, indent=1))
     figure(cfg, results)
     return record
 
@@ -216,7 +214,7 @@ def figure(cfg, results):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    checkpoint.atomic_write(REPO / cfg.figure if not Path(cfg.figure).is_absolute()
+    atomic_write(REPO / cfg.figure if not Path(cfg.figure).is_absolute()
                             else cfg.figure, buffer.getvalue())
 
 

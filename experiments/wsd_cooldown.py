@@ -26,10 +26,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from experiments import common
 from wagpt.checkpoint import resume_path
 from wagpt.configurator import main
-from experiments import common
 from wagpt.report import markdown_table, plot_curves
 
 REFERENCE = ("1-sqrt", 0.2)   # the cooldown of the WSD runs: Hägele et al.'s best shape, 20%

@@ -18,18 +18,18 @@ import torch
 from safetensors.torch import save_file
 
 import average
-from wagpt import checkpoint
-from wagpt import posthoc
 import train
 from average import AverageConfig
 from averaging import AVERAGERS, build_averager, sigma_rel_to_gamma
-from wagpt.configurator import ConfigError, UserError, load_config, main
+from model import GPT, GPTConfig
+from train import TrainConfig
+from wagpt import checkpoint, posthoc
+from wagpt.configurator import load_config, main
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.errors import CheckpointError, ConfigError, UserError
 from wagpt.flat_params import FlatParameters
 from wagpt.host_state import HostStateAverager
-from model import GPT, GPTConfig
 from wagpt.runtime import Runtime, init_runtime
-from train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -239,15 +239,15 @@ def test_a_bad_file_is_named_or_skipped_and_nothing_is_modified(kind, run_dir, t
 
 
 def test_directory_errors(run_dir, tiny_data_dir, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         average.average(config(run_dir, tiny_data_dir, tmp_path, ckpt_dir=tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hello")
-    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoints"):
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
         average.average(config(run_dir, tiny_data_dir, tmp_path, ckpt_dir=tmp_path / "empty"))
     twice = copy_snapshots(run_dir, tmp_path / "twice")
     torch.save({"model": {}, "model_args": {}, "iter_num": 2}, twice / "ckpt_x.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="both step 2"):
+    with pytest.raises(CheckpointError, match="both step 2"):
         average.average(config(run_dir, tiny_data_dir, tmp_path, ckpt_dir=twice))
 
 

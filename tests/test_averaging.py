@@ -12,10 +12,10 @@ import io
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
+from trajectories import random_walk, run_averager
 
 import averaging
 from averaging import AVERAGERS, build_averager
-from trajectories import random_walk, run_averager
 
 T, P = 1001, 67
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 import bench
-from wagpt.configurator import ConfigError, load_config
+from wagpt.configurator import load_config
+from wagpt.errors import ConfigError
 
 
 def test_bench_reports_throughput(tiny_data_dir, tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 import averaging
 from benchmarks import bench_averaging as ba
-from wagpt.configurator import ConfigError, load_config
+from wagpt.configurator import load_config
+from wagpt.errors import ConfigError
 
 SHAPES = [(11, 4), (4,), (3, 2, 5), (1,), (7, 4)]  # matrices, vectors, a 3-D tensor, a scalar-ish
 

@@ -13,8 +13,8 @@ import torch
 
 from benchmarks import bench_kernels as bk
 from wagpt import kernels
-from wagpt.configurator import ConfigError, load_config
-
+from wagpt.configurator import load_config
+from wagpt.errors import ConfigError
 
 SMALL = lambda block: (1, 7, block + 1)   # noqa: E731  (the 1M size is slow in the interpreter)
 

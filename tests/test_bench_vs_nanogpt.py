@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks import vs_nanogpt
 from benchmarks.vs_nanogpt import VsNanoGPTConfig
-from wagpt.configurator import load_config, main
 from train import TrainConfig
+from wagpt.configurator import load_config, main
 
 # nanoGPT's train.py: the type of each config key's default (its configurator rejects a value of
 # another type and a key it does not define) and, in its loop, the log lines we parse.

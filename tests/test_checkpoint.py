@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wagpt import checkpoint
-from wagpt.checkpoint import CheckpointError
+from wagpt.errors import CheckpointError
 
 
 class Tied(torch.nn.Module):

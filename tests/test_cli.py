@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 import average
-from wagpt import configurator
 import eval_ckpt
 import export_hf
 import sample
 import train
+from wagpt import configurator
+from wagpt.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {"train.py": train.TrainConfig, "average.py": average.AverageConfig,
@@ -220,6 +221,6 @@ def test_wandb_missing_fails_before_anything_is_written(make_config, monkeypatch
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     cfg = make_config(wandb_log=True)
-    with pytest.raises(configurator.UserError, match="pip install wandb"):
+    with pytest.raises(UserError, match="pip install wandb"):
         train.train(cfg)
     assert not Path(cfg.out_dir).exists()

@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from wagpt import checkpoint
 import train
 from average import AverageConfig
+from train import TrainConfig
+from wagpt import checkpoint
 from wagpt.configurator import load_config
 from wagpt.dataloader import open_dataset
 from wagpt.online_averaging import parse_methods
 from wagpt.runtime import init_runtime
-from train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.py"))
 SMALL = [p for p in CONFIGS if p.name.startswith("train_small")]

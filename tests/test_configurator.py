@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wagpt.configurator import ConfigError, load_config, parse_choices, save_config
+from wagpt.configurator import load_config, parse_choices
+from wagpt.errors import ConfigError
+from wagpt.run_dir import save_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from wagpt import checkpoint
 import train
-from wagpt.coupled_adam import CoupledAdamW
 from model import GPT, GPTConfig
+from wagpt import checkpoint
+from wagpt.coupled_adam import CoupledAdamW
 
 V, H = 12, 6                         # an embedding-like matrix: V vocabulary rows of width H
 BETAS, EPS = (0.9, 0.95), 1e-8

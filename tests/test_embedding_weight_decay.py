@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import train
+from model import GPT, GPTConfig
+from train import TrainConfig
 from wagpt.configurator import load_config
 from wagpt.coupled_adam import CoupledAdamW
 from wagpt.dataloader import open_dataset
-from model import GPT, GPTConfig
 from wagpt.runtime import init_runtime, teardown
-from train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from wagpt import checkpoint
 import eval_ckpt
 import train
-from wagpt.checkpoint import CheckpointError
-from wagpt.configurator import ConfigError, load_config
-from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
-from wagpt.embedding_metrics import (count_tokens, embedding_metrics, isotropy,
-                               norm_frequency_correlation, norm_stats, singular_value_ratio)
 from eval_ckpt import EvalConfig
 from model import GPT, GPTConfig
-from wagpt.runtime import init_runtime
 from train import TrainConfig
+from wagpt import checkpoint
+from wagpt.configurator import load_config
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.embedding_metrics import (count_tokens, embedding_metrics, isotropy,
+                                     norm_frequency_correlation, norm_stats, singular_value_ratio)
+from wagpt.errors import CheckpointError, ConfigError
+from wagpt.runtime import init_runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from wagpt.configurator import load_config
 from experiments import bema_finetune, coupled_adam_isotropy, lawa_lr_spacing, wsd_cooldown
+from wagpt.configurator import load_config
 
 
 def smoke(module, config_cls, tmp_path, *args):

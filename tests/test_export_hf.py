@@ -5,17 +5,16 @@ exactly as tiktoken does."""
 import json
 
 import pytest
-import torch
-
-import transformers
 import tiktoken
+import torch
+import transformers
 
-from wagpt import checkpoint
 import export_hf
-from wagpt.corpora import offline_gpt2_encoding
 from export_hf import ExportConfig
 from model import GPT, GPTConfig
-
+from wagpt import checkpoint
+from wagpt.corpora import offline_gpt2_encoding
+from wagpt.errors import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 
@@ -124,7 +123,7 @@ def test_gpt2_vocab_export_with_tokenizer(tmp_path, monkeypatch):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="nope.safetensors does not exist"):
+    with pytest.raises(CheckpointError, match="nope.safetensors does not exist"):
         export_hf.export(ExportConfig(ckpt=str(tmp_path / "nope.safetensors"),
                                       out_dir=str(tmp_path / "hf")))
     assert not (tmp_path / "hf").exists()

@@ -4,9 +4,9 @@ wrapping and weight swaps."""
 import pytest
 import torch
 
+from model import GPT, GPTConfig
 from wagpt import checkpoint
 from wagpt.flat_params import ALIGN_BYTES, FlatParameters
-from model import GPT, GPTConfig
 
 TINY = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
             bias=True)

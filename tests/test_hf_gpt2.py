@@ -12,12 +12,11 @@ import pytest
 import torch
 import transformers
 
-from wagpt import checkpoint
 import export_hf
-from wagpt import hf_gpt2
 from export_hf import ExportConfig
-from wagpt.hf_gpt2 import PretrainedLoadError
 from model import GPT, GPTConfig
+from wagpt import checkpoint, hf_gpt2
+from wagpt.hf_gpt2 import PretrainedLoadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 
@@ -62,8 +61,8 @@ def test_local_folder_loads_with_hf_logits(tmp_path, capsys):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)   # float32 rounding
     assert "note" not in capsys.readouterr().out                     # 'gelu': nothing to say
 
-    # the record train.build consumes, as checkpoint.read_checkpoint returns it for the folder
-    record = hf_gpt2.read_pretrained(str(tmp_path / "hf"))
+    # the record train.py's --init_from consumes: the one reader takes the folder
+    record = checkpoint.read_checkpoint(tmp_path / "hf")
     info = {"step": record.step, "tokens_seen": record.tokens_seen, "model_args":
             record.model_args, "optimizer": record.optimizer, "averaging": record.averaging}
     assert info == {"step": 0, "tokens_seen": 0, "model_args": model_args, "optimizer": None,
@@ -102,7 +101,7 @@ def test_export_import_export_is_bitwise(bias, tiny_data_dir, tmp_path):
         ckpt=str(checkpoint.save_snapshot(tmp_path / "a", model, 5, 80, args)),
         out_dir=str(tmp_path / "hf1"), data_dir=str(tiny_data_dir)))
 
-    record = hf_gpt2.read_pretrained(str(first))
+    record = checkpoint.read_checkpoint(first)
     state, info = record.weights, {"model_args": record.model_args}
     assert info["model_args"] == args                     # bias=False comes back as bias=False
     imported = ours_from(state, info["model_args"])
@@ -134,7 +133,7 @@ def test_bad_sources(tmp_path):
         assert hf_gpt2.is_pretrained_source(name)
     for value in ("scratch", "resume", "", str(tmp_path / "ckpt_0000100.pt"), "gpt3"):
         assert not hf_gpt2.is_pretrained_source(value)
-    with pytest.raises(PretrainedLoadError, match="not a folder; pass one of gpt2, gpt2-medium"):
+    with pytest.raises(PretrainedLoadError, match="not a folder; give one of gpt2, gpt2-medium"):
         hf_gpt2.load_pretrained(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(PretrainedLoadError, match="config.json is missing"):
@@ -160,7 +159,7 @@ def test_hub_name_offline_is_one_line_naming_the_id_and_the_fix(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 0 and len(lines) == 1, result.stdout + result.stderr
     message = lines[0]
-    assert message.startswith("--init_from=gpt2-xl: could not load openai-community/gpt2-xl "
+    assert message.startswith("gpt2-xl: could not load openai-community/gpt2-xl "
                               "from the local Hugging Face cache (offline mode is set)")
     assert ("`hf download openai-community/gpt2-xl config.json model.safetensors --local-dir "
-            "gpt2-xl`" in message and message.endswith("--init_from=./gpt2-xl"))
+            "gpt2-xl`" in message and message.endswith("give ./gpt2-xl instead"))

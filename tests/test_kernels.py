@@ -20,7 +20,6 @@ import os
 
 # conftest.py sets TRITON_INTERPRET=1 before any kernel is decorated: these tests run the
 # kernels in Triton's interpreter on CPU tensors
-
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,6 @@ import torch
 
 import averaging
 from wagpt import kernels
-
 
 OPS = kernels.triton_ops()
 if not OPS.INTERPRETED:

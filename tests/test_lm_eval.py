@@ -14,10 +14,10 @@ import torch
 
 pytest.importorskip("accelerate", reason="pip install -r requirements-extra.txt")
 
-from wagpt import checkpoint
 import export_hf
-from wagpt.corpora import offline_gpt2_encoding
 from model import GPT, GPTConfig
+from wagpt import checkpoint
+from wagpt.corpora import offline_gpt2_encoding
 
 lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-extra.txt")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import model as model_module
-from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops, peak_flops_for_name
+from model import GPT, NAMED_SIZES, GPTConfig, device_peak_flops, peak_flops_for_name
 
 TINY = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 

@@ -8,16 +8,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wagpt import checkpoint
 import train
 from averaging import AVERAGERS
-from wagpt.configurator import ConfigError, load_config
-from wagpt.dataloader import evaluate_loss, open_dataset
-from wagpt.flat_params import FlatParameters
 from model import GPT, GPTConfig
+from train import TrainConfig
+from wagpt import checkpoint
+from wagpt.configurator import load_config
+from wagpt.dataloader import evaluate_loss, open_dataset
+from wagpt.errors import ConfigError
+from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import OnlineAveraging
 from wagpt.runtime import init_runtime
-from train import TrainConfig
 
 ALL = ",".join(AVERAGERS)
 TINY = dict(block_size=8, vocab_size=11, n_layer=2, n_head=1, n_embd=8, dropout=0.0, bias=True)

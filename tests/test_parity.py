@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
+from trajectories import random_walk
 
 from averaging import build_averager
-from wagpt.embedding_metrics import (embedding_metrics, isotropy, isotropy_solver_sign,
-                               norm_logprob_correlation_all_rows)
 from model import GPT, GPTConfig
+from wagpt.embedding_metrics import (embedding_metrics, isotropy, isotropy_solver_sign,
+                                     norm_logprob_correlation_all_rows)
 from wagpt.schedules import LRSchedule
-from trajectories import random_walk
 
 T, P = 301, 64    # a few hundred updates of a 64-entry flat vector
 TOL = 3e-6        # float32 rounding over T updates, relative to max(1, |value|)

@@ -19,14 +19,14 @@ average by 1e-3 or more.
 import numpy as np
 import pytest
 import torch
-
-from wagpt import kernels
-from averaging import build_averager
-from wagpt.configurator import ConfigError, load_config
-from wagpt.online_averaging import averager_hparams
-from train import TrainConfig
 from trajectories import random_walk, run_averager
 
+from averaging import build_averager
+from train import TrainConfig
+from wagpt import kernels
+from wagpt.configurator import load_config
+from wagpt.errors import ConfigError
+from wagpt.online_averaging import averager_hparams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

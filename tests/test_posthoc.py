@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from wagpt import posthoc
 from averaging import build_averager
+from wagpt import posthoc
 from wagpt.posthoc import (gamma_to_sigma_rel, gram_matrix, profile_inner_product, profile_weights,
-                     reconstruction_error, sigma_rel_to_gamma, solve_coefficients, synthesize)
+                           reconstruction_error, sigma_rel_to_gamma, solve_coefficients, synthesize)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

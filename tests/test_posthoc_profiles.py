@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from wagpt import checkpoint
 import train
 from averaging import sigma_rel_to_gamma
-from wagpt.configurator import ConfigError, load_config
-from wagpt.flat_params import FlatParameters
 from model import GPT, GPTConfig
 from train import NonFiniteLossError, TrainConfig
+from wagpt import checkpoint
+from wagpt.configurator import load_config
+from wagpt.errors import ConfigError
+from wagpt.flat_params import FlatParameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tiktoken
 
-from wagpt import corpora
 from data.openwebtext import prepare as owt
 from data.openwebtext.prepare import tokenize_dataset, write_memmap
 from data.shakespeare_char.prepare import build_vocab, decode, encode
+from wagpt import corpora
 
 EOT = 300
 REPO = Path(__file__).resolve().parent.parent

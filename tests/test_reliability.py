@@ -19,13 +19,13 @@ import pytest
 import torch
 
 import average
-from wagpt import checkpoint
-from wagpt import run_dir
 import train
 from average import AverageConfig
-from wagpt.configurator import ConfigError, load_config
-from wagpt.dataloader import DataError, TokenDataset
 from train import NonFiniteLossError, TrainConfig
+from wagpt import checkpoint, run_dir
+from wagpt.configurator import load_config
+from wagpt.dataloader import DataError, TokenDataset
+from wagpt.errors import CheckpointError, ConfigError, WriteError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
@@ -323,7 +323,7 @@ def test_a_stray_first_file_cannot_decide_the_model(snapshots, tiny_data_dir, tm
     stray = checkpoint.save_snapshot(tmp_path / "stray", train.GPT(train.GPTConfig(**args)), 0,
                                      0, args)
     stray.rename(directory / "a_0.safetensors")
-    with pytest.raises(checkpoint.CheckpointError, match="a_0.safetensors is a checkpoint of "
+    with pytest.raises(CheckpointError, match="a_0.safetensors is a checkpoint of "
                                                          "another model"):
         average.average(avg_config(directory, tiny_data_dir, tmp_path))
     with pytest.warns(UserWarning, match="a_0.safetensors"):
@@ -338,7 +338,7 @@ def test_two_files_of_one_step_are_skipped_with_skip_bad(snapshots, tiny_data_di
     directory = copy_dir(snapshots, tmp_path / "in")
     (directory / "copy_of_3.safetensors").write_bytes(
         (directory / "step_0000003.safetensors").read_bytes())
-    with pytest.raises(checkpoint.CheckpointError, match="both step 3"):
+    with pytest.raises(CheckpointError, match="both step 3"):
         average.average(avg_config(directory, tiny_data_dir, tmp_path))
     with pytest.warns(UserWarning, match="both step 3"):
         summary = average.average(avg_config(directory, tiny_data_dir, tmp_path,
@@ -417,7 +417,7 @@ def test_impossible_values_are_config_errors(arg, phrase):
 
 
 def test_a_directory_given_as_a_checkpoint_is_named_as_one(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="is a directory, not a checkpoint"):
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint"):
         checkpoint.read_checkpoint(tmp_path)
 
 
@@ -449,7 +449,7 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_survives(
                 raise OSError(28, "No space left on device")
             real_save(obj, f)
         monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(checkpoint.WriteError, match="could not write .*ckpt_\\d+\\.pt: no space "
+    with pytest.raises(WriteError, match="could not write .*ckpt_\\d+\\.pt: no space "
                                                     "left on the device.*the newest resume "
                                                     "checkpoint is"):
         train.train(cfg)

@@ -5,9 +5,10 @@ import io
 
 import pytest
 
-from wagpt import report
 import sample
-from wagpt.configurator import ConfigError, load_config
+from wagpt import report
+from wagpt.configurator import load_config
+from wagpt.errors import ConfigError
 
 
 def test_markdown_table():

@@ -6,14 +6,12 @@ import json
 import pytest
 import torch
 
-from wagpt import checkpoint
 import sample
-from wagpt import tokenizer
-from wagpt.configurator import load_config
-from wagpt.corpora import offline_gpt2_encoding
 from model import GPT, GPTConfig
 from sample import SampleConfig
-
+from wagpt import checkpoint, tokenizer
+from wagpt.configurator import load_config
+from wagpt.corpora import offline_gpt2_encoding
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 

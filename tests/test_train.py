@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
-from wagpt import checkpoint
-from wagpt import runtime
 import train
 from train import NonFiniteLossError
+from wagpt import checkpoint, runtime
 
 
 def final_state(out_dir):

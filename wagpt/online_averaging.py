@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
-from wagpt.configurator import ConfigError, FieldGroup, dict_notes
+from wagpt.configurator import FieldGroup, dict_notes
+from wagpt.errors import ConfigError
 
 
 def key_type(cls, key):

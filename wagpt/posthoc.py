@@ -47,11 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wagpt import checkpoint
 # the σ_rel ↔ γ relation is the phema averager's own; re-exported here for post-hoc users
 from averaging import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
-from wagpt.checkpoint import CheckpointError
-from wagpt.configurator import ConfigError
+from wagpt import checkpoint
+from wagpt.errors import CheckpointError, ConfigError
 
 _CHUNK = 1 << 16   # iterates per block of the exact inner products
 

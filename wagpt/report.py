@@ -17,7 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from wagpt.checkpoint import atomic_write
+from wagpt.atomic import atomic_write
 
 
 def markdown_table(rows, columns):

@@ -15,7 +15,7 @@ system releases it when the process ends, however it ends), so a second run into
 out_dir stops at once, naming the first. A run from scratch (or branching off a file) refuses an
 out_dir that already holds another run's artifacts; `--init_from=resume` continues the run that is
 there. The temporary files of writes that a crash interrupted (`.<name>.tmp<pid>`, see
-checkpoint.atomic_path) are removed when the next run takes the lock.
+atomic_path) are removed when the next run takes the lock.
 """
 
 import dataclasses
@@ -29,7 +29,8 @@ import warnings
 from pathlib import Path
 
 from wagpt import checkpoint
-from wagpt.configurator import UserError
+from wagpt.atomic import atomic_write, write_failure
+from wagpt.errors import UserError, WriteError
 
 LOCK_NAME = ".lock"
 WANDB_ID_NAME = "wandb_run_id"
@@ -138,6 +139,11 @@ def remove_leftover_temporaries(out_dir):
     return removed, size
 
 
+def save_config(cfg, path):
+    """Write the resolved config as JSON (the record of what actually ran)."""
+    atomic_write(path, json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl
 
@@ -186,7 +192,7 @@ class MetricsLog:
             return self
         if self.path.exists():
             keep = [r for r in read_metrics(self.path) if _before_restart(r, resume_iter)]
-            checkpoint.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         if self.cfg.wandb_log:
             self.wandb = _wandb_run(self.cfg)
         return self
@@ -199,7 +205,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")   # one write of a whole line
                 f.flush()
         except OSError as e:
-            raise checkpoint.WriteError(checkpoint.write_failure(self.path, e)) from None
+            raise WriteError(write_failure(self.path, e)) from None
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
 
@@ -214,7 +220,7 @@ def _wandb_run(cfg):
     run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
                      resume="allow", dir=str(out_dir), config=dataclasses.asdict(cfg))
     if not id_path.is_file():
-        checkpoint.atomic_write(id_path, run_id + "\n")
+        atomic_write(id_path, run_id + "\n")
     return run
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from wagpt.configurator import ConfigError, UserError, one_line
+from wagpt.configurator import one_line
+from wagpt.errors import ConfigError, UserError
 
 DTYPES = ("auto", "float32", "bfloat16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

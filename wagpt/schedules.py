@@ -186,7 +186,9 @@ def from_config(cfg):
 
 def plot(schedules, path, steps=None):
     """Plot {label: LRSchedule} multipliers over steps 0..max(max_iters) (or `steps`) to `path`."""
-    from matplotlib.figure import Figure  # lazy: training never needs matplotlib; no pyplot state
+    from matplotlib.figure import (
+        Figure,  # lazy: training never needs matplotlib; no pyplot state
+    )
 
     steps = steps or max(s.max_iters for s in schedules.values()) + 1
     fig = Figure(figsize=(6, 3.5))

@@ -11,8 +11,8 @@ id i is the i-th character of the `chars` in the dataset's meta.json (data/commo
 
 import json
 
-from wagpt.configurator import ConfigError
 from wagpt.dataloader import dataset_dir
+from wagpt.errors import ConfigError
 
 GPT2_VOCAB_SIZE = 50257   # GPT-2 BPE's 50256 merges and bytes + <|endoftext|>
 
@@ -39,7 +39,9 @@ class CharTokenizer:
 
 class GPT2BPETokenizer:
     def __init__(self):
-        from wagpt.corpora import gpt2_encoding   # tiktoken, else the pinned offline ranks
+        from wagpt.corpora import (
+            gpt2_encoding,  # tiktoken, else the pinned offline ranks
+        )
         self.encoding = gpt2_encoding()
 
     def encode(self, text):

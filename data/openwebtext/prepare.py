@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-
-from wagpt.checkpoint import atomic_path
+from wagpt.atomic import atomic_path
 from wagpt.corpora import gpt2_encoding, write_meta
 
 HERE = Path(__file__).resolve().parent

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-
 from wagpt.corpora import (DEFAULT_CACHE_DIR, gpt2_encoding, shakespeare_text,
-                         write_shakespeare_dataset)
+                            write_shakespeare_dataset)
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-from wagpt.corpora import (DEFAULT_CACHE_DIR, shakespeare_text,
-                         shakespeare_works, write_shakespeare_dataset)
+from wagpt.corpora import (DEFAULT_CACHE_DIR, shakespeare_text, shakespeare_works,
+                            write_shakespeare_dataset)
 
 HERE = Path(__file__).resolve().parent
 

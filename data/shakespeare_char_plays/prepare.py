@@ -8,7 +8,6 @@ fine-tuning text is data/shakespeare_char_poems.
 
 from pathlib import Path
 
-
 from data.shakespeare_char import prepare
 
 HERE = Path(__file__).resolve().parent

@@ -9,7 +9,6 @@ experiments/bema_finetune.py, after pretraining on data/shakespeare_char_plays.
 
 from pathlib import Path
 
-
 from data.shakespeare_char import prepare
 
 HERE = Path(__file__).resolve().parent
