@@ -44,8 +44,6 @@ from pathlib import Path
 import torch
 
 import averaging
-import bench
-import train
 from benchmarks.bench_common import machine_info
 from model import GPT, GPTConfig
 from wagpt import kernels
@@ -54,6 +52,8 @@ from wagpt.dataloader import open_dataset
 from wagpt.errors import ConfigError
 from wagpt.report import append_jsonl, markdown_table
 from wagpt.runtime import init_runtime
+from wagpt.throughput import BenchConfig, measure_throughput
+from wagpt.trainer import model_args_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ BEMA_ALPHA = averaging.bema_alpha(1000, bias_power=0.2, lag=10, multiplier=1.0)
 
 
 @dataclass
-class AveragingBenchConfig(bench.BenchConfig):
+class AveragingBenchConfig(BenchConfig):
     # The model whose parameters are averaged (and whose training step is timed) is set by the
     # train.py keys: model_size or n_layer/n_head/n_embd, vocab_size, block_size, bias.
     out_dir: str = "out/bench_averaging"  # never written to
@@ -262,7 +262,7 @@ def model_shapes(cfg):
     memory, no init cost."""
     data = (open_dataset(cfg.dataset, cfg.data_dir) if cfg.vocab_size is None or cfg.step_bench
             else None)
-    model_args = train.model_args_from_config(cfg, data)
+    model_args = model_args_from_config(cfg, data)
     with torch.device("meta"):
         model = GPT(GPTConfig(**model_args))
     return [tuple(p.shape) for p in model.parameters()], model_args
@@ -333,7 +333,7 @@ def run(cfg):
     if cfg.step_bench:
         step_cfg = dataclasses.replace(cfg, bench_warmup=cfg.step_warmup,
                                        bench_iters=cfg.step_iters, bench_out=None)
-        r = bench.bench(step_cfg)
+        r = measure_throughput(step_cfg)
         precision = "bfloat16 autocast" if runtime.autocast_dtype else "float32"
         step = {"ms": r["ms_per_iter"], "ms_blocks": r["ms_per_iter_blocks"],
                 "tokens_per_iter": r["tokens_per_iter"],

@@ -25,12 +25,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import average
-import train
-from average import AverageConfig
 from benchmarks.bench_common import machine_info
 from wagpt import checkpoint
+from wagpt.commands import run_command
 from wagpt.configurator import main
+from wagpt.offline_averaging import AverageConfig, average
 from wagpt.report import append_jsonl, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,11 +68,12 @@ def make_trajectory(cfg):
         return snaps
     shape = {key: getattr(cfg, key) for key in ("n_layer", "n_head", "n_embd")
              if getattr(cfg, key) is not None}
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.train(train.TrainConfig(
-            out_dir=str(Path(cfg.out_dir) / "run"), dataset=cfg.dataset, data_dir=cfg.data_dir,
-            max_iters=cfg.snapshots - 1, snapshot_interval=1, eval_interval=10**6,
-            warmup_iters=0, eval_iters=1, averaging="", device=cfg.device, **shape))
+    run_command("train.py", [
+        f"--out_dir={Path(cfg.out_dir) / 'run'}", f"--dataset={cfg.dataset}",
+        *([f"--data_dir={cfg.data_dir}"] if cfg.data_dir else []),
+        f"--max_iters={cfg.snapshots - 1}", "--snapshot_interval=1", "--eval_interval=1000000",
+        "--warmup_iters=0", "--eval_iters=1", "--averaging=", f"--device={cfg.device}",
+        *[f"--{key}={value}" for key, value in shape.items()]], quiet=True)
     return snaps
 
 
@@ -107,15 +107,15 @@ def bench(cfg):
     regimes = {"averaging_only": (files[-1].step + 1, 1), "with_evals": (0, cfg.eval_iters)}
 
     def one_pass(eval_every, eval_iters):
-        return lambda: average.average(settings_config(cfg, ckpt_dir, methods, everything,
-                                                       eval_every, eval_iters, "one_pass"))
+        return lambda: average(settings_config(cfg, ckpt_dir, methods, everything, eval_every,
+                                               eval_iters, "one_pass"))
 
     def separate_passes(eval_every, eval_iters):
         def run():
             for method, (key, values) in SWEEP.items():
                 for value in values:
-                    average.average(settings_config(cfg, ckpt_dir, method, {key: value},
-                                                    eval_every, eval_iters, "separate"))
+                    average(settings_config(cfg, ckpt_dir, method, {key: value}, eval_every,
+                                            eval_iters, "separate"))
         return run
 
     def reads():

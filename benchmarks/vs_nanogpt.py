@@ -58,7 +58,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from benchmarks.bench_common import machine_info
+from model import GPT, GPTConfig, device_peak_flops
 from wagpt.configurator import main
 from wagpt.dataloader import open_dataset
 from wagpt.errors import ConfigError, UserError
@@ -109,6 +112,8 @@ class VsNanoGPTConfig:
     log_interval: int = 1          # both trainers print every this many iterations
     skip_iters: int = 100          # iterations not timed at the start of each run
     averaging: str | None = None   # ours: --averaging=... (None: the preset's; '' for none)
+    averaging_also: str | None = None  # also run ours with this --averaging in every round
+                                   # (e.g. 'ema,bema,lawa'), timed beside the two others
     threads: int | None = None     # OMP_NUM_THREADS of both trainers (None: torch's default)
     bench_out: str | None = None   # append the result as a JSON line to this file
 
@@ -168,17 +173,18 @@ def nanogpt_command(cfg, dataset_name, out_dir):
         "log_interval": cfg.log_interval, "wandb_log": False, "always_save_checkpoint": False})]
 
 
-def ours_command(cfg, out_dir):
+def ours_command(cfg, out_dir, averaging=None):
     """Our train.py with the same settings, to run from the repository root (out_dir: as in
-    nanogpt_command)."""
+    nanogpt_command); `averaging` replaces cfg.averaging."""
     preset = PRESETS[cfg.preset]
     data = {"data_dir": str(Path(cfg.data_dir).resolve())} if cfg.data_dir else \
         {"dataset": cfg.dataset}
     extra = {}
     if preset["vocab_size"] is not None:
         extra["vocab_size"] = preset["vocab_size"]
-    if cfg.averaging is not None:
-        extra["averaging"] = cfg.averaging
+    averaging = cfg.averaging if averaging is None else averaging
+    if averaging is not None:
+        extra["averaging"] = averaging
     return [sys.executable, str(REPO / "train.py"),
             *([preset["ours_config"]] if preset["ours_config"] else []), *args({
                 **data, **cfg.shared(), "device": cfg.device, **SYSTEM[cfg.device.split(":")[0]],
@@ -286,15 +292,41 @@ def run_trainer(trainer, command, cwd, log_path, cfg):
 def table(rows):
     def num(fmt):
         return lambda value: None if value is None else format(value, fmt)
-    return markdown_table(rows, [
-        ("round", "round"), ("first", "first"),
-        ("nanoGPT ms/iter", lambda r: num(".1f")(r["nanogpt"]["ms_per_iter"])),
-        ("ours ms/iter", lambda r: num(".1f")(r["ours"]["ms_per_iter"])),
-        ("ours / nanoGPT", lambda r: num(".2f")(r["ratio"])),
-        ("nanoGPT wall", lambda r: f"{r['nanogpt']['wall_s']:.0f} s"),
-        ("ours wall", lambda r: f"{r['ours']['wall_s']:.0f} s"),
-        ("nanoGPT val loss", lambda r: num(".4f")(r["nanogpt"]["val_loss"])),
-        ("ours val loss", lambda r: num(".4f")(r["ours"]["val_loss"]))])
+    trainers = [t for t in ("nanogpt", "ours", "ours_averaging") if t in rows[0]]
+    name = {"nanogpt": "nanoGPT", "ours": "ours", "ours_averaging": "ours + averaging"}
+    columns = [("round", "round"), ("first", "first")]
+    for t in trainers:
+        columns.append((f"{name[t]} ms/iter", lambda r, t=t: num(".1f")(r[t]["ms_per_iter"])))
+    for t in trainers:
+        if "mfu" in rows[0][t]:
+            columns.append((f"{name[t]} MFU", lambda r, t=t: num(".1%")(r[t]["mfu"])))
+    columns.append(("ours / nanoGPT", lambda r: num(".2f")(r["ratio"])))
+    if "ours_averaging" in trainers:
+        columns.append(("averaging's share of a step",
+                        lambda r: num(".2%")(r["ours_averaging"]["ms_per_iter"] /
+                                             r["ours"]["ms_per_iter"] - 1)))
+    for t in trainers:
+        columns.append((f"{name[t]} wall", lambda r, t=t: f"{r[t]['wall_s']:.0f} s"))
+    for t in trainers:
+        columns.append((f"{name[t]} val loss", lambda r, t=t: num(".4f")(r[t]["val_loss"])))
+    return markdown_table(rows, columns)
+
+
+def mfu(cfg, ms_per_iter):
+    """Model FLOPs utilisation of one iteration of the shared config at ms_per_iter, against
+    the device's dense bf16 peak (model.py's estimate, as train.py prints it), or None on a CPU
+    or an unknown GPU."""
+    shared = cfg.shared()
+    peak = device_peak_flops(torch.device(cfg.device)) if cfg.device.startswith("cuda") else None
+    if peak is None:
+        return None
+    vocab = PRESETS[cfg.preset]["vocab_size"] or open_dataset(cfg.dataset, cfg.data_dir).vocab_size
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{k: shared[k] for k in ("n_layer", "n_head", "n_embd",
+                                                        "block_size", "bias")},
+                              vocab_size=vocab))
+    tokens = shared["batch_size"] * shared["gradient_accumulation_steps"] * shared["block_size"]
+    return model.estimate_mfu(tokens * 1000 / ms_per_iter, peak)
 
 
 def bench(cfg):
@@ -309,6 +341,9 @@ def bench(cfg):
           f"nanoGPT {info['nanogpt_commit'] or '(not a git checkout)'}")
     print("nanoGPT: " + " ".join(nanogpt_command(cfg, dataset_name, "ROUND_DIR/nanogpt")[1:]))
     print("ours:    " + " ".join(ours_command(cfg, "ROUND_DIR/ours")[1:]))
+    if cfg.averaging_also is not None:
+        print("ours + averaging: " + " ".join(
+            ours_command(cfg, "ROUND_DIR/ours_averaging", cfg.averaging_also)[1:]))
     rows = []
     for n in range(1, cfg.rounds + 1):
         round_dir = out / f"round_{n}"
@@ -318,11 +353,17 @@ def bench(cfg):
         absolute = round_dir.resolve()
         runs = {"nanogpt": (nanogpt_command(cfg, dataset_name, absolute / "nanogpt"), workdir),
                 "ours": (ours_command(cfg, absolute / "ours"), REPO)}
-        order = ["nanogpt", "ours"] if n % 2 else ["ours", "nanogpt"]
+        if cfg.averaging_also is not None:
+            runs["ours_averaging"] = (ours_command(cfg, absolute / "ours_averaging",
+                                                   cfg.averaging_also), REPO)
+        order = list(runs) if n % 2 else list(reversed(runs))
         row = {"round": n, "first": "nanoGPT" if order[0] == "nanogpt" else "ours"}
         for trainer in order:
             command, cwd = runs[trainer]
             row[trainer] = run_trainer(trainer, command, cwd, round_dir / f"{trainer}.log", cfg)
+            utilisation = mfu(cfg, row[trainer]["ms_per_iter"])
+            if utilisation is not None:
+                row[trainer]["mfu"] = utilisation
             print(f"round {n} {trainer}: {row[trainer]['ms_per_iter']:.2f} ms/iter, "
                   f"{row[trainer]['wall_s']:.0f} s, val loss {row[trainer]['val_loss']}")
         row["ratio"] = row["ours"]["ms_per_iter"] / row["nanogpt"]["ms_per_iter"]
@@ -332,6 +373,11 @@ def bench(cfg):
     print(table(rows))
     print(f"\nmedian ours / nanoGPT ms/iter: {median_ratio:.2f} over {len(rows)} rounds "
           f"(below 1: ours is faster)")
+    if cfg.averaging_also is not None:
+        share = statistics.median(r["ours_averaging"]["ms_per_iter"] / r["ours"]["ms_per_iter"]
+                                  for r in rows) - 1
+        print(f"median share of a step that --averaging={cfg.averaging_also} adds: "
+              f"{100 * share:.2f}%")
     result = {**info, "config": dataclasses.asdict(cfg), "shared": cfg.shared(),
               "rounds": rows, "median_ratio": median_ratio}
     if cfg.bench_out:

@@ -32,16 +32,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import average
-import train
-from average import AverageConfig
 from averaging import build_averager
 from model import GPT, GPTConfig
 from wagpt import checkpoint
 from wagpt.atomic import atomic_write
-from wagpt.configurator import load_config, main
+from wagpt.configurator import main
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
 from wagpt.flat_params import FlatParameters
+from wagpt.commands import run_command
+from wagpt.offline_averaging import AverageConfig, average
 from wagpt.online_averaging import profile_name
 from wagpt.posthoc import Reconstruction, find_stored_profiles
 from wagpt.report import markdown_table
@@ -76,11 +75,11 @@ def run_training(cfg, run):
     if checkpoint.latest_resume(run) is not None:
         return   # trained already
     widths = list(dict.fromkeys(cfg.stored + cfg.targets))
-    train.train(load_config(train.TrainConfig, [
-        str(REPO / "config" / "train_shakespeare_char.py"), f"--out_dir={run}",
+    run_command("train.py", [
+        "config/train_shakespeare_char.py", f"--out_dir={run}",
         f"--max_iters={cfg.max_iters}", f"--snapshot_interval={cfg.store_every // 2}",
         f"--posthoc_sigma_rel={widths}", "--averaging=", f"--eval_interval={cfg.max_iters}",
-        f"--device={cfg.device}"]))
+        f"--device={cfg.device}"])
 
 
 def stored_pair_files(cfg, run):
@@ -109,7 +108,7 @@ def validate(cfg):
         phema_source="profiles,snapshots", phema_sigma_rel=list(cfg.targets),
         posthoc_dir=str(folder), posthoc_profiles=list(cfg.stored), eval_every=cfg.store_every,
         eval_iters=cfg.eval_iters, device=cfg.device)
-    summary = average.average(avg)
+    summary = average(avg)
     losses = {(r["step"], r["setting"]): r["val_loss"] for r in summary["rows"]}
     errors = {(r["step"], r["setting"]): r["reconstruction_error"] for r in summary["rows"]}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import TrainConfig
+from wagpt.trainer import TrainConfig
 
 # Triton chooses between its GPU compiler and its interpreter when @triton.jit DECORATES a kernel
 # (triton.jit reads triton.knobs.runtime.interpret, i.e. TRITON_INTERPRET, right then; a launch

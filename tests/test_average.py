@@ -19,17 +19,17 @@ from safetensors.torch import save_file
 
 import average
 import train
-from average import AverageConfig
 from averaging import AVERAGERS, build_averager, sigma_rel_to_gamma
 from model import GPT, GPTConfig
-from train import TrainConfig
-from wagpt import checkpoint, posthoc
+from wagpt import checkpoint, offline_averaging, posthoc
 from wagpt.configurator import load_config, main
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
 from wagpt.errors import CheckpointError, ConfigError, UserError
 from wagpt.flat_params import FlatParameters
 from wagpt.host_state import HostStateAverager
+from wagpt.offline_averaging import AverageConfig
 from wagpt.runtime import Runtime, init_runtime
+from wagpt.trainer import Checkpointer, TrainConfig, build, load_start
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,8 +163,11 @@ def test_save_writes_a_checkpoint_train_and_evaluation_accept(run_dir, tiny_data
                       batch_size=4, device="cpu", averaging="", log_interval=1, warmup_iters=2)
     runtime = init_runtime(cfg.device, cfg.dtype)
     data = open_dataset(cfg.dataset, cfg.data_dir)
-    model, _, state_, _, _ = train.build(cfg, runtime, data)
-    assert state_.iter_num == 6
+    cfg, start = load_start(cfg)
+    run = build(cfg, runtime, data)
+    Checkpointer(run, cfg, runtime).load(start)
+    model = run.model
+    assert run.state.iter_num == 6
     batches = EvalBatches(eval_iters=2, block_size=16, batch_size=4, seed=1337)
     loss = evaluate_loss(model, data, batches, runtime, splits=("val",))["val"]
     assert loss == pytest.approx(saved["val_loss"], abs=1e-6)
@@ -508,12 +511,12 @@ def test_two_gloo_ranks_give_one_process_results(run_dir, tiny_data_dir, tmp_pat
 def test_ranks_share_the_work_and_own_every_setting():
     cfg = AverageConfig(ckpt_dir="x", methods="lawa,ema,bema", lawa_k=[2, 9],
                         ema_decay=[0.5, 0.6, 0.7], bema_bias_power=[-1.0, 0.2])
-    settings = average.expand_settings(cfg, first_step=0)
-    owner = average.assign_ranks(settings, 3)
+    settings = offline_averaging.expand_settings(cfg, first_step=0)
+    owner = offline_averaging.assign_ranks(settings, 3)
     assert set(owner) == {"raw"} | {s.label for s in settings}
     assert set(owner.values()) == {0, 1, 2}
-    assert owner == average.assign_ranks(settings, 3)   # the same on every rank
-    assert average.assign_ranks(settings, 1) == dict.fromkeys(owner, 0)
+    assert owner == offline_averaging.assign_ranks(settings, 3)   # the same on every rank
+    assert offline_averaging.assign_ranks(settings, 1) == dict.fromkeys(owner, 0)
     # each item weighs an evaluation plus its state copies; the loads differ by less than the
     # heaviest item (lawa_k=9: 10)
     weight = {"raw": 1, **{s.label: 1 + build_averager(s.method, **s.hparams).state_copies()
@@ -524,17 +527,17 @@ def test_ranks_share_the_work_and_own_every_setting():
 
 def test_auto_puts_the_state_in_host_memory_when_the_device_is_too_small(monkeypatch, capsys):
     cfg = AverageConfig(ckpt_dir="x", methods="lawa", lawa_k=[5, 10])
-    settings = average.expand_settings(cfg, first_step=0)
+    settings = offline_averaging.expand_settings(cfg, first_step=0)
     gpu = Runtime(torch.device("cuda", 0))
     model_args = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=32, bias=False,
                       dropout=0.0)
     free = {"cuda": 10**6, "cpu": 10**12}   # 1 MB on the GPU: not even the model
-    monkeypatch.setattr(average, "available_memory", lambda device: free[device.type])
-    assert average.check_memory(model_args, settings, gpu, cfg).state == "host"
+    monkeypatch.setattr(offline_averaging, "available_memory", lambda device: free[device.type])
+    assert offline_averaging.check_memory(model_args, settings, gpu, cfg).state == "host"
     assert "pinned host memory" in capsys.readouterr().out
     free["cuda"] = 10**12
-    assert average.check_memory(model_args, settings, gpu, cfg).state == "device"
+    assert offline_averaging.check_memory(model_args, settings, gpu, cfg).state == "device"
     free["cuda"] = 10**6
     with pytest.raises(ConfigError, match="cuda:0 has 0.0 GiB .* --state_device=host"):
-        average.check_memory(model_args, settings, gpu, dataclasses.replace(
+        offline_averaging.check_memory(model_args, settings, gpu, dataclasses.replace(
             cfg, state_device="device"))

@@ -16,7 +16,7 @@ def test_bench_reports_throughput(tiny_data_dir, tmp_path):
         "--block_size=16", "--batch_size=4", "--device=cpu", "--bench_warmup=1",
         "--bench_iters=2", "--bench_repeats=2", f"--bench_out={out}", "--warmup_iters=0",
         f"--out_dir={tmp_path / 'unused'}"])
-    result = bench.bench(cfg)
+    result = bench.measure_throughput(cfg)
     assert result["tokens_per_iter"] == 64 and len(result["ms_per_iter_blocks"]) == 2
     assert result["ms_per_iter"] > 0 and result["mfu"] is None  # no known peak on CPU
     assert json.loads(out.read_text())["tokens_per_iter"] == 64

@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks import vs_nanogpt
 from benchmarks.vs_nanogpt import VsNanoGPTConfig
-from train import TrainConfig
 from wagpt.configurator import load_config, main
+from wagpt.trainer import TrainConfig
 
 # nanoGPT's train.py: the type of each config key's default (its configurator rejects a value of
 # another type and a key it does not define) and, in its loop, the log lines we parse.
@@ -193,3 +193,28 @@ def test_rounds_take_turns_at_going_first(fake_nanogpt, tiny_data_dir, tmp_path,
     assert result["median_ratio"] == pytest.approx(0.9)
     assert [r["first"] for r in result["rounds"]] == ["nanoGPT", "ours", "nanoGPT"]
 
+
+
+def test_a_third_trainer_times_ours_with_averaging(fake_nanogpt, tiny_data_dir, tmp_path,
+                                                   monkeypatch, capsys):
+    """--averaging_also: ours with averages kept, in every round beside the two others; the
+    table says what share of a step the averaging adds."""
+    calls = []
+
+    def fake_run(trainer, command, cwd, log_path, cfg):
+        calls.append((trainer, [a for a in command if a.startswith("--averaging=")]))
+        ms = {"nanogpt": 10.0, "ours": 8.0, "ours_averaging": 8.2}[trainer]
+        return {"ms_per_iter": ms, "wall_s": 1.0, "val_loss": 2.0, "val_step": 2000,
+                "timed_lines": 1}
+    monkeypatch.setattr(vs_nanogpt, "run_trainer", fake_run)
+    result = vs_nanogpt.bench(VsNanoGPTConfig(
+        nanogpt_dir=str(fake_nanogpt), data_dir=str(tiny_data_dir), out_dir=str(tmp_path / "o"),
+        rounds=2, averaging="", averaging_also="ema,bema,lawa"))
+    assert calls == [("nanogpt", []), ("ours", ["--averaging="]),
+                     ("ours_averaging", ["--averaging=ema,bema,lawa"]),
+                     ("ours_averaging", ["--averaging=ema,bema,lawa"]),
+                     ("ours", ["--averaging="]), ("nanogpt", [])]
+    assert result["median_ratio"] == pytest.approx(0.8)
+    printed = capsys.readouterr().out
+    assert "| ours + averaging ms/iter |" in printed and "| 2.50% |" in printed
+    assert "median share of a step that --averaging=ema,bema,lawa adds: 2.50%" in printed

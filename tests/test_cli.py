@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
-import average
 import eval_ckpt
 import export_hf
 import sample
 import train
-from wagpt import configurator
+from wagpt import configurator, offline_averaging
 from wagpt.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = {"train.py": train.TrainConfig, "average.py": average.AverageConfig,
+ENTRY_POINTS = {"train.py": train.TrainConfig, "average.py": offline_averaging.AverageConfig,
                 "eval_ckpt.py": eval_ckpt.EvalConfig, "sample.py": sample.SampleConfig,
                 "export_hf.py": export_hf.ExportConfig}
 
@@ -191,12 +190,12 @@ with torch.no_grad():
 online.update(1)
 assert torch.allclose(online.gather("toy"), before + 0.25)
 
-sweep = load_config(average.AverageConfig, ["--ckpt_dir=x", "--methods=toy",
+sweep = load_config(offline_averaging.AverageConfig, ["--ckpt_dir=x", "--methods=toy",
                                             "--toy_rate=[0.25,0.75]"])
-settings = average.expand_settings(sweep, first_step=0)
+settings = offline_averaging.expand_settings(sweep, first_step=0)
 assert [s.label for s in settings] == ["toy[toy_rate=0.25]", "toy[toy_rate=0.75]"]
 assert "averaging: toy" in help_text(train.TrainConfig, "", "train.py")
-assert "r: weight of the new iterate" in help_text(average.AverageConfig, "", "average.py")
+assert "r: weight of the new iterate" in help_text(offline_averaging.AverageConfig, "", "average.py")
 print("toy method ok")
 '''
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import train
-from average import AverageConfig
-from train import TrainConfig
 from wagpt import checkpoint
 from wagpt.configurator import load_config
 from wagpt.dataloader import open_dataset
+from wagpt.offline_averaging import AverageConfig
 from wagpt.online_averaging import parse_methods
 from wagpt.runtime import init_runtime
+from wagpt.trainer import TrainConfig, build, start_averaging, train_batches, train_step
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.py"))
 SMALL = [p for p in CONFIGS if p.name.startswith("train_small")]
@@ -46,13 +46,14 @@ def test_small_config_starts_on_cpu(path, tiny_data_dir, tmp_path):
                                     "--gradient_accumulation_steps=1", "--warmup_iters=1"])
     runtime = init_runtime(cfg.device, cfg.dtype)
     data = open_dataset(cfg.dataset, cfg.data_dir)
-    model, optimizer, state, model_args, flat = train.build(cfg, runtime, data)
-    assert 123e6 < model.num_params() < 125e6
-    online = train.build_averaging(cfg, runtime, flat, state)
+    run = build(cfg, runtime, data)
+    start_averaging(run, cfg)
+    assert 123e6 < run.model.num_params() < 125e6
+    online = run.online
     assert online.names == parse_methods(cfg.averaging)
-    batches = train.train_batches(data, cfg, runtime, 0)
+    batches = train_batches(data, cfg, runtime, 0)
     for step in range(1, 3):
-        loss = train.train_step(model, optimizer, batches, cfg, runtime, cfg.learning_rate)
+        loss = train_step(run.model, run.optimizer, batches, cfg, runtime, cfg.learning_rate)
         online.update(step)
         assert torch.isfinite(loss)
     # every averager whose burn-in has passed is averaging (BEMA's is step 2000)

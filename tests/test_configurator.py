@@ -111,6 +111,6 @@ def test_save_config_round_trip(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "config").glob("train*.py")), ids=lambda p: p.name)
 def test_every_shipped_train_config_loads(path):
-    from train import TrainConfig
+    from wagpt.trainer import TrainConfig
     cfg = load_config(TrainConfig, [str(path)])
     assert cfg.max_iters > 0

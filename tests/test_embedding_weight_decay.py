@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
 from model import GPT, GPTConfig
-from train import TrainConfig
 from wagpt.configurator import load_config
 from wagpt.coupled_adam import CoupledAdamW
 from wagpt.dataloader import open_dataset
 from wagpt.runtime import init_runtime, teardown
+from wagpt.trainer import TrainConfig, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 
@@ -73,7 +72,8 @@ def test_train_py_passes_it_to_adamw(make_config):
     cfg = make_config(optimizer="adamw", embedding_weight_decay=0.0, averaging="")
     runtime = init_runtime(cfg.device, cfg.dtype)
     try:
-        model, optimizer, *_ = train.build(cfg, runtime, open_dataset(cfg.dataset, cfg.data_dir))
+        run = build(cfg, runtime, open_dataset(cfg.dataset, cfg.data_dir))
+        model, optimizer = run.model, run.optimizer
         embedding_group = optimizer.param_groups[-1]
         assert embedding_group["params"] == [model.transformer.wte.weight]
         assert embedding_group["weight_decay"] == 0.0

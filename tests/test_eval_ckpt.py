@@ -12,7 +12,6 @@ import eval_ckpt
 import train
 from eval_ckpt import EvalConfig
 from model import GPT, GPTConfig
-from train import TrainConfig
 from wagpt import checkpoint
 from wagpt.configurator import load_config
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
@@ -20,6 +19,7 @@ from wagpt.embedding_metrics import (count_tokens, embedding_metrics, isotropy,
                                      norm_frequency_correlation, norm_stats, singular_value_ratio)
 from wagpt.errors import CheckpointError, ConfigError
 from wagpt.runtime import init_runtime
+from wagpt.trainer import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 

@@ -1,5 +1,6 @@
-"""The layout: entry points import library modules only, never each other; the registry is the
-one list of averaging methods, and README's method table agrees with it."""
+"""The layout: the library is the wagpt package plus model.py and averaging.py; commands are
+the thin scripts of wagpt.commands.COMMANDS; the registry is the one list of averaging methods,
+and README's method table and file map agree with the code."""
 
 import ast
 import importlib.metadata
@@ -9,49 +10,87 @@ from pathlib import Path
 import pytest
 
 import averaging
+from wagpt.commands import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = {"train", "average", "eval_ckpt", "sample", "export_hf"}
-BENCHMARKS = {"bench", "benchmarks", "experiments"}   # may import the entry points they time
-                                                      # or drive
+RULE = ("commands import the library, nothing but the tests imports a command, and the "
+        "library's modules import no command and form no import cycle")
+LIBRARY_TOP = {"model", "averaging"}   # the design card's top-level library modules
 
 
-def imported_modules(path):
-    """Top-level names of the modules a file imports (`import a.b` and `from a.b import c` -> a)."""
-    names = set()
+def module_name(path, root=REPO):
+    """'wagpt/kernels/__init__.py' -> 'wagpt.kernels', 'train.py' -> 'train'."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path, known):
+    """The modules of `known` (dotted names) a file imports anywhere in it, deferred imports
+    included: `import a.b` -> a.b; `from a import b` -> a.b when that is a module, else a."""
+    found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+            found |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known
+                      else node.module for alias in node.names}
+    return found & known
 
 
-def python_files():
-    skip = {".venv", "tests", ".git"}
-    return [p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts)]
+def import_graph(root=REPO):
+    """{module: modules of the repository it imports}, for every .py outside tests/."""
+    files = {module_name(p, root): p for p in root.rglob("*.py")
+             if not {".venv", "tests", ".git"} & set(p.relative_to(root).parts)}
+    known = set(files) | {m.rsplit(".", 1)[0] for m in files if "." in m}
+    return {name: imported_modules(path, known) - {name} for name, path in files.items()}
 
 
-def test_entry_points_import_library_modules_only():
-    for name in ENTRY_POINTS:
-        assert (REPO / f"{name}.py").is_file(), name
-    offenders = []
-    for path in python_files():
-        parts = path.relative_to(REPO).parts
-        module = path.stem if len(parts) == 1 else parts[0]
-        if module in BENCHMARKS:
-            continue
-        forbidden = (ENTRY_POINTS - {module}) | BENCHMARKS
-        for bad in sorted(imported_modules(path) & forbidden):
-            offenders.append(f"{path.relative_to(REPO)} imports {bad}")
-    assert offenders == []
+def layout_offences(graph, commands):
+    """What breaks RULE in an import graph, one line each."""
+    library = {m for m in graph if m.split(".")[0] == "wagpt" or m in LIBRARY_TOP}
+    offences = [f"{m} imports the command {c}" for m, imports in sorted(graph.items())
+                for c in sorted(imports & commands)]
+    offences += [f"{m} imports {x}, which is not library" for m in sorted(library)
+                 for x in sorted(graph[m] - library - {"wagpt"})]
+    done, visiting = set(), []
+
+    def visit(m):   # depth-first: a module met again while it is being visited closes a cycle
+        if m in visiting:
+            offences.append("import cycle: " + " -> ".join(visiting[visiting.index(m):] + [m]))
+            return
+        if m in done:
+            return
+        visiting.append(m)
+        for x in sorted(graph.get(m, set()) & library):
+            visit(x)
+        visiting.pop()
+        done.add(m)
+    for m in sorted(library):
+        visit(m)
+    return offences
 
 
-def test_the_import_check_can_fail(tmp_path):
-    bad = tmp_path / "x.py"
-    bad.write_text("import os\nfrom train import TrainConfig\nimport evaluate as e\n"
-                   "from data.common import gpt2_encoding\n")
-    assert imported_modules(bad) == {"os", "train", "evaluate", "data"}
+def test_the_layout_rule_holds():
+    assert {c.removesuffix(".py") for c in COMMANDS} <= {p.stem for p in REPO.glob("*.py")}
+    commands = {c.removesuffix(".py") for c in COMMANDS}
+    assert layout_offences(import_graph(), commands) == [], RULE
+
+
+def test_the_layout_check_can_fail(tmp_path):
+    (tmp_path / "wagpt").mkdir()
+    (tmp_path / "wagpt" / "__init__.py").write_text("")
+    (tmp_path / "wagpt" / "a.py").write_text("def f():\n    from wagpt import b\n")
+    (tmp_path / "wagpt" / "b.py").write_text("from wagpt.a import f\nimport train\n")
+    (tmp_path / "train.py").write_text("from wagpt import a\nimport sample\n")
+    (tmp_path / "sample.py").write_text("import numpy\n")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "x.py").write_text("from wagpt.a import f\n")
+    graph = import_graph(tmp_path)
+    assert graph["wagpt.a"] == {"wagpt.b"} and graph["benchmarks.x"] == {"wagpt.a"}
+    assert layout_offences(graph, {"train", "sample"}) == [
+        "train imports the command sample", "wagpt.b imports the command train",
+        "wagpt.b imports train, which is not library",
+        "import cycle: wagpt.a -> wagpt.b -> wagpt.a"]
 
 
 def test_benchmarks_live_in_their_folder():
@@ -133,3 +172,42 @@ def test_the_clash_check_sees_modules_and_folders(tmp_path):
     names = top_level_import_names(tmp_path)
     assert names == {"numpy", "yaml"}
     assert {"numpy"} <= set(importlib.metadata.packages_distributions())
+
+
+def readme_file_map(text):
+    """The paths README's "## Files" block names: an entry at the left margin is a path from
+    the repository root; an entry indented by two spaces is inside the folder above it."""
+    block = text.split("## Files", 1)[1].split("```", 2)[1]
+    named, folder = set(), ""
+    for line in block.splitlines():
+        match = re.match(r"^( {0,2})([\w.<>/-]+\.\w+|[\w.<>-]+/)(?:\s|$)", line)
+        if not match:
+            continue
+        indent, path = match.groups()
+        if indent == "":
+            folder = path if path.endswith("/") else ""
+            named.add(path)
+        elif folder:
+            named.add(folder + path)
+    return named | {p.split("/")[0] + "/" for p in named if "/" in p}
+
+
+def test_readme_file_map_matches_the_tree():
+    named = readme_file_map((REPO / "README.md").read_text())
+    missing_on_disk = sorted(p for p in named if "<" not in p and not (REPO / p).exists())
+    assert missing_on_disk == [], "README's file map names paths that do not exist"
+    expected = {p.name for p in REPO.glob("*.py")}
+    expected |= {f"{p.name}/" for p in REPO.iterdir() if p.is_dir() and p.name not in
+                 (".git", ".venv", "__pycache__", ".pytest_cache") and "out" not in p.name
+                 and (p.name == ".ci" or not p.name.startswith("."))}
+    expected |= {f"wagpt/{p.name}" for p in (REPO / "wagpt").glob("*.py") if p.stem != "__init__"}
+    expected |= {f"wagpt/{p.name}/" for p in (REPO / "wagpt").iterdir()
+                 if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert sorted(expected - named) == [], "README's file map lacks these"
+
+
+def test_the_file_map_reader_sees_both_levels():
+    text = "## Files\n\n```\ntrain.py    the loop\nwagpt/      lib\n  trainer.py  x\n" \
+           "                            continued\ndata/<name>/prepare.py  y\n```\n"
+    assert readme_file_map(text) == {"train.py", "wagpt/", "wagpt/trainer.py",
+                                     "data/<name>/prepare.py", "data/"}

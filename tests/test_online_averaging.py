@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 import train
 from averaging import AVERAGERS
 from model import GPT, GPTConfig
-from train import TrainConfig
 from wagpt import checkpoint
 from wagpt.configurator import load_config
 from wagpt.dataloader import evaluate_loss, open_dataset
@@ -19,6 +18,7 @@ from wagpt.errors import ConfigError
 from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import OnlineAveraging
 from wagpt.runtime import init_runtime
+from wagpt.trainer import TrainConfig, eval_batches
 
 ALL = ",".join(AVERAGERS)
 TINY = dict(block_size=8, vocab_size=11, n_layer=2, n_head=1, n_embd=8, dropout=0.0, bias=True)
@@ -203,6 +203,6 @@ def test_saved_averages_are_the_averager_state_and_evaluate_as_logged(make_confi
     assert torch.equal(flat.buffer, ckpt.averaging["bema"]["tensors"]["out"])
     # and evaluating it reproduces the logged val_loss/bema
     runtime = init_runtime(cfg.device, cfg.dtype)
-    loss = evaluate_loss(model, open_dataset(cfg.dataset, cfg.data_dir), train.eval_batches(cfg),
+    loss = evaluate_loss(model, open_dataset(cfg.dataset, cfg.data_dir), eval_batches(cfg),
                          runtime, splits=("val",))["val"]
     assert loss == summary["val_loss_averaged"]["bema"]

@@ -22,11 +22,11 @@ import torch
 from trajectories import random_walk, run_averager
 
 from averaging import build_averager
-from train import TrainConfig
 from wagpt import kernels
 from wagpt.configurator import load_config
 from wagpt.errors import ConfigError
 from wagpt.online_averaging import averager_hparams
+from wagpt.trainer import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,11 +11,11 @@ import torch
 import train
 from averaging import sigma_rel_to_gamma
 from model import GPT, GPTConfig
-from train import NonFiniteLossError, TrainConfig
 from wagpt import checkpoint
 from wagpt.configurator import load_config
 from wagpt.errors import ConfigError
 from wagpt.flat_params import FlatParameters
+from wagpt.trainer import NonFiniteLossError, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,10 +117,11 @@ def test_a_branch_off_a_snapshot_starts_the_profiles_where_told(make_config, tmp
 
 def test_a_non_finite_profile_is_never_saved(make_config, monkeypatch):
     """The finite check before every save covers the profiles' state too."""
-    real = train.build_posthoc
+    real = train.build
 
     def poisoned(*args):
-        posthoc = real(*args)
+        run = real(*args)
+        posthoc = run.posthoc
         update = posthoc.update
 
         def update_then_poison(step):
@@ -128,8 +129,8 @@ def test_a_non_finite_profile_is_never_saved(make_config, monkeypatch):
             if step == 6:
                 posthoc.averagers["sigma_rel=0.1"].e[0] = float("nan")
         posthoc.update = update_then_poison
-        return posthoc
-    monkeypatch.setattr(train, "build_posthoc", poisoned)
+        return run
+    monkeypatch.setattr(train, "build", poisoned)
     cfg = make_config(max_iters=12, snapshot_interval=4, ckpt_interval=4, log_interval=100,
                       eval_interval=100, averaging="")
     with pytest.raises(NonFiniteLossError, match="averager state are not finite at step 8"):

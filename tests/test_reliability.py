@@ -20,12 +20,13 @@ import torch
 
 import average
 import train
-from average import AverageConfig
-from train import NonFiniteLossError, TrainConfig
-from wagpt import checkpoint, run_dir
+from model import GPT, GPTConfig
+from wagpt import checkpoint, offline_averaging, run_dir
 from wagpt.configurator import load_config
 from wagpt.dataloader import DataError, TokenDataset
 from wagpt.errors import CheckpointError, ConfigError, WriteError
+from wagpt.offline_averaging import AverageConfig
+from wagpt.trainer import NonFiniteLossError, TrainConfig, newest_finite_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
@@ -70,7 +71,7 @@ def test_a_diverging_run_saves_nothing_non_finite(make_config):
     with pytest.raises(NonFiniteLossError, match="nothing was saved") as error:
         train.train(cfg)
     all_files_load(cfg.out_dir)
-    newest = train.newest_finite_checkpoint(cfg.out_dir)
+    newest = newest_finite_checkpoint(cfg.out_dir)
     assert newest == checkpoint.latest_resume(cfg.out_dir)
     if newest is None:
         assert "No finite checkpoint exists" in str(error.value)
@@ -108,7 +109,7 @@ def test_the_newest_finite_checkpoint_is_verified_not_assumed(make_config):
     next(iter(poisoned.values())).view(-1)[0] = float("nan")
     torch.save({"format": checkpoint.RESUME_FORMAT, "model": poisoned,
                 "model_args": record.model_args, "iter_num": record.step}, newest)
-    assert train.newest_finite_checkpoint(cfg.out_dir).name == "ckpt_0000004.pt"
+    assert newest_finite_checkpoint(cfg.out_dir).name == "ckpt_0000004.pt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def test_the_memory_of_a_sweep_is_printed_and_checked(snapshots, tiny_data_dir, 
     # lawa 3 + 5, bema (off) 1 + (on) 3 = 12 copies of the weights, + model, swap, temporary
     printed = capsys.readouterr().out
     assert "(12 state copies of 4 settings + 3)" in printed and "GiB" in printed
-    monkeypatch.setattr(average, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(offline_averaging, "available_memory", lambda device: 1000)
     with pytest.raises(ConfigError, match="the sweep needs .* GiB but cpu has 0.0 GiB "
                                           "available: sweep fewer settings"):
         average.average(cfg)
@@ -320,7 +321,7 @@ def test_a_stray_first_file_cannot_decide_the_model(snapshots, tiny_data_dir, tm
     directory = copy_dir(snapshots, tmp_path / "in")
     (directory / "step_0000000.safetensors").unlink()
     args = dict(block_size=16, vocab_size=21, n_layer=1, n_head=2, n_embd=16)
-    stray = checkpoint.save_snapshot(tmp_path / "stray", train.GPT(train.GPTConfig(**args)), 0,
+    stray = checkpoint.save_snapshot(tmp_path / "stray", GPT(GPTConfig(**args)), 0,
                                      0, args)
     stray.rename(directory / "a_0.safetensors")
     with pytest.raises(CheckpointError, match="a_0.safetensors is a checkpoint of "

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import train
-from train import NonFiniteLossError
 from wagpt import checkpoint, runtime
+from wagpt.trainer import NonFiniteLossError
 
 
 def final_state(out_dir):

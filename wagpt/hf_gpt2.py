@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from wagpt import checkpoint
 from wagpt.errors import CheckpointError
 
 # the released GPT-2 checkpoints on the Hugging Face hub (the owner-less ids are redirects)
@@ -116,7 +115,7 @@ def to_hf_model(model, eos_token_id=None):
 def _state_without_tied_head(model):
     # not checkpoint.model_state: it finds tied tensors by address, and on the meta device
     # (from_hf_model's shape template) every tensor has address 0
-    state = dict(checkpoint.unwrap_model(model).state_dict())
+    state = dict(model.state_dict())              # a bare GPT (not wrapped by DDP or compile)
     state.pop("lm_head.weight")                   # = transformer.wte.weight (tied)
     return state
 

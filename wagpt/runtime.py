@@ -2,11 +2,11 @@
 The process a command runs in: its device and precision, the process group under torchrun, the
 few collectives the tools need, and the stop signals.
 
-    runtime = init_runtime(device="auto", dtype="auto")   # joins the group under torchrun
-    with runtime.autocast():
-        loss = model(x, y)
-    mean = all_reduce_mean(loss, runtime)
-    teardown(runtime)
+    with init_runtime(device="auto", dtype="auto") as runtime:   # joins the group under torchrun
+        with runtime.autocast():
+            loss = model(x, y)
+        mean = all_reduce_mean(loss, runtime)
+    # the process group is torn down here
 
 Every entry point (train.py, average.py, eval_ckpt.py, sample.py) starts here, so "auto" means the
 same everywhere: CUDA if available with bfloat16 autocast, else the CPU in float32.
@@ -50,6 +50,12 @@ class Runtime:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        teardown(self)
 
 
 def check_dtype(dtype):
