@@ -20,7 +20,7 @@ $PY train.py $RUN $ALL --stop_iter=60 --compile=$COMPILE --save_averaged=True --
 step "resume to step 80"
 $PY train.py $RUN $ALL --compile=$COMPILE --save_averaged=True --out_dir=$W/run --init_from=resume
 step "torchrun, 1 process (NCCL, sharded averagers)"
-torchrun --standalone --nproc_per_node=1 train.py $RUN $ALL --stop_iter=40 --out_dir=$W/ddp
+$PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py $RUN $ALL --stop_iter=40 --out_dir=$W/ddp
 step "Coupled Adam"
 $PY train.py $RUN --optimizer=coupled_adam --averaging= --stop_iter=40 --out_dir=$W/coupled
 step "offline averaging over the snapshots, on the GPU, saving the best"
@@ -34,7 +34,7 @@ for SD in device host; do
 done
 cmp $W/avg_device/results.csv $W/avg_host/results.csv
 step "offline under torchrun (1 process)"
-torchrun --standalone --nproc_per_node=1 average.py --ckpt_dir=$W/run/snapshots \
+$PY -m torch.distributed.run --standalone --nproc_per_node=1 average.py --ckpt_dir=$W/run/snapshots \
     --out_dir=$W/avg_ddp --device=$DEV --eval_iters=5 --methods=phema,ema
 step "evaluate (resume checkpoint, averaged snapshot), with embedding metrics"
 $PY eval_ckpt.py --ckpt=$W/run/ckpt_0000080.pt --device=$DEV --eval_iters=5

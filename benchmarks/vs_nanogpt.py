@@ -225,11 +225,15 @@ def prepare_nanogpt_workdir(cfg, workdir):
 def nanogpt_commit(nanogpt_dir):
     """The checked-out commit of the nanoGPT folder, or None if it is not a git checkout."""
     try:
-        out = subprocess.run(["git", "-C", str(nanogpt_dir), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(nanogpt_dir), "rev-parse", "--show-toplevel",
+                              "HEAD"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    top, commit = out.stdout.split()
+    # a copy of nanoGPT's files inside another checkout (this one) is no nanoGPT checkout
+    return commit if Path(top).resolve() == Path(nanogpt_dir).resolve() else None
 
 
 # ---------------------------------------------------------------------------------------------

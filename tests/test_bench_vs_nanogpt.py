@@ -3,6 +3,7 @@ command line the way nanoGPT's configurator does and prints log lines in nanoGPT
 train.py runs for real on a tiny preset."""
 
 import json
+import os
 import pickle
 import subprocess
 
@@ -218,3 +219,22 @@ def test_a_third_trainer_times_ours_with_averaging(fake_nanogpt, tiny_data_dir, 
     printed = capsys.readouterr().out
     assert "| ours + averaging ms/iter |" in printed and "| 2.50% |" in printed
     assert "median share of a step that --averaging=ema,bema,lawa adds: 2.50%" in printed
+
+
+def test_the_nanogpt_commit_is_that_of_its_own_checkout(tmp_path):
+    """A git checkout of nanoGPT gives its commit; nanoGPT's files copied into a folder of
+    another checkout (this repository's, say) give none, not the other checkout's commit."""
+    def git(*args, cwd):
+        subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    outer = tmp_path / "outer"
+    (outer / "nano").mkdir(parents=True)
+    (outer / "nano" / "train.py").write_text("")
+    git("init", "-q", cwd=outer)
+    git("add", ".", cwd=outer)
+    git("commit", "-qm", "x", cwd=outer)
+    assert vs_nanogpt.nanogpt_commit(outer / "nano") is None
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=outer, capture_output=True,
+                          text=True).stdout.strip()
+    assert vs_nanogpt.nanogpt_commit(outer) == head and len(head) == 40

@@ -18,8 +18,11 @@ so the results equal those of state on the device bit for bit (tests/test_averag
 on the CPU, where the copies are no-ops and only the chunking remains).
 
 Cost per update and setting: the state crosses the host link twice (state copies × 4 bytes ×
-parameters each way); copies are asynchronous from pinned memory and ordered on the current
-stream. Device memory: one chunk of state at a time.
+parameters each way). On a GPU the chunks are pipelined over three streams: while chunk i is
+updated on the current stream, chunk i + 1 is copied in on one copy stream and chunk i − 1 copied
+back on another, so the link carries both directions at once and the update costs about one
+crossing of the state (docs/benchmarks.md has the figures). Device memory: at most three chunks of
+state at a time.
 """
 
 import torch
@@ -38,6 +41,7 @@ class HostStateAverager:
         self.parts = [(lo, min(lo + chunk, numel), build()) for lo in range(0, numel, chunk)]
         first = self.parts[0][2]
         self.name, self.hparams = first.name, first.hparams
+        self._streams = None   # (copy in, copy back) on a GPU, made at the first update
 
     @property
     def step(self):
@@ -50,12 +54,53 @@ class HostStateAverager:
         return sum(a.memory_bytes() for _, _, a in self.parts)
 
     def update(self, step, theta):
-        acted = False
-        for lo, hi, averager in self.parts:
-            host = self._to_device(averager)
-            acted = averager.update(step, theta[lo:hi])
-            self._to_host(averager, host)
-        return acted
+        if self.device.type != "cuda":   # the "device" is host memory: the chunks in turn
+            acted = False
+            for lo, hi, averager in self.parts:
+                host = self._to_device(averager)
+                acted = averager.update(step, theta[lo:hi])
+                self._to_host(averager, host)
+            return acted
+        return self._pipelined(lambda averager, lo, hi: averager.update(step, theta[lo:hi]))
+
+    def _pipelined(self, work):
+        """work(averager, lo, hi) for every chunk on the current stream, with the chunk's state
+        copied in beforehand on one stream and back afterwards on another, one chunk ahead and
+        one behind; returns the last work's result."""
+        compute = torch.cuda.current_stream(self.device)
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        copy_in, copy_out = self._streams
+        copy_in.wait_stream(compute)   # the last update's copies back are done (see the end)
+
+        def stage(averager):
+            with torch.cuda.stream(copy_in):
+                host = self._to_device(averager)
+            for name in host:   # used on the other streams: not to be reused before they are done
+                getattr(averager, name).record_stream(compute)
+                getattr(averager, name).record_stream(copy_out)
+            return host, copy_in.record_event()
+
+        in_flight, result = [], False
+        staged = stage(self.parts[0][2])
+        for i, (lo, hi, averager) in enumerate(self.parts):
+            host, ready = staged
+            if i + 1 < len(self.parts):
+                if len(in_flight) >= 2:      # at most three chunks of state on the device
+                    in_flight.pop(0).synchronize()
+                staged = stage(self.parts[i + 1][2])
+            compute.wait_event(ready)
+            result = work(averager, lo, hi)
+            for name in averager.buffers:   # buffers the work made (its initialisation)
+                tensor = getattr(averager, name)
+                if tensor is not None and tensor.is_cuda and name not in host:
+                    tensor.record_stream(copy_out)
+            copy_out.wait_event(compute.record_event())
+            with torch.cuda.stream(copy_out):
+                self._to_host(averager, host)
+            in_flight.append(copy_out.record_event())
+        compute.wait_stream(copy_out)   # later readers of the host state see it written
+        return result
 
     def average(self):
         """The full average as one new float32 tensor on the device, or None before the

@@ -503,7 +503,8 @@ def state_is_finite(flat, optimizer, online, runtime, posthoc=None):
     tensors += posthoc.state_tensors() if posthoc is not None else []
     tensors += [v for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
-    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().double()
+    device = flat.buffer.device   # some optimizer state is on the CPU (a foreach Adam's step)
+    ok = torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all().double()
     if runtime.ddp:
         ok = torch.tensor([all_reduce_mean(ok.item(), runtime)])
     return bool(ok.item() == 1.0)
