@@ -170,8 +170,8 @@ class Toy(averaging.Averager):
         return self.e
 
 
-import average
 import train
+from wagpt import offline_averaging
 from wagpt.configurator import help_text, load_config
 from wagpt.flat_params import FlatParameters
 from model import GPT, GPTConfig
