@@ -98,7 +98,7 @@ def trl_bema(traj, update_freq, ema_power, bias_power, lag, update_after, multip
 @pytest.mark.parametrize("kappa,eta,rho,gamma,beta_min,phi", [
     (0.5, 0.2, 10.0, 1.0, 0.0, 1),      # the paper's defaults, every step
     (0.5, 0.2, 10.0, 1.0, 1e-4, 7),     # the HF configs' β_min, a period
-    (0.3, 0.0, 3.0, 0.5, 0.0, 3),       # η = 0: full correction in both (TRL's doc says "off")
+    (0.3, 0.0, 3.0, 0.5, 0.0, 3),       # η = 0: full correction in both, as its docstring says
     (0.0, 0.4, 2.0, 2.0, 0.0, 1),       # κ = 0: β = 1, e = θ_s in both
 ])
 def test_trl_bema_callback_tau_0(kappa, eta, rho, gamma, beta_min, phi):
@@ -431,9 +431,10 @@ def test_lawa_repo_swa(update_after_step, update_every):
     assert_equal_at(got, ref, sorted(ref))
 
 
-# LAWA's EMA (nanoGPT2-Experiments/train_ema.py, class EMA, as its run uses it: beta 0.9,
-# update_after_step 0, update_every 1, inv_gamma 1, power 2/3): call c copies θ_{c+1} at c = 0
-# and again at c = 1 (first initialisation); from c = 2 on, decay min(β, 1 − (1 + c)^−p).
+# LAWA's EMA (nanoGPT2-Experiments/train_small.py, the same class EMA in train_medium.py and
+# train_large.py; as their runs use it: beta 0.9, update_after_step 0, update_every 1,
+# inv_gamma 1, power 2/3): call c copies θ_{c+1} at c = 0 and again at c = 1 (first
+# initialisation); from c = 2 on, decay min(β, 1 − (1 + c)^−p).
 
 def lawa_repo_ema(traj, beta=0.9, power=2 / 3, inv_gamma=1.0):
     ema, out = None, {}
