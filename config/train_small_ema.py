@@ -1,5 +1,5 @@
 # The EMA baseline of the LAWA paper's code (github.com/sanyalsunny111/Early_Weight_Avg,
-# nanoGPT2-Experiments/train_small.py and train_ema.py) on config/train_small_lawa.py's recipe: an
+# nanoGPT2-Experiments/train_small.py, class EMA) on config/train_small_lawa.py's recipe: an
 # EMA of every step with decay 0.9 and the warmup d_t = min(0.9, 1 - (1 + t)^(-2/3)).
 # Its EMA class has no exact counterpart here: it copies theta_1 and theta_2 and applies this
 # decay from step 3 on; ours from step 1 (ema_update_after = 1) applies the same decays from

@@ -9,8 +9,8 @@ against (a one-step shift, a wrong time base, a missing copy) is 1e-4 or larger;
 of ours reproduces a tool, the test pins the size of the documented difference instead.
 
 Time: θ_s is the weight vector after s optimizer updates (θ_0 = init). A tool whose hook runs after
-the optimizer step with a call counter c (timm with step=n, LAWA's and epfml's classes) sees
-θ_{c+1} at call c.
+the optimizer step with a call counter c (timm with step=n, LAWA's and epfml's classes,
+ema-pytorch's KarrasEMA) sees θ_{c+1} at call c.
 """
 
 import math
@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
-from trajectories import random_walk
+from trajectories import random_walk, run_averager
 
 from averaging import build_averager
 from model import GPT, GPTConfig
 from wagpt.embedding_metrics import (embedding_metrics, isotropy, isotropy_solver_sign,
                                      norm_logprob_correlation_all_rows)
+from wagpt.posthoc import sigma_rel_to_gamma, solve_coefficients, synthesize
 from wagpt.schedules import LRSchedule
 
 T, P = 301, 64    # a few hundred updates of a 64-entry flat vector
@@ -97,7 +98,7 @@ def trl_bema(traj, update_freq, ema_power, bias_power, lag, update_after, multip
 @pytest.mark.parametrize("kappa,eta,rho,gamma,beta_min,phi", [
     (0.5, 0.2, 10.0, 1.0, 0.0, 1),      # the paper's defaults, every step
     (0.5, 0.2, 10.0, 1.0, 1e-4, 7),     # the HF configs' β_min, a period
-    (0.3, 0.0, 3.0, 0.5, 0.0, 3),       # η = 0: full correction in both (TRL's doc says "off")
+    (0.3, 0.0, 3.0, 0.5, 0.0, 3),       # η = 0: full correction in both, as its docstring says
     (0.0, 0.4, 2.0, 2.0, 0.0, 1),       # κ = 0: β = 1, e = θ_s in both
 ])
 def test_trl_bema_callback_tau_0(kappa, eta, rho, gamma, beta_min, phi):
@@ -430,9 +431,10 @@ def test_lawa_repo_swa(update_after_step, update_every):
     assert_equal_at(got, ref, sorted(ref))
 
 
-# LAWA's EMA (nanoGPT2-Experiments/train_ema.py, class EMA, as its run uses it: beta 0.9,
-# update_after_step 0, update_every 1, inv_gamma 1, power 2/3): call c copies θ_{c+1} at c = 0
-# and again at c = 1 (first initialisation); from c = 2 on, decay min(β, 1 − (1 + c)^−p).
+# LAWA's EMA (nanoGPT2-Experiments/train_small.py, the same class EMA in train_medium.py and
+# train_large.py; as their runs use it: beta 0.9, update_after_step 0, update_every 1,
+# inv_gamma 1, power 2/3): call c copies θ_{c+1} at c = 0 and again at c = 1 (first
+# initialisation); from c = 2 on, decay min(β, 1 − (1 + c)^−p).
 
 def lawa_repo_ema(traj, beta=0.9, power=2 / 3, inv_gamma=1.0):
     ema, out = None, {}
@@ -556,6 +558,215 @@ def test_epfml_wsd_schedule(decay_type, n, frac, final, warmup):
     for step in range(warmup, n + 5):
         ref = epfml_wsd(step, n, final, warmup, frac, decay_type)
         assert schedule(step) == pytest.approx(ref, rel=1e-12, abs=1e-15), f"step {step}"
+
+
+# ============================================================ power-function EMA and post-hoc
+# EDM2 (NVlabs/edm2, training/phema.py). A width σ_rel is the exponent γ of the largest real
+# root of γ³ + 7γ² + (16 − σ_rel⁻²)γ + 12 − σ_rel⁻² (np.roots). PowerFunctionEMA copies the
+# network (θ_0) when built; after each optimizer step the training loop calls
+# update(cur_nimg, batch_size) with cur_nimg = s·B, the images seen: e ← lerp(e, θ_s, 1 − β),
+# β = (1 − B/cur_nimg)^(γ+1). Time is in images there, in steps here; the ratio is the same.
+
+def edm2_gamma(sigma_rel):
+    root = sigma_rel ** -2
+    return float(np.roots([1.0, 7.0, 16.0 - root, 12.0 - root]).real.max())
+
+
+def edm2_power_function_ema(traj, sigma_rel, batch_size, dtype=torch.float64):
+    gamma = edm2_gamma(sigma_rel)
+    ema, out = traj[0].to(dtype), {}
+    for s in range(1, len(traj)):
+        beta = (1 - batch_size / (s * batch_size)) ** (gamma + 1)
+        ema = torch.lerp(ema, traj[s].to(dtype), 1 - beta)
+        out[s] = ema.double()
+    return out
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
+@pytest.mark.parametrize("batch_size", [1, 2048])
+def test_edm2_power_function_ema(sigma_rel, batch_size):
+    """phema with EDM2's σ_rel, from θ_0 (burn-in 0), every step: equal; in float32, as EDM2
+    keeps its averages, bitwise (its decay 1 − Δ/t and our t_prev/t round to the same float32
+    weight). One update late (burn-in 1) is another average: 1e-3 at worst on this run."""
+    ref = edm2_power_function_ema(TRAJ, sigma_rel, batch_size)
+    got = ours("phema", phema_sigma_rel=sigma_rel)
+    assert_equal_at(got, ref, range(1, T))
+    ref32 = edm2_power_function_ema(TRAJ, sigma_rel, batch_size, dtype=torch.float32)
+    assert all(torch.equal(got[s], ref32[s]) for s in range(1, T))
+    late = ours("phema", phema_sigma_rel=sigma_rel, phema_update_after=1)
+    assert worst_error(late, ref, range(2, T)) > 5e-4
+
+
+# ema-pytorch (lucidrains/ema-pytorch 0.7.9, ema_pytorch/post_hoc_ema.py), KarrasEMA: γ from
+# σ_rel by the same root as EDM2's; a counter k (0 at construction) that update() reads and then
+# increments, called after each optimizer step (so call c sees θ_{c+1}); the call acts when
+# k % update_every = 0; its first acting call copies θ; an acting call lerps with weight 1 − β,
+# β = (1 − 1/(k + 2))^(γ+1): the beta property reads the counter already incremented.
+
+def karras_ema(traj, gamma, update_every=1, counter=0):
+    ema, out = None, {}
+    for c in range(len(traj) - 1):
+        k = counter + c
+        if k % update_every:
+            continue
+        theta = traj[c + 1]
+        ema = theta.clone() if ema is None else ema
+        ema = torch.lerp(ema, theta, 1 - (1 - 1 / (k + 2)) ** (gamma + 1))
+        out[c + 1] = ema.clone()
+    return out
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
+def test_ema_pytorch_karras_ema_is_one_update_ahead(sigma_rel):
+    """update_every 1. Its decay at θ_s is ours at θ_{s+1}: after s steps it holds the profile
+    of time s + 1 with θ_1 standing for (0, 2] (ours fed θ_1 twice: at snapshot steps 0, 2, 3,
+    ... holding θ_0, θ_1, θ_2, ...); with its counter started at −1 it is ours with the same
+    iterates (bitwise in float32). As published it differs from that by one update."""
+    gamma = edm2_gamma(sigma_rel)
+    ref = karras_ema(TRAJ, gamma)
+    assert sorted(ref) == list(range(1, T))
+    one_lower = karras_ema(TRAJ, gamma, counter=-1)
+    same_iterates = ours("phema", phema_sigma_rel=sigma_rel)
+    assert_equal_at(same_iterates, one_lower, range(1, T))
+    one_lower32 = karras_ema(TRAJ.float(), gamma, counter=-1)      # bitwise in float32
+    assert all(torch.equal(same_iterates[s], one_lower32[s].double()) for s in range(1, T))
+    shifted = torch.cat([TRAJ[:1], TRAJ[:-1]])           # step u holds θ_{u−1}
+    twice = ours("phema", steps=[0, *range(2, T)], allow_gaps=True, traj=shifted,
+                 phema_sigma_rel=sigma_rel)
+    assert_equal_at({s: twice[s + 1] for s in range(1, T - 1)}, ref, range(1, T - 1))
+    assert 5e-4 < worst_error(same_iterates, ref, range(1, T)) < 5e-3
+
+
+def test_ema_pytorch_karras_ema_update_every_is_not_a_power_function_ema():
+    """update_every E > 1 (its default 100): each acting call still applies the decay of one
+    step, ((k + 1)/(k + 2))^(γ+1), so the average keeps far more of its early samples than a
+    power-function EMA: ≈ weights ∝ x^((γ+1)/E − 1), falling with x when E > γ + 1. Read
+    off with a probe trajectory θ_s = (s, [s = 1]): its average is (the mean step, the weight
+    of θ_1). σ_rel 0.05, E 100, after 10⁴ steps: mean 0.15·s and 40% on θ_1; our phema over
+    the same samples (burn-in 1, every E steps, so θ_1 is the copy it starts from): 0.95·s and
+    0."""
+    every, steps, sigma_rel = 100, 10_000, 0.05
+    probe = torch.zeros(steps + 1, 2, dtype=torch.float64)
+    probe[:, 0] = torch.arange(steps + 1)
+    probe[1, 1] = 1.0
+    ref = karras_ema(probe, edm2_gamma(sigma_rel), update_every=every)
+    last = max(ref)                                    # 9901: its last sample
+    mean_step, weight_first = ref[last].tolist()
+    assert 0.15 < mean_step / last < 0.16 and 0.38 < weight_first < 0.42
+    got = run_averager(build_averager("phema", phema_sigma_rel=sigma_rel, phema_update_after=1,
+                                      phema_update_freq=every), probe)[last]
+    assert 0.95 < got[0].item() / last < 0.955 and got[1].item() == 0.0
+
+
+# EDM2's post-hoc reconstruction (training/phema.py, solve_posthoc_coefficients, called by
+# reconstruct_phema.py): of the stored averages (time t_i in images, width σ_i) those with
+# 0 < t_i <= t_r enter; A_ik = ⟨p_i, p_k⟩, b_i = ⟨p_i, p_r⟩ with the continuous profiles' inner
+# product (γ_a+1)(γ_b+1)/(γ_a+γ_b+1) · (t_a/t_b)^γ_b / t_b for t_a <= t_b; c = A⁻¹b
+# (np.linalg.solve) divided by its sum; the reconstruction is Σ_i c_i e_i.
+
+def continuous_inner_product(t_a, gamma_a, t_b, gamma_b):
+    if t_a > t_b:
+        t_a, gamma_a, t_b, gamma_b = t_b, gamma_b, t_a, gamma_a
+    return (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1) * (t_a / t_b) ** gamma_b / t_b
+
+
+def edm2_posthoc(times, sigma_rels, t_r, sigma_rel_r):
+    """(indices of the stored averages that enter, their coefficients)."""
+    used = [i for i, t in enumerate(times) if 0 < t <= t_r]
+    profiles = [(times[i], edm2_gamma(sigma_rels[i])) for i in used]
+    a = np.array([[continuous_inner_product(*p, *q) for q in profiles] for p in profiles])
+    b = np.array([continuous_inner_product(*p, t_r, edm2_gamma(sigma_rel_r)) for p in profiles])
+    c = np.linalg.solve(a, b)
+    return used, c / c.sum()
+
+
+def stored_phemas(widths, every):
+    """Our phema averagers of these widths from θ_0 on TRAJ, read every `every` steps:
+    [(step, σ_rel, float64 average)] in step order."""
+    averagers = {w: build_averager("phema", phema_sigma_rel=w) for w in widths}
+    theta, stored = torch.empty(P), []
+    for s in range(T):
+        theta.copy_(TRAJ[s])
+        for w, avg in averagers.items():
+            avg.update(s, theta)
+            if s and s % every == 0:
+                stored.append((s, w, avg.average().double().clone()))
+    return stored
+
+
+@pytest.mark.parametrize("every,t_r,sigma_rel_r", [(10, 300, 0.15), (10, 150, 0.02),
+                                                   (30, 270, 0.25), (100, 300, 0.2)])
+def test_edm2_posthoc_reconstruction(every, t_r, sigma_rel_r):
+    """posthoc.solve_coefficients(exact=False) over the stored averages at or before t_r (EDM2
+    leaves later ones out, ours refuses them) is EDM2's solve, in steps where EDM2 counts images
+    (B = 2048: the coefficients do not depend on the unit); synthesize of them is its
+    reconstruction. Our default, exact=True, is another fit: it differs where profiles are few
+    updates wide (docs/averaging.md measures by how much)."""
+    stored = stored_phemas((0.05, 0.10), every)
+    batch = 2048
+    used, c_ref = edm2_posthoc([s * batch for s, _, _ in stored], [w for _, w, _ in stored],
+                               t_r * batch, sigma_rel_r)
+    kept = [stored[i] for i in used]
+    assert [s for s, _, _ in kept] == [s for s, _, _ in stored if s <= t_r]
+    profiles = [(s, sigma_rel_to_gamma(w)) for s, w, _ in kept]
+    target = (t_r, sigma_rel_to_gamma(sigma_rel_r))
+    c = solve_coefficients(profiles, target, exact=False)
+    assert np.abs(c - c_ref).max() <= 1e-9 * np.abs(c_ref).max()
+    reference = sum(ci * e for ci, e in zip(c_ref, (e for _, _, e in kept)))
+    got = synthesize(c, (e.float() for _, _, e in kept)).double()
+    assert relative_error(got, reference) <= TOL
+    exact = solve_coefficients(profiles, target)
+    assert np.abs(exact - c_ref).max() > 1e-6 * np.abs(c_ref).max()
+
+
+# ema-pytorch's PostHocEMA (same file): a KarrasEMA per width; every checkpoint_every_num_steps
+# calls each one's state is saved as a file (width, S), S its counter after the call; for a
+# target (γ_r, S_r; S_r defaults to the largest S) synthesize_ema_model takes EVERY file,
+# solve_weights builds A and b from EDM2's inner product (p_dot_p) of t = S and γ held in
+# float32 tensors, and returns w = A⁻¹b (torch.linalg.solve) without rescaling; the
+# reconstruction is Σ_i w_i e_i.
+
+def ema_pytorch_solve_weights(stored, target):
+    t = [float(s) for s, _ in stored]
+    gamma = torch.tensor([g for _, g in stored], dtype=torch.float32).double().tolist()
+    t_r, gamma_r = target[0], torch.tensor(target[1], dtype=torch.float32).item()
+    a = np.array([[continuous_inner_product(*p, *q) for q in zip(t, gamma)]
+                  for p in zip(t, gamma)])
+    b = np.array([continuous_inner_product(*p, t_r, gamma_r) for p in zip(t, gamma)])
+    return np.linalg.solve(a, b)
+
+
+@pytest.mark.parametrize("widths,every,sigma_rel_r,sum_low,sum_high", [
+    ((0.05, 0.28), 10, 0.15, 1.0, 1.0 + 1e-5),     # its README's widths, 30 files of each
+    ((0.05, 0.28), 100, 0.15, 1.001, 1.01),        # 3 of each
+    ((0.05, 0.10), 30, 0.2, 0.98, 0.995),          # EDM2's widths, 10 of each
+])
+def test_ema_pytorch_post_hoc_ema_solve_weights(widths, every, sigma_rel_r, sum_low, sum_high):
+    """Its weights are ours (solve_coefficients with exact=False) times their sum: ours are
+    rescaled to sum 1 as EDM2's are, its are not, so its reconstruction is ours scaled by Σ w,
+    which misses 1 by as much as the fit misses the target."""
+    gammas = [sigma_rel_to_gamma(w) for w in widths]
+    stored = [(s, g) for s in range(every, T, every) for g in gammas]
+    target = (300, sigma_rel_to_gamma(sigma_rel_r))
+    w = ema_pytorch_solve_weights(stored, target)
+    c = solve_coefficients(stored, target, exact=False)
+    assert np.abs(w - c * w.sum()).max() <= 1e-6 * np.abs(w).max()   # its γ in float32
+    assert sum_low < w.sum() < sum_high
+
+
+def test_ema_pytorch_post_hoc_ema_uses_later_files():
+    """A target step before its last files: it solves with every file, so averages of
+    iterates after the target enter (weight up to 1.9 here); ours takes only the files at or
+    before it (solve_coefficients refuses later ones)."""
+    gammas = [sigma_rel_to_gamma(w) for w in (0.05, 0.28)]
+    stored = [(s, g) for s in range(100, T, 100) for g in gammas]
+    target = (150, sigma_rel_to_gamma(0.15))
+    before = [p for p in stored if p[0] <= target[0]]
+    w = ema_pytorch_solve_weights(stored, target)
+    assert 1.0 < np.abs(w[len(before):]).max() < 3.0
+    assert np.abs(w[:len(before)] - solve_coefficients(before, target, exact=False)).max() > 0.1
+    with pytest.raises(ValueError, match="after the target"):
+        solve_coefficients(stored, target, exact=False)
 
 
 # ============================================================================== Coupled Adam

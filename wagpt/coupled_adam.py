@@ -32,8 +32,9 @@ mean) and of ε follows the authors' reference implementation (github.com/flxst/
 nanoGPT/coupled_adam.py, the "COUPLED ADAM" block: sqrt(avg_scale · mean_dim0(v)) / sqrt(1 −
 β2^t) + ε); their scaled runs use c = 2^k, k = −5..5, and the default c = 1 is the paper's method.
 Since bias correction is one scalar per step, averaging before or after it is the same number.
-(The reference couples only in its multi-tensor "foreach" path, the one torch picks on CUDA; its
-single-tensor path, torch's choice on CPU, is plain AdamW. Here the coupling holds on every device.)
+(The reference couples in its multi-tensor "foreach" path, the one torch picks on CUDA; its
+single-tensor path, torch's choice on CPU, raises RuntimeError. Here the coupling holds on every
+device.)
 The paper's AdamW baseline leaves the embedding undecayed as its Coupled Adam runs do (its
 embdecay = False): model.configure_optimizers(embedding_weight_decay=0.0) is that baseline.
 
