@@ -19,6 +19,7 @@ step, and the checkpoint holds model + optimizer + averagers + step. Nothing els
 
 import dataclasses
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -417,10 +418,12 @@ def non_finite_error(what, step, out_dir):
                               f"--learning_rate, raise --warmup_iters or set --grad_clip.")
 
 
-def claim_out_dir(cfg, runtime):
+def claim_out_dir(cfg, runtime, log):
     """Take out_dir for this run (rank 0 holds the lock; every rank learns whether it could):
     refuse one that another run is using or, for a new run, that holds another run's artifacts;
-    remove the temporary files of interrupted writes. Returns the lock (None on other ranks)."""
+    remove the temporary files of interrupted writes; start the W&B run (before anything is
+    written, so a wandb.init that fails leaves out_dir usable). Returns the lock (None on other
+    ranks)."""
     lock, error = None, None
     if runtime.master:
         try:
@@ -431,6 +434,7 @@ def claim_out_dir(cfg, runtime):
             if removed:
                 print(f"removed {removed} temporary file(s) of interrupted writes "
                       f"({size / 2**20:.1f} MiB) from {cfg.out_dir}")
+            log.start()
         except UserError as e:
             if lock is not None:
                 lock.release()
@@ -465,11 +469,12 @@ def _train(cfg, runtime):
     posthoc = build_posthoc(cfg, runtime, flat, state)
     log = MetricsLog(cfg, runtime.master)
     log.check()
-    lock = claim_out_dir(cfg, runtime)
+    lock = claim_out_dir(cfg, runtime, log)
     try:
         return _loop(cfg, runtime, data, model, optimizer, state, model_args, flat, online,
                      posthoc, log)
     finally:
+        log.close(failed=sys.exc_info()[0] is not None)
         if lock is not None:
             lock.release()
 
