@@ -6,7 +6,7 @@
 # with no lock, so pip takes the newest release of everything else. Writes docs/latest_versions.md
 # (date, every version beside the lock's, pass/fail with the failing tests) and exits with
 # pytest's status.
-#   bash .ci/latest_versions.sh      # ~10 minutes on 2 cores (install ~3, tests ~6)
+#   bash .ci/latest_versions.sh      # the install (a few minutes), then the whole test suite
 # A break it finds: fix it in the code, or bound the package in requirements*.txt with a line in
 # README.md ("Development"), then regenerate the lock (bash .ci/lock.sh).
 set -euo pipefail
