@@ -223,3 +223,6 @@ def test_wandb_missing_fails_before_anything_is_written(make_config, monkeypatch
     with pytest.raises(UserError, match="pip install wandb"):
         train.train(cfg)
     assert not Path(cfg.out_dir).exists()
+    monkeypatch.undo()
+    # the rerun needs nothing deleted (tests/test_reliability.py: the same after wandb.init fails)
+    assert train.train(make_config(wandb_log=False))["iter_num"] == cfg.max_iters

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -463,22 +462,95 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_survives(
 # ---------------------------------------------------------------------------------------------
 # 9. wandb: one run per out_dir
 
-def test_wandb_resumes_one_run_per_out_dir_with_files_under_it(make_config, monkeypatch):
-    calls = []
-    fake = types.ModuleType("wandb")
-    fake.util = types.SimpleNamespace(generate_id=lambda: f"id{len(calls)}")
+def wandb_env(tmp_path, mode="offline"):
+    """The real wandb client with no network, no login and nothing written outside tmp_path."""
+    variables = {k: v for k, v in env().items() if not k.startswith("WANDB_") and k != "NETRC"}
+    home = tmp_path / "home"
+    return {**variables, "WANDB_MODE": mode, "HOME": str(home),
+            **{f"WANDB_{name}_DIR": str(home / name.lower())
+               for name in ("CONFIG", "CACHE", "DATA", "ARTIFACT")}}
 
-    class Run:
-        def log(self, record, step):
-            pass
-    fake.init = lambda **kw: calls.append(kw) or Run()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    cfg = make_config(wandb_log=True, max_iters=8, stop_iter=4)
-    train.train(cfg)
-    train.train(make_config(wandb_log=True, max_iters=8, init_from="resume"))
-    assert [c["id"] for c in calls] == ["id0", "id0"]
-    assert all(c["resume"] == "allow" and c["dir"] == cfg.out_dir for c in calls)
-    assert (Path(cfg.out_dir) / "wandb_run_id").read_text().strip() == "id0"
+
+def wandb_records(path):
+    """(run id, history rows) of an offline run's .wandb file: W&B's protobuf Records in LevelDB's
+    log framing (blocks of 32 KiB, each piece led by crc32, length, type), after a 7-byte header."""
+    from wandb.proto import wandb_internal_pb2
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", path
+    run_id, rows, pos, pieces = None, [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:             # a block's tail too short for a header: padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:                            # zero fill to the end of the block
+            pos += block - pos % block
+            continue
+        pieces, pos = pieces + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):                       # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record.FromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "run":
+                run_id = record.run.run_id
+            elif record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return run_id, rows
+
+
+def train_command(out, data_dir, *args):
+    return [sys.executable, "train.py", f"--out_dir={out}", f"--data_dir={data_dir}",
+            "--wandb_log=True", "--max_iters=8", "--eval_interval=4", "--log_interval=2",
+            "--ckpt_interval=4", "--averaging=ema", *TINY, *args]
+
+
+def test_wandb_offline_stop_and_resume_log_to_one_run_under_out_dir(tiny_data_dir, tmp_path):
+    """The real wandb client (WANDB_MODE=offline): a run stopped at stop_iter and resumed is ONE
+    W&B run (same id, kept in out_dir/wandb_run_id), its files under out_dir/wandb, and it holds
+    what metrics.jsonl holds, at the same steps."""
+    pytest.importorskip("wandb", reason="pip install -r requirements-extra.txt")
+    out = tmp_path / "run"
+    for extra in (["--stop_iter=4"], ["--init_from=resume"]):
+        result = subprocess.run(train_command(out, tiny_data_dir, *extra), cwd=REPO,
+                                env=wandb_env(tmp_path), capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+    run_id = (out / "wandb_run_id").read_text().strip()
+    invocations = sorted((out / "wandb").glob("offline-run-*"))
+    assert [p.name.rsplit("-", 1)[1] for p in invocations] == [run_id, run_id]
+    assert not list((tmp_path / "home").rglob("offline-run-*"))   # nothing outside out_dir
+
+    logged = {}
+    for invocation in invocations:
+        logged_id, rows = wandb_records(invocation / f"run-{run_id}.wandb")
+        assert logged_id == run_id
+        for row in rows:
+            logged.update({(row["_step"], k): v for k, v in row.items() if not k.startswith("_")})
+    expected = {(r["iter"], k): v for r in run_dir.read_metrics(out / "metrics.jsonl")
+                for k, v in r.items()}
+    assert {step for step, _ in expected} == {0, 2, 4, 6, 8}
+    assert logged == expected
+
+
+def test_a_failing_wandb_init_is_one_line_and_leaves_out_dir_usable(tiny_data_dir, tmp_path):
+    """wandb.init failing at start-up (here: online mode without a login) stops the run with one
+    line naming the fixes, before anything is written: the same command then runs (offline)
+    without deleting anything."""
+    pytest.importorskip("wandb", reason="pip install -r requirements-extra.txt")
+    out = tmp_path / "run"
+    failed = subprocess.run(train_command(out, tiny_data_dir), cwd=REPO,
+                            env=wandb_env(tmp_path, mode="online"), capture_output=True,
+                            text=True, timeout=300)
+    assert failed.returncode == 2, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: wandb_log=True but wandb.init failed")
+    assert "wandb login" in lines[0] and "WANDB_MODE=offline" in lines[0], lines[0]
+    assert "--wandb_log=False" in lines[0]
+    assert [p.name for p in out.iterdir()] == [run_dir.LOCK_NAME]   # nothing else written
+    rerun = subprocess.run(train_command(out, tiny_data_dir), cwd=REPO, env=wandb_env(tmp_path),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "config.json").is_file() and (out / run_dir.WANDB_ID_NAME).is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from wagpt import checkpoint
 from wagpt.atomic import atomic_write, write_failure
+from wagpt.configurator import one_line
 from wagpt.errors import UserError, WriteError
 
 LOCK_NAME = ".lock"
@@ -170,9 +171,10 @@ def read_metrics(path):
 class MetricsLog:
     """stdout's records as out_dir/metrics.jsonl (+ wandb). Only rank 0 writes.
 
-    check() before anything is written (wandb installed?), then open() keeps the records before
-    the step the run restarts from, so the file holds one consistent history. Every record is
-    appended as one whole line and flushed."""
+    check() before anything is written (wandb installed?), start() the W&B run before anything
+    is written either (a wandb.init that fails leaves out_dir as it was), then open() keeps the
+    records before the step the run restarts from, so the file holds one consistent history.
+    Every record is appended as one whole line and flushed; close() ends the W&B run."""
 
     def __init__(self, cfg, master):
         self.cfg, self.active = cfg, master
@@ -187,14 +189,17 @@ class MetricsLog:
                 raise UserError("wandb_log=True but wandb is not installed; pip install wandb, "
                                 "or --wandb_log=False") from None
 
+    def start(self):
+        if self.active and self.cfg.wandb_log:
+            self.wandb = _wandb_run(self.cfg)
+        return self
+
     def open(self, resume_iter):
         if not self.active:
             return self
         if self.path.exists():
             keep = [r for r in read_metrics(self.path) if _before_restart(r, resume_iter)]
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-        if self.cfg.wandb_log:
-            self.wandb = _wandb_run(self.cfg)
         return self
 
     def write(self, record):
@@ -209,18 +214,30 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
 
+    def close(self, failed=False):
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+
 
 def _wandb_run(cfg):
-    """One W&B run per out_dir: its id is kept in out_dir/wandb_run_id and resumed; W&B's own
-    files go under out_dir/wandb."""
+    """One W&B run per out_dir: a new run gets the id wandb picks, kept in out_dir/wandb_run_id;
+    --init_from=resume continues that run. W&B's own files go under out_dir/wandb."""
     import wandb
     out_dir = Path(cfg.out_dir)
     id_path = out_dir / WANDB_ID_NAME
-    run_id = id_path.read_text().strip() if id_path.is_file() else wandb.util.generate_id()
-    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
-                     resume="allow", dir=str(out_dir), config=dataclasses.asdict(cfg))
-    if not id_path.is_file():
-        atomic_write(id_path, run_id + "\n")
+    run_id = (id_path.read_text().strip() or None) if (cfg.init_from == "resume"
+                                                       and id_path.is_file()) else None
+    try:
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
+                         resume="allow", dir=str(out_dir), config=dataclasses.asdict(cfg))
+    except wandb.errors.Error as e:
+        raise UserError(f"wandb_log=True but wandb.init failed ({type(e).__name__}: "
+                        f"{one_line(e)}); log in with `wandb login`, or log offline with "
+                        f"WANDB_MODE=offline (`wandb sync` uploads it later), or "
+                        f"--wandb_log=False") from None
+    if run.id != run_id:
+        atomic_write(id_path, run.id + "\n")
     return run
 
 

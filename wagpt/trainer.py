@@ -536,10 +536,12 @@ def non_finite_error(what, step, out_dir):
 # the run's folder
 
 @contextmanager
-def claimed_out_dir(cfg, runtime):
-    """`with claimed_out_dir(cfg, runtime):` the run owns out_dir (rank 0 holds the lock; every
-    rank learns whether it could): refuse one that another run is using or, for a new run, that
-    holds another run's artifacts; remove the temporary files of interrupted writes."""
+def claimed_out_dir(cfg, runtime, log):
+    """`with claimed_out_dir(cfg, runtime, log):` the run owns out_dir (rank 0 holds the lock;
+    every rank learns whether it could): refuse one that another run is using or, for a new run,
+    that holds another run's artifacts; remove the temporary files of interrupted writes; start
+    the log's W&B run (before anything is written, so a wandb.init that fails leaves out_dir
+    usable) and end it with the block."""
     lock, error = None, None
     if runtime.master:
         try:
@@ -550,6 +552,7 @@ def claimed_out_dir(cfg, runtime):
             if removed:
                 print(f"removed {removed} temporary file(s) of interrupted writes "
                       f"({size / 2**20:.1f} MiB) from {cfg.out_dir}")
+            log.start()
         except UserError as e:
             if lock is not None:
                 lock.release()
@@ -558,8 +561,11 @@ def claimed_out_dir(cfg, runtime):
         error = error or UserError(f"rank 0 could not take out_dir {cfg.out_dir}")
     if error is not None:
         raise error
+    failed = True
     try:
         yield
+        failed = False
     finally:
+        log.close(failed=failed)
         if lock is not None:
             lock.release()
