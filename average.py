@@ -70,7 +70,7 @@ from model import GPT, GPTConfig
 from online_averaging import averager_fields
 from posthoc import Reconstruction, find_stored_profiles
 from report import markdown_table, plot_curves, progress
-from runtime import agree, check_dtype, init_runtime, teardown
+from runtime import SAME_FILES, agree, check_dtype, init_runtime, teardown
 
 
 def _sweepable(cls, key, default):
@@ -358,10 +358,9 @@ class PhaseTimes:
             torch.cuda.synchronize(self.device)
 
 
-def average(cfg):
-    """Run the pass; write results.csv/json and plot.png; return the summary (rows, best
-    settings, skipped files, time per phase, and this process's final averagers). Under
-    torchrun every process returns; rank 0 writes the outputs and its summary has every row."""
+def _read_trajectory(cfg):
+    """The trajectory's files and what the pass needs of them, every check of the input done:
+    (ignored, skipped, files, steps, eval_steps, save_step, stored profiles, settings)."""
     files, ignored, bad = checkpoint.discover(cfg.ckpt_dir)
     skipped = []
 
@@ -398,14 +397,24 @@ def average(cfg):
         stored = find_stored_profiles(profile_directories(cfg), files[0].model_args,
                                       cfg.posthoc_profiles, skip)
     settings = expand_settings(cfg, first_step=steps[0], stored=stored)   # errors before work
+    return ignored, skipped, files, steps, eval_steps, save_step, stored, settings
 
+
+def average(cfg):
+    """Run the pass; write results.csv/json and plot.png; return the summary (rows, best
+    settings, skipped files, time per phase, and this process's final averagers). Under
+    torchrun every process returns; rank 0 writes the outputs and its summary has every row."""
+    # the process group first: on several nodes a file that one node cannot read fails there
+    # alone, and agree() stops every rank with its message instead of leaving the others waiting
     runtime = init_runtime(cfg.device, cfg.dtype)
     try:
+        ignored, skipped, files, steps, eval_steps, save_step, stored, settings = agree(
+            runtime, lambda: _read_trajectory(cfg), SAME_FILES)
         owner = assign_ranks(settings, runtime.world_size)
         mine = [s for s in settings if owner[s.label] == runtime.rank]
         placement = agree(runtime, lambda: check_memory(
             files[0].model_args, mine, runtime, cfg, stored, len(eval_steps)))
-        data = open_dataset(cfg.dataset, cfg.data_dir)
+        data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
         summary = _one_pass(cfg, runtime, data, files, steps, eval_steps, save_step, skipped,
                             stored, placement)
     finally:

@@ -19,6 +19,7 @@ step, and the checkpoint holds model + optimizer + averagers + step. Nothing els
 
 import dataclasses
 import math
+import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -39,10 +41,10 @@ from flat_params import FlatParameters
 from model import GPT, GPTConfig, NAMED_SIZES, device_peak_flops
 from online_averaging import AveragingConfig, OnlineAveraging, averager_hparams, posthoc_profiles
 from report import format_duration
-from run_dir import (MetricsLog, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
-                     remove_leftover_temporaries)
-from runtime import (StopSignal, all_reduce_mean, check_device, check_dtype, init_runtime,
-                     teardown)
+from run_dir import (MetricsLog, OutDirError, OutDirLock, latest_resume_or_error,
+                     refuse_to_overwrite, remove_leftover_temporaries)
+from runtime import (SAME_FILES, LostContact, StopSignal, agree, all_reduce_mean, check_device,
+                     check_dtype, init_runtime, lost_contact, teardown)
 
 
 @dataclass
@@ -130,6 +132,9 @@ class TrainConfig(AveragingConfig):
     compile: bool = False          # torch.compile the model
     seed: int = 1337               # initial weights, batches and dropout are functions of it
     peak_flops: float | None = None  # device peak FLOP/s for MFU (None: looked up for A100/H100/H200)
+    dist_timeout: float = 600      # under torchrun: seconds a rank waits for the others before the
+                                   # run stops with an error (a node died or froze); more than
+                                   # rank 0 takes to write a checkpoint
 
     def __post_init__(self):
         positive = ["eval_interval", "eval_iters", "log_interval", "ckpt_interval", "batch_size",
@@ -154,6 +159,8 @@ class TrainConfig(AveragingConfig):
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout={self.dist_timeout} must be > 0 (seconds)")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
         check_device(self.device)
@@ -442,22 +449,51 @@ def claim_out_dir(cfg, runtime):
     return lock
 
 
+def check_shared_out_dir(cfg, runtime):
+    """Under torchrun every rank reads the checkpoint it resumes from, so each must see rank 0's
+    newest one: out_dir is one file system shared by every node, mounted at the same path."""
+    if not (runtime.ddp and cfg.init_from == "resume"):
+        return
+    newest = checkpoint.latest_resume(cfg.out_dir)
+    seen = [None] * runtime.world_size
+    dist.all_gather_object(seen, (socket.gethostname(), newest.name if newest else None),
+                           group=runtime.control_group)
+    for rank, (host, name) in enumerate(seen):
+        if name != seen[0][1]:
+            raise OutDirError(
+                f"rank {rank} on {host} sees {name or 'no resume checkpoint'} as the newest in "
+                f"{cfg.out_dir}, rank 0 on {seen[0][0]} sees {seen[0][1] or 'none'}: out_dir must "
+                f"be one file system that every node mounts at the same path (a network file "
+                f"system that caches listings may need a minute after the last write)")
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 def train(cfg):
-    runtime = init_runtime(cfg.device, cfg.dtype)
+    runtime = init_runtime(cfg.device, cfg.dtype, cfg.dist_timeout)
     try:
         return _train(cfg, runtime)
+    except RuntimeError as e:   # a node died or froze: one line from each node, not a traceback
+        lost = lost_contact(e, runtime, cfg.dist_timeout)
+        if lost is None:
+            raise
+        newest = checkpoint.latest_resume(cfg.out_dir)
+        raise LostContact(f"{lost} " + (
+            f"The newest resume checkpoint is {newest}: start every node again with "
+            f"--init_from=resume" if newest else f"{cfg.out_dir} holds no resume checkpoint "
+            f"yet")) from None
     finally:
         teardown(runtime)
 
 
 def _train(cfg, runtime):
-    # everything that can fail on bad input fails here, before anything is written
-    data = open_dataset(cfg.dataset, cfg.data_dir)
+    # everything that can fail on bad input fails here, before anything is written; on several
+    # nodes a file that one node cannot see fails there alone, so every rank agrees on errors
+    data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
     micro_steps_per_rank(cfg, runtime)
-    cfg, loaded = load_start(cfg)
+    check_shared_out_dir(cfg, runtime)
+    cfg, loaded = agree(runtime, lambda: load_start(cfg), SAME_FILES)
     if cfg.init_from != "resume":
         refuse_to_overwrite(cfg.out_dir)
     model, optimizer, state, model_args, flat = build(cfg, runtime, data, loaded)
