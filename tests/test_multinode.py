@@ -4,6 +4,7 @@ recipe starts them on two machines. Training equals one process with the same gl
 resumes on another node count; only rank 0 writes into out_dir; nodes that see different
 out_dirs, a frozen node, and average.py over two nodes."""
 
+import errno
 import hashlib
 import json
 import os
@@ -22,8 +23,10 @@ from safetensors import safe_open
 
 import average
 import checkpoint
+import run_dir
 import train
 from average import AverageConfig
+from run_dir import OutDirError
 from runtime import LostContact, Runtime, lost_contact
 from train import TrainConfig
 
@@ -326,6 +329,20 @@ def test_only_a_collectives_failure_is_a_lost_contact():
     assert lost_contact(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ddp, 600) \
         is None   # a bug keeps its traceback
     assert lost_contact(ValueError("gloo"), ddp, 600) is None
+
+
+def test_an_out_dir_that_cannot_be_locked_is_one_clear_error(make_config, monkeypatch):
+    """A shared file system without flock (Lustre mounted without -o flock says ENOSYS): one
+    line naming the lock file and the fix, before anything is written."""
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(run_dir.fcntl, "flock", no_flock)
+    cfg = make_config()
+    with pytest.raises(OutDirError, match=r"cannot lock \S+/\.lock: Function not implemented; the "
+                       r"file system of out_dir does not support flock \(Lustre: mount it with "
+                       r"-o flock\)"):
+        train.train(cfg)
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == [".lock"]
 
 
 # ---------------------------------------------------------------------------------------------
