@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch.distributed.run import get_args_parser
 
 import average
 import checkpoint
@@ -343,6 +344,35 @@ def test_an_out_dir_that_cannot_be_locked_is_one_clear_error(make_config, monkey
                        r"-o flock\)"):
         train.train(cfg)
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == [".lock"]
+
+
+def test_the_slurm_script_starts_one_torchrun_per_node_with_the_first_as_endpoint(tmp_path):
+    """examples/slurm/train_multinode.sbatch with stand-ins for srun and scontrol: the command it
+    gives srun (run once per node) is the rendezvous the tests above use, and torchrun accepts
+    it."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text('#!/bin/sh\nprintf "gpu-a17\\ngpu-a18\\n"\n')
+    (stubs / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "73021",
+           "SLURM_JOB_NODELIST": "gpu-a[17-18]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_GPUS_ON_NODE": "4", "SRUN_ARGS": str(tmp_path / "srun_args")}
+    result = subprocess.run(["bash", "examples/slurm/train_multinode.sbatch",
+                             "config/train_small.py", "--init_from=resume"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args == ["--kill-on-bad-exit=0", "--wait=120", "torchrun", "--nnodes=2",
+                    "--nproc_per_node=4", "--rdzv_backend=c10d",
+                    "--rdzv_endpoint=gpu-a17:33021",   # 20000 + the job id modulo 20000
+                    "--rdzv_id=73021", "train.py", "config/train_small.py", "--init_from=resume"]
+    parsed = get_args_parser().parse_args(args[3:])
+    assert (parsed.nnodes, parsed.nproc_per_node, parsed.rdzv_backend, parsed.rdzv_endpoint,
+            parsed.training_script, parsed.training_script_args) == \
+        ("2", "4", "c10d", "gpu-a17:33021", "train.py", ["config/train_small.py",
+                                                         "--init_from=resume"])
 
 
 # ---------------------------------------------------------------------------------------------
