@@ -160,8 +160,8 @@ _PEER_GONE = re.compile(r"gloo|NCCL|timed? ?out|connection|pair closure|by peer"
 def lost_contact(error, runtime, timeout):
     """A LostContact for `error` if it is a collective's failure under torchrun, else None."""
     text = str(error)
-    if not (runtime.ddp and isinstance(error, RuntimeError) and (
-            isinstance(error, dist.DistError) or _PEER_GONE.search(text))):
+    if not (runtime.ddp and isinstance(error, RuntimeError) and not isinstance(error, UserError)
+            and (isinstance(error, dist.DistError) or _PEER_GONE.search(text))):
         return None
     reason = re.sub(r"^\[[^\]]*\]\s*", "", one_line(text)).split(". ")[0]   # no source path
     within = f"{timeout:g} s" if timeout is not None else "torch's default timeout"

@@ -330,6 +330,8 @@ def test_only_a_collectives_failure_is_a_lost_contact():
     assert lost_contact(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ddp, 600) \
         is None   # a bug keeps its traceback
     assert lost_contact(ValueError("gloo"), ddp, 600) is None
+    assert lost_contact(train.NonFiniteLossError("... raise --dist_timeout ..."), ddp, 600) \
+        is None   # the run's own errors stay as they are
 
 
 def test_an_out_dir_that_cannot_be_locked_is_one_clear_error(make_config, monkeypatch):
