@@ -24,21 +24,24 @@ from wagpt.configurator import main
 from wagpt.dataloader import open_dataset
 from wagpt.report import format_duration
 from wagpt.run_dir import MetricsLog, refuse_to_overwrite, save_config
-from wagpt.runtime import StopSignal, all_reduce_mean, init_runtime
-from wagpt.trainer import (Checkpointer, TrainConfig, build, claimed_out_dir, eval_batches,
-                           eval_record, evaluate, format_eval, load_start, micro_steps_per_rank,
-                           non_finite_error, seed_step, start_averaging, train_batches, train_step,
-                           wrap_model)
+from wagpt.runtime import SAME_FILES, StopSignal, agree, all_reduce_mean, init_runtime
+from wagpt.trainer import (Checkpointer, TrainConfig, build, check_shared_out_dir, claimed_out_dir,
+                           eval_batches, eval_record, evaluate, format_eval, load_start,
+                           lost_contact_reported, micro_steps_per_rank, non_finite_error,
+                           seed_step, start_averaging, train_batches, train_step, wrap_model)
 
 
 def train(cfg):
     """Train as `cfg` says; returns a summary of the end (the tests and the experiments read
     it)."""
-    with init_runtime(cfg.device, cfg.dtype) as runtime:
+    with init_runtime(cfg.device, cfg.dtype, cfg.dist_timeout) as runtime, \
+            lost_contact_reported(cfg, runtime):
         # ---- setup: everything that can fail on bad input fails here, before anything is written
-        data = open_dataset(cfg.dataset, cfg.data_dir)
+        # (on several nodes a file one node cannot see fails there alone: every rank agrees)
+        data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
         micro_steps_per_rank(cfg, runtime)
-        cfg, start = load_start(cfg)          # the file to resume or branch from, or None
+        check_shared_out_dir(cfg, runtime)
+        cfg, start = agree(runtime, lambda: load_start(cfg), SAME_FILES)   # resume, branch or None
         if cfg.init_from != "resume":
             refuse_to_overwrite(cfg.out_dir)
         run = build(cfg, runtime, data)        # model, optimizer, averages, post-hoc profiles

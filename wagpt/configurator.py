@@ -18,8 +18,8 @@ default and its trailing comment, so the help cannot drift from the code.
 
 A problem with the user's input (a config key or value, a data file, a checkpoint, a run
 directory) raises a UserError; `main()` prints it as one line `error: <message>` on stderr and
-exits with status 2, from rank 0 only under torchrun. Set WA_TRACEBACK=1 to see the traceback
-too. Any other exception is a bug and keeps its traceback.
+exits with status 2, from rank 0 only under torchrun (a lost peer: once per node). Set
+WA_TRACEBACK=1 to see the traceback too. Any other exception is a bug and keeps its traceback.
 """
 
 import ast
@@ -121,7 +121,8 @@ def main(config_cls, run, doc, argv=None):
     except UserError as e:
         if os.environ.get(TRACEBACK_ENV) == "1":
             traceback.print_exc()
-        if int(os.environ.get("RANK", "0")) == 0:   # under torchrun: once, not once per rank
+        if int(os.environ.get("RANK", "0")) == 0 or (     # under torchrun: once, not per rank
+                e.every_node and int(os.environ.get("LOCAL_RANK", "0")) == 0):
             print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 

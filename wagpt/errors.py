@@ -9,6 +9,8 @@ prints it as one line `error: <message>` on stderr and exits with status 2
 
 class UserError(Exception):
     """Bad input: the message names the culprit (key, file, value) and the fix."""
+    every_node = False   # under torchrun: printed by each node's local rank 0, not by rank 0
+                         # alone (for faults where rank 0 may be the process that is gone)
 
 
 class ConfigError(UserError, ValueError):

@@ -44,7 +44,7 @@ from wagpt.host_state import HostStateAverager
 from wagpt.online_averaging import averager_fields
 from wagpt.posthoc import Reconstruction, find_stored_profiles
 from wagpt.report import markdown_table, plot_curves, progress
-from wagpt.runtime import agree, check_dtype, init_runtime
+from wagpt.runtime import SAME_FILES, agree, check_dtype, init_runtime
 
 
 def _sweepable(cls, key, default):
@@ -715,10 +715,9 @@ def gather_rows(part, runtime):
 # ---------------------------------------------------------------------------------------------
 # all of it
 
-def average(cfg):
-    """Run the pass; write results.csv/json and plot.png; return the summary (rows, best
-    settings, skipped files, time per phase, and this process's final averagers). Under
-    torchrun every process returns; rank 0 writes the outputs and its summary has every row."""
+def read_inputs(cfg):
+    """The trajectory, the stored post-hoc profiles (None unless phema reads them) and the
+    settings of the sweep, every check of the input done."""
     trajectory = Trajectory(cfg)
     check_burn_in_steps(cfg, trajectory.steps)
     stored = None
@@ -728,9 +727,19 @@ def average(cfg):
     first, _ = trajectory.first()   # the first checkpoint that loads: the default burn-in
     settings = expand_settings(cfg, first_step=first.step, stored=stored)
     check_save_choice(cfg, settings)
+    return trajectory, stored, settings
+
+
+def average(cfg):
+    """Run the pass; write results.csv/json and plot.png; return the summary (rows, best
+    settings, skipped files, time per phase, and this process's final averagers). Under
+    torchrun every process returns; rank 0 writes the outputs and its summary has every row."""
+    # the process group first: on several nodes a file that one node cannot read fails there
+    # alone, and agree() stops every rank with its message instead of leaving the others waiting
     with init_runtime(cfg.device, cfg.dtype) as runtime:
+        trajectory, stored, settings = agree(runtime, lambda: read_inputs(cfg), SAME_FILES)
         plan = make_plan(cfg, settings, trajectory, stored, runtime)
-        data = open_dataset(cfg.dataset, cfg.data_dir)
+        data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
         part = one_pass(cfg, runtime, data, trajectory, plan, stored)
         rows, saved, timing = gather_rows(part, runtime)
     summary = {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),

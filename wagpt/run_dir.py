@@ -69,6 +69,11 @@ class OutDirLock:
             os.close(fd)
             raise OutDirError(f"{self.path.parent} is in use by another run ({holder}); wait for "
                               f"it to end, or write this run elsewhere with --out_dir=...") from None
+        except OSError as e:   # ENOSYS, ENOLCK: e.g. Lustre mounted without -o flock
+            os.close(fd)
+            raise OutDirError(f"cannot lock {self.path}: {e.strerror}; the file system of out_dir "
+                              f"does not support flock (Lustre: mount it with -o flock); write "
+                              f"this run to one that does with --out_dir=...") from None
         previous = _read_holder(fd)
         if previous != "unknown":   # the file survived its holder: that run did not end cleanly
             warnings.warn(f"{self.path} was left by a run that is gone ({previous}); taking it "

@@ -12,9 +12,11 @@ Every entry point (train.py, average.py, eval_ckpt.py, sample.py) starts here, s
 same everywhere: CUDA if available with bfloat16 autocast, else the CPU in float32.
 """
 
+import datetime
 import os
 import re
 import signal
+import socket
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -75,8 +77,10 @@ def check_device(device):
     return device
 
 
-def init_runtime(device="auto", dtype="auto"):
-    """Pick the device and precision; join the process group when launched by torchrun."""
+def init_runtime(device="auto", dtype="auto", timeout=None):
+    """Pick the device and precision; join the process group when launched by torchrun.
+    `timeout`: seconds a collective waits for the other ranks before it fails (None: torch's
+    default, 30 min for gloo, 10 min for NCCL)."""
     check_dtype(dtype)
     check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -99,11 +103,13 @@ def init_runtime(device="auto", dtype="auto"):
     torch_device = torch.device(device_name)
     control_group = None
     if world_size > 1:
+        wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo",
+                                    **wait)
         # host-side flags (the stop signal) travel on a CPU group: reading them never waits
         # for the GPU's queue of work
-        control_group = (dist.new_group(backend="gloo") if dist.get_backend() != "gloo"
+        control_group = (dist.new_group(backend="gloo", **wait) if dist.get_backend() != "gloo"
                          else dist.group.WORLD)
     if dtype == "auto":
         dtype = ("bfloat16" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -117,24 +123,58 @@ def teardown(runtime):
         dist.destroy_process_group()
 
 
-def agree(runtime, check):
-    """check() on every rank; when it raises a UserError on any, every rank raises (rank 0 with
-    the first failing rank's message), so that no rank waits for another at a collective."""
+SAME_FILES = "every node must see the same files at the same paths"
+
+
+def agree(runtime, check, hint=""):
+    """check() on every rank; when it raises a UserError on any, every rank raises, so that no
+    rank waits for another at a collective. When some ranks failed and others did not (on several
+    nodes: a file one node cannot see), the message is the first failing rank's, naming that rank
+    and its host, one that did not fail, and `hint` (e.g. SAME_FILES)."""
     error = None
     try:
         result = check()
     except UserError as e:
         error, result = e, None
     if runtime.ddp:
-        messages = [None] * runtime.world_size
-        dist.all_gather_object(messages, None if error is None else one_line(error),
-                               group=runtime.control_group)
-        failed = [m for m in messages if m]
-        if failed and error is None:
-            error = ConfigError(failed[0])
+        seen = [None] * runtime.world_size   # (host, message or None) of every rank
+        dist.all_gather_object(seen, (socket.gethostname(), None if error is None else
+                                      one_line(error)), group=runtime.control_group)
+        failed = [(r, host, m) for r, (host, m) in enumerate(seen) if m]
+        passed = [(r, host) for r, (host, m) in enumerate(seen) if not m]
+        if failed and passed:
+            (rank, host, message), (other, other_host) = failed[0], passed[0]
+            error = ConfigError(f"rank {rank} on {host}: {message} (rank {other} on "
+                                f"{other_host} had no such error{'; ' + hint if hint else ''})")
     if error is not None:
         raise error
     return result
+
+
+class LostContact(UserError, RuntimeError):
+    """Under torchrun a collective failed: another process of the run died (its connections
+    closed) or did not answer within the timeout (a frozen node, a cut network). Each node prints
+    it: rank 0 may be the one that is gone."""
+    every_node = True
+
+
+# what gloo and NCCL say when a peer is gone: "[.../gloo/...] Read error ...: Connection reset by
+# peer", "Timed out waiting 600000ms for recv operation to complete", "Application timeout
+# caused pair closure", "NCCL communicator was aborted", ... (plain RuntimeErrors, some of them)
+_PEER_GONE = re.compile(r"gloo|NCCL|timed? ?out|connection|pair closure|by peer", re.IGNORECASE)
+
+
+def lost_contact(error, runtime, timeout):
+    """A LostContact for `error` if it is a collective's failure under torchrun, else None."""
+    text = str(error)
+    if not (runtime.ddp and isinstance(error, RuntimeError) and not isinstance(error, UserError)
+            and (isinstance(error, dist.DistError) or _PEER_GONE.search(text))):
+        return None
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", one_line(text)).split(". ")[0]   # no source path
+    within = f"{timeout:g} s" if timeout is not None else "torch's default timeout"
+    return LostContact(f"rank {runtime.rank} on {socket.gethostname()} lost contact with the "
+                       f"other processes of the run: one died or did not answer within {within} "
+                       f"({reason}; the other nodes' logs say which).")
 
 
 def all_reduce_mean(value, runtime):

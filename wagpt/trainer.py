@@ -19,12 +19,14 @@ else carries state.
 
 import dataclasses
 import math
+import socket
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, NAMED_SIZES, GPTConfig
@@ -35,9 +37,9 @@ from wagpt.errors import CheckpointError, ConfigError, UserError, WriteError
 from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
                                     posthoc_profiles)
-from wagpt.run_dir import (OutDirLock, latest_resume_or_error, refuse_to_overwrite,
+from wagpt.run_dir import (OutDirError, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
                            remove_leftover_temporaries)
-from wagpt.runtime import all_reduce_mean, check_device, check_dtype
+from wagpt.runtime import LostContact, all_reduce_mean, check_device, check_dtype, lost_contact
 
 
 @dataclass
@@ -125,6 +127,9 @@ class TrainConfig(AveragingConfig):
     compile: bool = False          # torch.compile the model
     seed: int = 1337               # initial weights, batches and dropout are functions of it
     peak_flops: float | None = None  # device peak FLOP/s for MFU (None: looked up for A100/H100/H200)
+    dist_timeout: float = 600      # under torchrun: seconds a rank waits for the others before the
+                                   # run stops with an error (a node died or froze); more than
+                                   # rank 0 takes to write a checkpoint
 
     def __post_init__(self):
         positive = ["eval_interval", "eval_iters", "log_interval", "ckpt_interval", "batch_size",
@@ -149,6 +154,8 @@ class TrainConfig(AveragingConfig):
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout={self.dist_timeout} must be > 0 (seconds)")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
         check_device(self.device)
@@ -569,3 +576,39 @@ def claimed_out_dir(cfg, runtime, log):
         log.close(failed=failed)
         if lock is not None:
             lock.release()
+
+
+def check_shared_out_dir(cfg, runtime):
+    """Under torchrun every rank reads the checkpoint it resumes from, so each must see rank 0's
+    newest one: out_dir is one file system shared by every node, mounted at the same path."""
+    if not (runtime.ddp and cfg.init_from == "resume"):
+        return
+    newest = checkpoint.latest_resume(cfg.out_dir)
+    seen = [None] * runtime.world_size
+    dist.all_gather_object(seen, (socket.gethostname(), newest.name if newest else None),
+                           group=runtime.control_group)
+    for rank, (host, name) in enumerate(seen):
+        if name != seen[0][1]:
+            raise OutDirError(
+                f"rank {rank} on {host} sees {name or 'no resume checkpoint'} as the newest in "
+                f"{cfg.out_dir}, rank 0 on {seen[0][0]} sees {seen[0][1] or 'none'}: out_dir must "
+                f"be one file system that every node mounts at the same path (a network file "
+                f"system that caches listings may need a minute after the last write)")
+
+
+@contextmanager
+def lost_contact_reported(cfg, runtime):
+    """`with lost_contact_reported(cfg, runtime):` a collective that fails because another
+    process of the run died or froze (runtime.lost_contact) becomes one line from each node,
+    naming the newest resume checkpoint to start every node again from; other errors pass."""
+    try:
+        yield
+    except RuntimeError as e:
+        lost = lost_contact(e, runtime, cfg.dist_timeout)
+        if lost is None:
+            raise
+        newest = checkpoint.latest_resume(cfg.out_dir)
+        raise LostContact(f"{lost} " + (
+            f"The newest resume checkpoint is {newest}: start every node again with "
+            f"--init_from=resume" if newest else f"{cfg.out_dir} holds no resume checkpoint "
+            f"yet")) from None
