@@ -481,6 +481,30 @@ def test_host_state_gives_the_results_of_device_state_bit_for_bit(run_dir, tiny_
             assert torch.equal(a["tensors"][key], tensor), (label, key)
 
 
+@pytest.mark.parametrize("chunk", [997, 1000, 4099])
+def test_host_state_equals_device_state_bit_for_bit_for_every_method(chunk):
+    """Every registered method, chunks that do not divide the 30011 parameters: the average and
+    the state equal those of one averager over the whole vector, bit for bit, at every step
+    (LAWA's mean of 5 copies used to differ in up to 0.3% of the entries)."""
+    numel, steps = 30011, 12
+    g = torch.Generator().manual_seed(chunk)
+    trajectory = torch.randn(steps, numel, generator=g).cumsum(0)
+    for name, cls in AVERAGERS.items():
+        hparams = {**cls.defaults, cls.start_key: 0, cls.freq_key: 1}
+        hparams.update({"lawa": dict(lawa_k=5), "wa": dict(wa_horizon=2, wa_windows=5)}.get(
+            name, {}))
+
+        def build(name=name, hparams=hparams):
+            return build_averager(name, allow_gaps=True, **hparams)
+        whole, host = build(), HostStateAverager(build, numel, torch.device("cpu"), chunk)
+        for step in range(steps):
+            whole.update(step, trajectory[step])
+            host.update(step, trajectory[step])
+            assert torch.equal(host.average(), whole.average()), (name, step)
+        a, b = host.state_dict(), whole.state_dict()
+        assert all(torch.equal(a["tensors"][k], v) for k, v in b["tensors"].items()), name
+
+
 def test_two_gloo_ranks_give_one_process_results(run_dir, tiny_data_dir, tmp_path):
     """torchrun --nproc_per_node=2 average.py: the settings split over the ranks, rank 0 writes
     results.csv/json equal to one process's (every row, exactly) and the chosen --save."""
