@@ -22,10 +22,11 @@ import average
 import train
 from model import GPT, GPTConfig
 from wagpt import checkpoint, offline_averaging, run_dir
-from wagpt.configurator import load_config
+from wagpt.configurator import load_config, main
 from wagpt.dataloader import DataError, TokenDataset
 from wagpt.errors import CheckpointError, ConfigError, WriteError
 from wagpt.offline_averaging import AverageConfig
+from wagpt.throughput import BenchConfig, measure_throughput
 from wagpt.trainer import NonFiniteLossError, TrainConfig, newest_finite_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -420,6 +421,116 @@ def test_impossible_values_are_config_errors(arg, phrase):
 def test_a_directory_given_as_a_checkpoint_is_named_as_one(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory, not a checkpoint"):
         checkpoint.read_checkpoint(tmp_path)
+
+
+def one_line_error(entry, argv, capsys):
+    """Run a command's main() in-process as its script does; the one line it printed."""
+    config_cls, run = entry
+    with pytest.raises(SystemExit) as exit:
+        main(config_cls, run, "", argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+TRAIN, BENCH, AVERAGE = ((TrainConfig, train.train), (BenchConfig, measure_throughput),
+                         (AverageConfig, average.average))
+
+
+@pytest.mark.parametrize("entry, args, phrase", [
+    (TRAIN, ["--n_embd=33", "--n_head=2"], "n_embd=33 is not a multiple of n_head=2"),
+    (BENCH, ["--n_embd=33", "--n_head=2"], "n_embd=33 is not a multiple of n_head=2"),
+    (TRAIN, ["--seed=18446744073709551616"], "seed = 18446744073709551616 in --seed="),
+    (TRAIN, ["--seed=2**64"], "seed = '2**64' (str)"),
+    (TRAIN, ["--max_iters=1" + "0" * 3999], "max_iters = 100000000000... (4000 digits)"),
+    (AVERAGE, ["--ckpt_dir=x", "--posthoc_profiles=[]"], "posthoc_profiles=[] selects no"),
+])
+def test_impossible_numbers_are_one_line_before_anything_is_written(entry, args, phrase, capsys,
+                                                                    tmp_path):
+    line = one_line_error(entry, args + [f"--out_dir={tmp_path / 'out'}"], capsys)
+    assert phrase in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_architecture_error_under_torchrun_is_one_line(tiny_data_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "train.py", "--n_embd=33", "--n_head=2",
+                             "--device=cpu", f"--data_dir={tiny_data_dir}",
+                             f"--out_dir={tmp_path / 'out'}"],
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "n_embd=33" in line]
+    assert lines == ["error: n_embd=33 is not a multiple of n_head=2: each head gets n_embd // "
+                     "n_head channels; change one of them"], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs where the test may mount one (root on Linux), else None."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                        capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    yield mount if ok else None
+    if ok:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("read-only", "could not write .*/ro/run/.lock: .*Read-only file system.*Check that the "
+                  "folder is writable"),
+    ("a file", "out_dir .*/run is a file, not a folder; choose another --out_dir"),
+    ("under a file", "out_dir .*/run/sub is under .*/run, which is a file, not a folder"),
+    (".lock a folder", "run/.lock is a folder, but it is where a run keeps its lock file"),
+    ("metrics.jsonl a folder", "run/metrics.jsonl is not a file"),
+])
+@pytest.mark.parametrize("entry", [TRAIN, AVERAGE], ids=["train", "average"])
+def test_an_unusable_out_dir_is_one_line(case, phrase, entry, make_config, read_only_dir,
+                                         tmp_path, tiny_data_dir, capsys, monkeypatch):
+    out = tmp_path / "run"
+    if case == "read-only":
+        if read_only_dir is None:   # no mount allowed: the error the file system would give
+            real_open = os.open
+            monkeypatch.setattr(os, "open", lambda path, *a: real_open(path, *a) if
+                                not str(path).endswith(".lock") else
+                                (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+            read_only_dir = tmp_path / "ro"
+        out = read_only_dir / "run"
+    elif case == "a file":
+        out.write_text("notes")
+    elif case == "under a file":
+        out.write_text("notes")
+        out = out / "sub"
+    elif case == ".lock a folder":
+        (out / ".lock").mkdir(parents=True)
+    elif entry is TRAIN:   # metrics.jsonl a folder, in a run to resume
+        train.train(make_config(out_dir=str(out), max_iters=4, lawa_interval=100))
+        (out / "metrics.jsonl").unlink()
+        (out / "metrics.jsonl").mkdir()
+    else:
+        pytest.skip("average.py keeps no metrics.jsonl")
+    args = [f"--data_dir={tiny_data_dir}", f"--out_dir={out}", "--device=cpu"]
+    if entry is TRAIN:
+        args += TINY + ["--max_iters=4", "--warmup_iters=1"]
+        args += ["--init_from=resume"] if case == "metrics.jsonl a folder" else []
+    else:
+        args += [f"--ckpt_dir={tmp_path / 'traj'}"]
+        traj = tmp_path / "traj"
+        traj.mkdir()
+        model_args = dict(block_size=16, vocab_size=21, n_layer=1, n_head=2, n_embd=16)
+        for step in (0, 1):
+            checkpoint.save_snapshot(traj, GPT(GPTConfig(**model_args)), step, 0, model_args)
+    assert re.search(phrase, one_line_error(entry, args, capsys))
+
+
+def test_a_checkpoint_with_a_negative_step_is_named(make_config, tmp_path):
+    cfg = make_config(max_iters=4)
+    train.train(cfg)
+    path = checkpoint.latest_resume(cfg.out_dir)
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "iter_num": -3, "checksum": None}, path)
+    with pytest.raises(CheckpointError, match="ckpt_0000004.pt: its step is -3"):
+        checkpoint.read_checkpoint(path)
 
 
 @pytest.fixture

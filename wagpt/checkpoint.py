@@ -430,9 +430,13 @@ def _check_model_args(model_args, path):
 
 def _int_step(value, path):
     try:
-        return int(value)
+        step = int(value)
     except (TypeError, ValueError):
         raise CheckpointError(f"{path}: its step {value!r} is not an integer") from None
+    if step < 0:
+        raise CheckpointError(f"{path}: its step is {step}; a step counts optimizer updates and "
+                              f"is >= 0 (the file is corrupt or was not written by training)")
+    return step
 
 
 def _name_step(path):

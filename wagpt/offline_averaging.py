@@ -123,6 +123,9 @@ class AverageConfig(SweepConfig):
             raise ValueError(f"state_device={self.state_device!r}: use 'auto', 'device' or "
                              f"'host'")
         phema_sources(self, stored=None)   # raises on a bad phema_source
+        if self.posthoc_profiles is not None and not self.posthoc_profiles:
+            raise ValueError("posthoc_profiles=[] selects no stored profile: give their widths "
+                             "(σ_rel), e.g. [0.05,0.1], or None for all of them")
         for width in self.posthoc_profiles or []:
             if not 0 < width <= SIGMA_REL_MAX:
                 raise ValueError(f"posthoc_profiles={self.posthoc_profiles}: {width} is not a "

@@ -59,8 +59,11 @@ class OutDirLock:
         self.fd = None
 
     def acquire(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise unusable_out_dir(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,6 +97,21 @@ class OutDirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def unusable_out_dir(lock_path, error):
+    """The UserError of an out_dir whose lock file cannot be made: a file where the folder or
+    the lock should be, or a folder that cannot be written."""
+    out_dir = lock_path.parent
+    blocker = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()),
+                   None)
+    if blocker is not None:
+        where = "is a file" if blocker == out_dir else f"is under {blocker}, which is a file"
+        return OutDirError(f"out_dir {out_dir} {where}, not a folder; choose another --out_dir")
+    if lock_path.is_dir():
+        return OutDirError(f"{lock_path} is a folder, but it is where a run keeps its lock file; "
+                           f"move it away, or choose another --out_dir")
+    return WriteError(write_failure(lock_path, error))
 
 
 def _read_holder(fd):
@@ -180,6 +198,9 @@ class MetricsLog:
         self.wandb = None
 
     def check(self):
+        if self.path.exists() and not self.path.is_file():
+            raise UserError(f"{self.path} is not a file (a folder?); the log of the run must be "
+                            f"one: move it away, or choose another --out_dir")
         if self.cfg.wandb_log:
             try:
                 import wandb  # noqa: F401

@@ -152,6 +152,9 @@ class TrainConfig(AveragingConfig):
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
         check_device(self.device)
+        if self.model_size is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}: "
+                             f"each head gets n_embd // n_head channels; change one of them")
         if self.model_size is not None and self.model_size not in NAMED_SIZES:
             raise ValueError(f"model_size={self.model_size!r} is unknown; use one of "
                              f"{sorted(NAMED_SIZES)} or None")
