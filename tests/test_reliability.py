@@ -17,9 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import average
+import eval_ckpt
 import train
+from eval_ckpt import EvalConfig
 from model import GPT, GPTConfig
 from wagpt import checkpoint, offline_averaging, run_dir
 from wagpt.configurator import load_config, main
@@ -291,7 +295,7 @@ def snapshots(tiny_data_dir, tmp_path_factory):
 
 
 def copy_dir(src, dst):
-    dst.mkdir()
+    dst.mkdir(parents=True)
     for p in src.iterdir():
         (dst / p.name).write_bytes(p.read_bytes())
     return dst
@@ -349,6 +353,76 @@ def test_two_files_of_one_step_are_skipped_with_skip_bad(snapshots, tiny_data_di
         ["copy_of_3.safetensors", "step_0000003.safetensors"]
     assert 3 not in {r["step"] for r in summary["rows"]} and \
         {r["step"] for r in summary["rows"]} >= {2, 4}
+
+
+def poisoned(path, dst, kind):
+    """A copy of the snapshot or profile file `path` at `dst` with one NaN, written as a tool
+    other than train.py would (no checksum)."""
+    tensors, metadata = load_file(path), safe_open(path, "pt").metadata()
+    metadata.pop("checksum")
+    name = next(k for k in sorted(tensors) if k.endswith("wte.weight"))
+    tensors[name][3, 1] = float("nan")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, dst, metadata=metadata)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "profile", "init_from", "eval"])
+def test_a_non_finite_input_is_named_before_anything_is_written(kind, snapshots, tiny_data_dir,
+                                                                tmp_path):
+    """One NaN used to give `nan` rows and exit 0 (average.py), or a learning-rate message
+    (--init_from)."""
+    run = copy_dir(snapshots, tmp_path / "run" / "snapshots").parent
+    copy_dir(snapshots.parent / "posthoc", run / "posthoc")
+    source = "posthoc" if kind == "profile" else "snapshots"
+    path = run / source / "step_0000003.safetensors"
+    name = poisoned(path, path, kind)
+    expected = f"step_0000003.safetensors: {re.escape(name)} holds NaN or infinite values"
+    if kind in ("snapshot", "profile"):
+        cfg = avg_config(run / "snapshots", tiny_data_dir, tmp_path, methods="ema,phema",
+                         phema_source="profiles" if kind == "profile" else "snapshots")
+        with pytest.raises(CheckpointError, match=expected):
+            average.average(cfg)
+        assert not (tmp_path / "avg" / "results.csv").exists()
+    elif kind == "init_from":
+        cfg = TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(tmp_path / "branch"),
+                          init_from=str(path), max_iters=8, eval_iters=2, batch_size=4,
+                          warmup_iters=1, device="cpu", averaging="")
+        with pytest.raises(CheckpointError, match=expected):
+            train.train(cfg)
+        assert not (tmp_path / "branch").exists()
+    else:
+        with pytest.raises(CheckpointError, match=expected):
+            eval_ckpt.evaluate(EvalConfig(ckpt=str(path), data_dir=str(tiny_data_dir),
+                                          eval_iters=1, batch_size=4, device="cpu"))
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "profile", "resume"])
+def test_a_flipped_byte_is_named_where_it_is_read(kind, snapshots, tiny_data_dir, tmp_path):
+    run = copy_dir(snapshots, tmp_path / "run" / "snapshots").parent
+    copy_dir(snapshots.parent / "posthoc", run / "posthoc")
+    resume = checkpoint.latest_resume(snapshots.parent)
+    (run / resume.name).write_bytes(resume.read_bytes())
+    path = {"snapshot": run / "snapshots" / "step_0000004.safetensors",
+            "profile": run / "posthoc" / "step_0000004.safetensors",
+            "resume": run / resume.name}[kind]
+    record = (checkpoint.read_posthoc(path).weights["sigma_rel=0.05"] if kind == "profile"
+              else checkpoint.read_checkpoint(path).weights)
+    blob = bytearray(path.read_bytes())
+    at = blob.find(record["transformer.h.1.mlp.c_fc.weight"].numpy().tobytes()[:64])
+    blob[at + 9] ^= 0x01
+    path.write_bytes(bytes(blob))
+    expected = f"{path.name} is corrupt: its contents do not match the checksum"
+    if kind == "resume":
+        with pytest.raises(CheckpointError, match=expected):
+            train.train(TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(run),
+                                    init_from="resume", max_iters=8, eval_iters=2, batch_size=4,
+                                    warmup_iters=1, device="cpu", averaging=""))
+        return
+    cfg = avg_config(run / "snapshots", tiny_data_dir, tmp_path, methods="ema,phema",
+                     phema_source="profiles" if kind == "profile" else "snapshots")
+    with pytest.raises(CheckpointError, match=expected):
+        average.average(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from model import GPT, GPTConfig
-from wagpt import hf_gpt2
+from wagpt import hf_gpt2, integrity
 from wagpt.atomic import atomic_write
 from wagpt.errors import CheckpointError
 
@@ -136,7 +136,9 @@ def latest_resume(out_dir):
 def save_resume(out_dir, payload, keep_last):
     """Write payload (with its iter_num) as the newest resume checkpoint; prune older ones."""
     path = resume_path(out_dir, payload["iter_num"])
-    atomic_write(path, lambda f: torch.save({"format": RESUME_FORMAT, **payload}, f))
+    payload = {"format": RESUME_FORMAT, **payload}
+    payload["checksum"] = integrity.checksum(integrity.tree_entries(payload))
+    atomic_write(path, lambda f: torch.save(payload, f))
     if keep_last > 0:  # prune only after the new file is safely in place
         for old in list_resume_checkpoints(out_dir)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -161,7 +163,7 @@ def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None
     metadata = {"format": SNAPSHOT_FORMAT, "step": str(step), "tokens_seen": str(tokens_seen),
                 "model_args": json.dumps(model_args, sort_keys=True)}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    blob = safetensors_save(tensors, metadata=metadata)
+    blob = safetensors_save(tensors, metadata=_with_checksum(tensors, metadata))
     return atomic_write(snapshot_path(snapshot_dir, step), blob)
 
 
@@ -177,7 +179,50 @@ def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args):
                 "model_args": json.dumps(model_args, sort_keys=True),
                 "profiles": json.dumps([info for info, _ in profiles])}
     return atomic_write(snapshot_path(posthoc_dir, step),
-                        safetensors_save(tensors, metadata=metadata))
+                        safetensors_save(tensors, metadata=_with_checksum(tensors, metadata)))
+
+
+def _with_checksum(tensors, metadata):
+    """The metadata of a safetensors file plus the checksum of its tensors and metadata."""
+    return {**metadata, "checksum": integrity.checksum(_safetensors_entries(
+        sorted(tensors.items()), metadata))}
+
+
+def _safetensors_entries(named, metadata):
+    """What a safetensors file's checksum covers: its metadata (but the checksum) and every
+    tensor's bytes, by name in sorted order."""
+    shown = json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True)
+    return [("__metadata__", shown), *named]
+
+
+def _verified_safetensors(path, blob, header):
+    """The tensors of a safetensors file's bytes, after its checksum (if it has one) is
+    verified and every tensor is found finite; CheckpointError naming the file else."""
+    try:
+        tensors = safetensors_load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
+                              f"corrupt?): {e}") from None
+    metadata = header.get("__metadata__") or {}
+    if "checksum" in metadata:
+        start = 8 + int.from_bytes(blob[:8], "little")
+        data = memoryview(blob)
+        try:
+            named = [(name, data[start + info["data_offsets"][0]:start + info["data_offsets"][1]])
+                     for name, info in sorted(header.items()) if name != "__metadata__"]
+        except (KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path} has a corrupt header: {e}") from None
+        integrity.verify(metadata["checksum"], _safetensors_entries(named, metadata), path)
+    _check_finite(path, tensors.items())
+    return tensors
+
+
+def _check_finite(path, named):
+    bad = integrity.first_non_finite(named)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad} holds NaN or infinite values; training, averaging "
+                              f"or evaluating from it would spread them (training never saves "
+                              f"such a file): use another checkpoint")
 
 
 @dataclass
@@ -223,11 +268,7 @@ def read_posthoc(path, tensors=True):
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
     weights = None
     if tensors:
-        try:
-            flat = safetensors_load(blob)
-        except (SafetensorError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
-                                  f"corrupt?): {e}") from None
+        flat = _verified_safetensors(path, blob, header)
         weights = {info["name"]: {} for info in profiles}
         for key, value in flat.items():
             name, _, parameter = key.partition("/")
@@ -340,11 +381,6 @@ def _read_safetensors_header(path, whole_file):
 
 def _read_safetensors(path, tensors):
     blob, header = _read_safetensors_header(path, tensors)
-    try:
-        weights = safetensors_load(blob) if tensors else None
-    except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
-                              f"corrupt?): {e}") from None
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") == POSTHOC_FORMAT:
         raise CheckpointError(f"{path} holds post-hoc EMA profiles (several averages of one "
@@ -361,6 +397,7 @@ def _read_safetensors(path, tensors):
         step = _int_step(metadata["step"], path) if "step" in metadata else _name_step(path)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
+    weights = _verified_safetensors(path, blob, header) if tensors else None
     return Checkpoint(path, "snapshot", _check_model_args(model_args, path), step,
                       tokens_seen=int(tokens) if tokens is not None else None, weights=weights,
                       averager=averaging_info.get("averager"),
@@ -386,6 +423,11 @@ def _read_torch(path, tensors):
     if not isinstance(ckpt.get("model"), dict) or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a model checkpoint: it needs 'model' and "
                               f"'model_args' entries (has {sorted(ckpt)[:6]})")
+    if tensors:   # reads every tensor (the file is memory-mapped): only when they are used
+        integrity.verify(ckpt.get("checksum"), integrity.tree_entries(
+            {k: v for k, v in ckpt.items() if k != "checksum"}), path)
+        _check_finite(path, integrity.named_tensors({k: ckpt.get(k) for k in (
+            "model", "optimizer", "averaging", "posthoc")}))
     weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     weights = {k: v for k, v in weights.items() if not _MASK_BUFFER.search(k)}
     step = _int_step(ckpt["iter_num"], path) if "iter_num" in ckpt else _name_step(path)

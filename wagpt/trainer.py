@@ -28,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, NAMED_SIZES, GPTConfig
-from wagpt import checkpoint, schedules
+from wagpt import checkpoint, integrity, schedules
 from wagpt.configurator import check_finite_numbers, was_given
 from wagpt.dataloader import EvalBatches, evaluate_loss, get_batch, micro_batch_seed, to_device
 from wagpt.errors import CheckpointError, ConfigError, UserError, WriteError
@@ -500,16 +500,17 @@ def profile_info(name, averager):
 
 def state_is_finite(flat, optimizer, online, runtime, posthoc=None):
     """Whether the weights, the optimizer state and the averagers' (and post-hoc profiles')
-    state are all finite, on every rank: one reduction per tensor (the weights are one flat
-    buffer), one host sync, and one all-reduce under DDP. Called before anything is saved."""
+    state are all finite, on every rank: one sum per tensor (the weights are one flat buffer),
+    one host sync (integrity.all_finite), and one all-reduce under DDP. Called before anything
+    is saved."""
     tensors = [flat.buffer] + online.state_tensors()
     tensors += posthoc.state_tensors() if posthoc is not None else []
     tensors += [v for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
-    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().double()
+    ok = 1.0 if integrity.all_finite(tensors) else 0.0
     if runtime.ddp:
-        ok = torch.tensor([all_reduce_mean(ok.item(), runtime)])
-    return bool(ok.item() == 1.0)
+        ok = all_reduce_mean(ok, runtime)
+    return ok == 1.0
 
 
 def newest_finite_checkpoint(out_dir):
@@ -520,7 +521,7 @@ def newest_finite_checkpoint(out_dir):
             record = checkpoint.read_checkpoint(path)
         except CheckpointError:
             continue
-        if all(torch.isfinite(t).all() for t in record.tensors() if t.is_floating_point()):
+        if integrity.all_finite(record.tensors()):   # read_checkpoint checked them too
             return path
     return None
 
