@@ -58,11 +58,11 @@ def train(cfg):
             peak_flops = device_peak_flops(runtime.device, cfg.peak_flops)
             out_dir = Path(cfg.out_dir)
             if runtime.master:
-                save_config(cfg, out_dir / "config.json")
+                save_config(cfg, out_dir / "config.json", run=checkpointer.identity)
                 print(f"{run.model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} "
                       f"tokens/step, start at step {state.iter_num} "
                       f"({start.path if start else 'scratch'}), device {runtime.device}, "
-                      f"world size {runtime.world_size}")
+                      f"world size {runtime.world_size}, run {checkpointer.identity['id']}")
                 if run.online.names:
                     print(f"averaging {', '.join(run.online.names)}: "
                           f"{run.online.memory_bytes() / 2**20:.1f} MiB of state per rank")

@@ -3,6 +3,7 @@ belongs to one run, resume survives torn logs and leftover temporaries and keeps
 architecture, every bad input names its culprit, and kill -9 / SIGTERM / a full disk leave every
 file loadable. docs/reliability.md lists what is promised and these tests."""
 
+import dataclasses
 import json
 import os
 import random
@@ -423,6 +424,123 @@ def test_a_flipped_byte_is_named_where_it_is_read(kind, snapshots, tiny_data_dir
                      phema_source="profiles" if kind == "profile" else "snapshots")
     with pytest.raises(CheckpointError, match=expected):
         average.average(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7b. run identity: every file says which run wrote it; average.py does not mix runs
+
+def run_ids(out_dir):
+    """{file name relative to out_dir: its run record} of every file a run writes."""
+    out_dir = Path(out_dir)
+    found = {"config.json": json.loads((out_dir / "config.json").read_text())["run"]}
+    for path in checkpoint.list_resume_checkpoints(out_dir):
+        found[path.name] = checkpoint.read_checkpoint(path).run
+    for sub in ("snapshots", "averaged/ema"):
+        for path in checkpoint.list_snapshots(out_dir / sub):
+            found[f"{sub}/{path.name}"] = checkpoint.read_checkpoint(path, tensors=False).run
+    for path in checkpoint.list_snapshots(out_dir / "posthoc"):
+        found[f"posthoc/{path.name}"] = checkpoint.read_posthoc(path, tensors=False).run
+    return found
+
+
+def test_every_file_records_its_run_a_resume_keeps_it_and_a_branch_names_its_parent(
+        make_config, tmp_path):
+    a = make_config(out_dir=str(tmp_path / "a"), max_iters=8, stop_iter=4, snapshot_interval=2,
+                    save_averaged=True, averaging="ema", ema_update_after=0)
+    train.train(a)
+    train.train(dataclasses.replace(a, init_from="resume", stop_iter=None))
+    ids = run_ids(a.out_dir)
+    assert {"ckpt_0000008.pt", "snapshots/step_0000006.safetensors",
+            "averaged/ema/step_0000006.safetensors",
+            "posthoc/step_0000006.safetensors"} <= set(ids)
+    (run,) = {json.dumps(r, sort_keys=True) for r in ids.values()}   # one, across the resume
+    assert json.loads(run)["parent"] is None and len(json.loads(run)["id"]) == 12
+    branch = make_config(out_dir=str(tmp_path / "b"), max_iters=8, snapshot_interval=2,
+                         init_from=str(tmp_path / "a" / "ckpt_0000004.pt"), averaging="")
+    train.train(branch)
+    (child,) = {json.dumps(r, sort_keys=True) for r in run_ids(branch.out_dir).values()}
+    child = json.loads(child)
+    assert child["id"] != json.loads(run)["id"]
+    assert child["parent"] == {"id": json.loads(run)["id"], "step": 4}
+
+
+@pytest.fixture(scope="module")
+def other_run(tiny_data_dir, tmp_path_factory):
+    """A run of the `snapshots` fixture's shape with another seed: snapshots and profiles 0..8."""
+    out = tmp_path_factory.mktemp("other")
+    train.train(TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(out), n_layer=2, n_head=2,
+                            n_embd=32, block_size=16, batch_size=4, max_iters=8, eval_interval=8,
+                            eval_iters=2, log_interval=8, ckpt_interval=8, warmup_iters=1,
+                            device="cpu", snapshot_interval=1, averaging="", seed=7))
+    return out
+
+
+def test_a_snapshot_of_another_run_is_refused_naming_both(snapshots, other_run, tiny_data_dir,
+                                                          tmp_path):
+    """It used to be averaged in without a word."""
+    directory = copy_dir(snapshots, tmp_path / "in")
+    stray = other_run / "snapshots" / "step_0000008.safetensors"
+    (directory / stray.name).write_bytes(stray.read_bytes())
+    ours = checkpoint.read_checkpoint(snapshots / "step_0000006.safetensors", tensors=False).run
+    theirs = checkpoint.read_checkpoint(stray, tensors=False).run
+    with pytest.raises(CheckpointError, match=f"mixes the files of two runs: "
+                                              f"step_0000006.safetensors \\(step 6\\) is run "
+                                              f"{ours['id']}, step_0000008.safetensors \\(step 8\\) "
+                                              f"is run {theirs['id']}.*--mix_runs=True"):
+        average.average(avg_config(directory, tiny_data_dir, tmp_path))
+    with pytest.warns(UserWarning, match=f"is a file of run {theirs['id']}"):
+        summary = average.average(avg_config(directory, tiny_data_dir, tmp_path, skip_bad=True,
+                                             overwrite=True))
+    assert [s["file"] for s in summary["skipped"]] == [stray.name]
+    mixed = average.average(avg_config(directory, tiny_data_dir, tmp_path, mix_runs=True,
+                                       overwrite=True))
+    assert max(r["step"] for r in mixed["rows"]) == 8
+
+
+@pytest.mark.parametrize("how", ["replaced", "posthoc_dir"])
+def test_profiles_of_another_run_are_refused_naming_both(how, snapshots, other_run,
+                                                         tiny_data_dir, tmp_path):
+    """They used to move the reconstructed phema's loss while the profile error looked fine."""
+    run = copy_dir(snapshots, tmp_path / "run" / "snapshots").parent
+    theirs = other_run / "posthoc"
+    if how == "replaced":
+        copy_dir(theirs, run / "posthoc")
+        extra = {}
+    else:
+        extra = {"posthoc_dir": str(theirs)}
+    cfg = avg_config(run / "snapshots", tiny_data_dir, tmp_path, methods="phema",
+                     phema_source="profiles", **extra)
+    other_id = checkpoint.read_posthoc(theirs / "step_0000001.safetensors", tensors=False).run
+    with pytest.raises(ConfigError, match=f"with the post-hoc profiles in .* mixes the files of "
+                                          f"two runs: .* is run .*{other_id['id']}"):
+        average.average(cfg)
+
+
+def test_a_branch_joins_its_parent_where_it_branched(snapshots, tiny_data_dir, tmp_path):
+    """A cooldown branched off step 4 of a run: the run's files up to 4 and the branch's after
+    it are one trajectory; a file of the run after the branch point is not."""
+    branch = tmp_path / "branch"
+    train.train(TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(branch), n_layer=2,
+                            n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=8,
+                            eval_interval=8, eval_iters=2, log_interval=8, ckpt_interval=8,
+                            warmup_iters=1, device="cpu", snapshot_interval=1, averaging="",
+                            posthoc_sigma_rel=None,
+                            init_from=str(snapshots / "step_0000004.safetensors")))
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    for step in range(5):
+        name = f"step_{step:07d}.safetensors"
+        (joined / name).write_bytes((snapshots / name).read_bytes())
+    for path in checkpoint.list_snapshots(branch / "snapshots"):
+        (joined / path.name).write_bytes(path.read_bytes())
+    summary = average.average(avg_config(joined, tiny_data_dir, tmp_path))
+    assert sorted({r["step"] for r in summary["rows"]}) == list(range(9))
+    (joined / "step_0000006.safetensors").write_bytes(
+        (snapshots / "step_0000006.safetensors").read_bytes())   # the parent went on past 4
+    with pytest.raises(CheckpointError, match="step_0000006.safetensors \\(step 6\\) is run "
+                                              ".* a branch of run .* at step 4"):
+        average.average(avg_config(joined, tiny_data_dir, tmp_path, overwrite=True,
+                                   skip_bad=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,18 +156,21 @@ def list_snapshots(snapshot_dir):
     return [p for _, p in sorted(found)]
 
 
-def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None):
-    """Write the model's float32 weights and where they sit on the trajectory."""
+def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None, run=None):
+    """Write the model's float32 weights and where they sit on the trajectory (and on which
+    run: `run` = {"id", "parent"}, see run_dir.new_run_id)."""
     # copies: the weights are views into one flat buffer, which safetensors refuses to share
     tensors = {k: v.to("cpu", torch.float32, copy=True) for k, v in model_state(model).items()}
     metadata = {"format": SNAPSHOT_FORMAT, "step": str(step), "tokens_seen": str(tokens_seen),
                 "model_args": json.dumps(model_args, sort_keys=True)}
+    if run is not None:
+        metadata["run"] = json.dumps(run, sort_keys=True)
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     blob = safetensors_save(tensors, metadata=_with_checksum(tensors, metadata))
     return atomic_write(snapshot_path(snapshot_dir, step), blob)
 
 
-def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args):
+def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args, run=None):
     """Write the post-hoc EMA profiles of one step as one file: `profiles` is
     [(info, state)] with info = {name, sigma_rel, gamma, update_after, update_freq, last_update}
     and state the profile's weights as a model state dict (checkpoint.model_state's names)."""
@@ -178,6 +181,8 @@ def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args):
     metadata = {"format": POSTHOC_FORMAT, "step": str(step), "tokens_seen": str(tokens_seen),
                 "model_args": json.dumps(model_args, sort_keys=True),
                 "profiles": json.dumps([info for info, _ in profiles])}
+    if run is not None:
+        metadata["run"] = json.dumps(run, sort_keys=True)
     return atomic_write(snapshot_path(posthoc_dir, step),
                         safetensors_save(tensors, metadata=_with_checksum(tensors, metadata)))
 
@@ -236,6 +241,7 @@ class PosthocRecord:
                                  #   last_update}], in the file's order
     weights: dict | None = None  # profile name -> {parameter name -> tensor}; None when read
                                  # with tensors=False
+    run: dict | None = None      # the run that wrote it: {"id", "parent"} (None: older files)
 
 
 _PROFILE_KEYS = {"name": str, "sigma_rel": float, "gamma": float, "update_after": int,
@@ -264,6 +270,7 @@ def read_posthoc(path, tensors=True):
         model_args = json.loads(metadata["model_args"])
         step = _int_step(metadata["step"], path)
         tokens = metadata.get("tokens_seen")
+        run = _run_identity(json.loads(metadata["run"]) if "run" in metadata else None)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
     weights = None
@@ -276,7 +283,21 @@ def read_posthoc(path, tensors=True):
                 raise CheckpointError(f"{path}: tensor {key!r} belongs to no listed profile")
             weights[name][parameter] = value
     return PosthocRecord(path, step, int(tokens) if tokens is not None else None,
-                         _check_model_args(model_args, path), profiles, weights)
+                         _check_model_args(model_args, path), profiles, weights, run)
+
+
+def _run_identity(run):
+    """A file's record of the run that wrote it, checked: {"id": str, "parent": None or
+    {"id": str or None, "step": int}} (a branch records the run and step it started from), or
+    None for files written before runs had ids."""
+    if run is None:
+        return None
+    parent = run.get("parent") if isinstance(run, dict) else None
+    if not (isinstance(run, dict) and isinstance(run.get("id"), str) and run["id"]) or not (
+            parent is None or isinstance(parent, dict) and isinstance(parent.get("step"), int)
+            and (parent.get("id") is None or isinstance(parent.get("id"), str))):
+        raise ValueError(f"run {str(run)[:80]!r} is not {{'id': ..., 'parent': ...}}")
+    return {"id": run["id"], "parent": parent}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +319,8 @@ class Checkpoint:
     averager: str | None = None     # averaged snapshots: the method ...
     hparams: dict | None = None     # ... and its hyperparameters
     config: dict | None = None      # resume checkpoints: the run's resolved config
+    run: dict | None = None         # the run that wrote it: {"id", "parent"} (None: older or
+                                    # nanoGPT files, pretrained models)
 
     def tensors(self):
         """Every tensor the record holds: weights, optimizer, averager and post-hoc profile
@@ -395,13 +418,14 @@ def _read_safetensors(path, tensors):
         averaging_info = {k: json.loads(metadata[k]) for k in ("averager", "hparams")
                           if k in metadata}
         step = _int_step(metadata["step"], path) if "step" in metadata else _name_step(path)
+        run = _run_identity(json.loads(metadata["run"]) if "run" in metadata else None)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
     weights = _verified_safetensors(path, blob, header) if tensors else None
     return Checkpoint(path, "snapshot", _check_model_args(model_args, path), step,
                       tokens_seen=int(tokens) if tokens is not None else None, weights=weights,
                       averager=averaging_info.get("averager"),
-                      hparams=averaging_info.get("hparams"))
+                      hparams=averaging_info.get("hparams"), run=run)
 
 
 def _header_size(size_bytes, path):
@@ -432,12 +456,16 @@ def _read_torch(path, tensors):
     weights = {k: v for k, v in weights.items() if not _MASK_BUFFER.search(k)}
     step = _int_step(ckpt["iter_num"], path) if "iter_num" in ckpt else _name_step(path)
     tokens = ckpt.get("tokens_seen")
+    try:
+        run = _run_identity(ckpt.get("run"))
+    except ValueError as e:
+        raise CheckpointError(f"{path} has a corrupt entry: {e}") from None
     return Checkpoint(path, "resume" if ckpt.get("format") == RESUME_FORMAT else "nanogpt",
                       _check_model_args(ckpt["model_args"], path), step,
                       tokens_seen=int(tokens) if tokens is not None else None,
                       weights=weights if tensors else None, optimizer=ckpt.get("optimizer"),
                       averaging=ckpt.get("averaging"), posthoc=ckpt.get("posthoc"),
-                      config=ckpt.get("config"))
+                      config=ckpt.get("config"), run=run)
 
 
 def _torch_load(path):
@@ -494,6 +522,7 @@ class TrajectoryFile:
     path: Path
     step: int
     model_args: dict
+    run: dict | None = None   # the run that wrote it (Checkpoint.run)
 
 
 def discover(directory):
@@ -514,7 +543,7 @@ def discover(directory):
         try:
             record = read_checkpoint(path, tensors=False)
             files.append(TrajectoryFile(path, read_step(path) if record.step is None
-                                        else record.step, record.model_args))
+                                        else record.step, record.model_args, record.run))
         except CheckpointError as e:
             bad.append((path, str(e)))
     if not files and not bad:

@@ -69,7 +69,11 @@ class AverageConfig(SweepConfig):
     # input and output
     ckpt_dir: str = ""             # the trajectory: a run's snapshots/ (or any dir of checkpoints)
     out_dir: str = "out/average"   # results.csv/json, plot.png, saved/ (must not be in ckpt_dir)
+    overwrite: bool = False        # replace the results of an earlier analysis in out_dir (as
+                                   # one set); without it such an out_dir is refused
     methods: str = "all"           # 'all' or a comma-separated subset of the methods
+    mix_runs: bool = False         # average files of several runs anyway (by default only one
+                                   # run's, or a run joined with its branches where they branched)
     # post-hoc EMA
     # phema's widths (phema_sigma_rel or phema_gamma, lists sweep) reconstructed at every
     # evaluated step from the power-function EMA profiles train.py stored with the snapshots
@@ -299,6 +303,7 @@ class Trajectory:
             step, group = next(iter(duplicates.items()))
             self.skip(group[0].path, step, self._duplicate_reason(step, group))
         files = self._files_of_one_model(files)
+        files = self._files_of_one_run(files)
         for step, group in checkpoint.duplicate_steps(files).items():
             for f in group:   # which one belongs to the trajectory cannot be told: none is used
                 self.skip(f.path, step, self._duplicate_reason(step, group))
@@ -362,6 +367,28 @@ class Trajectory:
         return (f"{names} are {'both' if len(group) == 2 else 'all'} step {step}; move all but "
                 f"one out of {self.cfg.ckpt_dir}")
 
+    def _files_of_one_run(self, files):
+        """The files of one run (or of a run and its branches, joined where they branched):
+        files of another run are an error naming both (with skip_bad, the run most files hold
+        is kept and the others' skipped); mix_runs=True takes every file."""
+        pair = None if self.cfg.mix_runs else mixed_runs(files)
+        if pair is None:
+            return files
+        if not self.cfg.skip_bad:
+            raise CheckpointError(mixed_runs_message(self.cfg.ckpt_dir, *pair))
+        groups = {}
+        for f in files:
+            groups.setdefault(f.run["id"] if f.run else None, []).append(f)
+        ranked = sorted((g for key, g in groups.items() if key is not None), key=len, reverse=True)
+        if len(ranked[0]) == len(ranked[1]):
+            raise CheckpointError(mixed_runs_message(self.cfg.ckpt_dir, *pair))
+        kept = ranked[0][0].run["id"]
+        for group in ranked[1:]:
+            for f in group:
+                self.skip(f.path, f.step, f"{f.path} is a file of run {f.run['id']}, not of run "
+                                          f"{kept} like {len(ranked[0])} of {len(files)} files")
+        return [f for f in files if f.run is None or f.run["id"] == kept]
+
     def _files_of_one_model(self, files):
         """The files of the model most files hold: a stray file of another model (first or
         not) cannot decide what the trajectory is. A tie is an error."""
@@ -387,6 +414,53 @@ class Trajectory:
                                           f"trajectory's {len(chosen)} of {len(files)} files "
                                           f"{chosen[0].model_args}")
         return chosen
+
+
+def mixed_runs(files):
+    """None when `files` (with .path, .step and .run, checkpoint.TrajectoryFile) are one run's,
+    or a run joined with branches of it where they branched (the parent's files up to the step
+    the branch started from, the branch's after it: a cooldown branched off a long run); else
+    (a file of one run, a file of another) that do not belong together. Files that record no
+    run (written before runs had ids, or by nanoGPT) go with any."""
+    runs = {}
+    for f in files:
+        if f.run is not None:
+            runs.setdefault(f.run["id"], []).append(f)
+    order = sorted(runs.values(), key=lambda group: min(f.step for f in group))
+    for earlier, later in zip(order, order[1:]):
+        parent = later[0].run["parent"] or {}
+        last = max(earlier, key=lambda f: f.step)
+        first = min(later, key=lambda f: f.step)
+        if not (parent.get("id") == last.run["id"] and
+                last.step <= parent["step"] < first.step):
+            return last, first
+    return None
+
+
+def mixed_runs_message(where, a, b):
+    parent = b.run["parent"]
+    origin = (f", a branch of run {parent['id']} at step {parent['step']}"
+              if parent and parent["id"] else "")
+    return (f"{where} mixes the files of two runs: {a.path.name} (step {a.step}) is run "
+            f"{a.run['id']}, {b.path.name} (step {b.step}) is run {b.run['id']}{origin}; "
+            f"average one run's files, or join a branch to its parent where it branched (the "
+            f"parent's files up to that step, the branch's after it: a branch's files record "
+            f"its parent run and step), or pass --mix_runs=True to average them anyway")
+
+
+def check_profiles_run(cfg, trajectory, stored):
+    """The stored post-hoc profiles must be those of the trajectory's run (or of its lineage,
+    as mixed_runs says): a ConfigError naming a profile file and a snapshot of different runs
+    otherwise (mix_runs=True takes them anyway)."""
+    if cfg.mix_runs or stored is None or not stored.files:
+        return
+    profiles = [checkpoint.TrajectoryFile(path, step, trajectory.model_args,
+                                          stored.runs.get(path))
+                for path, step, _ in stored.files]
+    pair = mixed_runs(trajectory.files + profiles)
+    if pair is not None:
+        raise ConfigError(mixed_runs_message(f"{cfg.ckpt_dir} with the post-hoc profiles in "
+                                             f"{stored.directory}", *pair))
 
 
 def profile_directories(cfg):
@@ -691,7 +765,7 @@ def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entr
             directory, model, entry.step, record.tokens_seen or 0, model_args,
             extra={"averager": choice.method, "hparams": choice.hparams,
                    "source": str(cfg.ckpt_dir) if choice.source == "snapshots" else
-                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"})
+                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"}, run=record.run)
     return {"label": choice.label, "step": entry.step, "path": str(path),
             "val_loss": losses[choice.label]}
 
@@ -728,6 +802,7 @@ def average(cfg):
     if "phema" in parse_methods(cfg.methods) and cfg.phema_source != "snapshots":
         stored = find_stored_profiles(profile_directories(cfg), trajectory.model_args,
                                       cfg.posthoc_profiles, trajectory.skip)
+        check_profiles_run(cfg, trajectory, stored)
     first, _ = trajectory.first()   # the first checkpoint that loads: the default burn-in
     settings = expand_settings(cfg, first_step=first.step, stored=stored)
     check_save_choice(cfg, settings)

@@ -278,6 +278,7 @@ class StoredProfiles:
     tau: int | None = None      # the profiles' burn-in ...
     phi: int | None = None      # ... and period
     widths: list = field(default_factory=list)   # σ_rel of the selected profiles
+    runs: dict = field(default_factory=dict)     # path -> the run that wrote it (or None)
 
 
 def _raise(path, step, reason):
@@ -324,6 +325,7 @@ def find_stored_profiles(directories, model_args, widths=None, skip=_raise):
                           f"reconstruction needs one: select some with --posthoc_profiles")
     (stored.tau, stored.phi), = timing
     stored.widths = sorted(wanted)
+    stored.runs = {r.path: r.run for r in records}
     stored.files = [(r.path, r.step, [(info["name"], info["last_update"] - stored.tau,
                                        info["gamma"]) for info in infos])
                     for r, infos in sorted(chosen, key=lambda c: c[0].step)]

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import socket
+import uuid
 import warnings
 from pathlib import Path
 
@@ -157,9 +158,17 @@ def remove_leftover_temporaries(out_dir):
     return removed, size
 
 
-def save_config(cfg, path):
-    """Write the resolved config as JSON (the record of what actually ran)."""
-    atomic_write(path, json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+def save_config(cfg, path, **extra):
+    """Write the resolved config as JSON (the record of what actually ran), with `extra`
+    entries (train.py: `run`, the run's identity)."""
+    record = {**dataclasses.asdict(cfg), **extra}
+    atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def new_run_id():
+    """A fresh run id: 12 hex digits, random. A run takes one when it starts (from scratch or
+    as a branch) and keeps it across resumes; every file it writes records it."""
+    return uuid.uuid4().hex[:12]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from wagpt.errors import CheckpointError, ConfigError, UserError, WriteError
 from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
                                     posthoc_profiles)
-from wagpt.run_dir import (OutDirLock, latest_resume_or_error, refuse_to_overwrite,
+from wagpt.run_dir import (OutDirLock, latest_resume_or_error, new_run_id, refuse_to_overwrite,
                            remove_leftover_temporaries)
 from wagpt.runtime import all_reduce_mean, check_device, check_dtype
 
@@ -394,13 +394,16 @@ class Checkpointer:
         self.run, self.cfg, self.runtime = run, cfg, runtime
         self.out_dir = Path(cfg.out_dir)
         self.saved = (None, None)   # (step, path) of the newest resume checkpoint written
+        self.identity = None        # {"id", "parent"}: the run every file records (load)
 
     # ------------------------------------------------------------------------ restore
 
     def load(self, start):
         """Continue from the Checkpoint `start` (None: nothing to load). Resuming
         (init_from='resume') must continue every average with the same settings; a branch
-        continues the averages whose settings are unchanged and starts the others."""
+        continues the averages whose settings are unchanged and starts the others. Also sets
+        the run's identity (run_identity)."""
+        self.identity = run_identity(start, self.cfg, self.runtime)
         if start is None:
             return
         run, master = self.run, self.runtime.master
@@ -448,7 +451,8 @@ class Checkpointer:
                    "posthoc": run.posthoc.state_dict(),
                    **run.state.state_dict(),
                    "sampler": {"seed": self.cfg.seed, "next_step": step},
-                   "model_args": run.model_args, "config": dataclasses.asdict(self.cfg)}
+                   "model_args": run.model_args, "config": dataclasses.asdict(self.cfg),
+                   "run": self.identity}
         path = checkpoint.resume_path(self.out_dir, step)
         if runtime.master:
             previous = checkpoint.latest_resume(self.out_dir)
@@ -469,7 +473,7 @@ class Checkpointer:
         self.check_finite(loss)
         if raw and master:
             checkpoint.save_snapshot(self.out_dir / "snapshots", run.model, state.iter_num,
-                                     state.tokens_seen, args)
+                                     state.tokens_seen, args, run=self.identity)
         if raw and run.posthoc.names and all(a.step is not None and a.step > a.tau
                                              for a in run.posthoc.averagers.values()):
             profiles = []
@@ -481,14 +485,33 @@ class Checkpointer:
                             for k, v in checkpoint.model_state(run.model).items()}))
             if master:
                 checkpoint.save_posthoc(self.out_dir / "posthoc", profiles, state.iter_num,
-                                        state.tokens_seen, args)
+                                        state.tokens_seen, args, run=self.identity)
         for name in run.online.ready() if averaged else []:
             with run.online.swapped_in(name):  # a collective under DDP
                 if master:
                     checkpoint.save_snapshot(
                         self.out_dir / "averaged" / name, run.model, state.iter_num,
                         state.tokens_seen, args,
-                        extra={"averager": name, "hparams": run.online.averagers[name].hparams})
+                        extra={"averager": name, "hparams": run.online.averagers[name].hparams},
+                        run=self.identity)
+
+
+def run_identity(start, cfg, runtime):
+    """{"id", "parent"} of this run, the same on every rank: a resume keeps the id of the
+    checkpoint it continues (a checkpoint written before runs had ids gets a new one); a new
+    run takes a new id, and a branch records the run and step it starts from as its parent."""
+    saved = start.run if start is not None else None
+    if cfg.init_from == "resume" and saved is not None:
+        identity = saved
+    else:
+        parent = None if start is None else {"id": saved["id"] if saved else None,
+                                             "step": start.step or 0}
+        identity = {"id": new_run_id(), "parent": parent}
+    if runtime.ddp:   # rank 0's: ids are random
+        shared = [identity]
+        torch.distributed.broadcast_object_list(shared, src=0, group=runtime.control_group)
+        identity = shared[0]
+    return identity
 
 
 def profile_info(name, averager):
