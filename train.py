@@ -49,7 +49,8 @@ def train(cfg):
         log = MetricsLog(cfg, runtime.master)
         log.check()
 
-        with claimed_out_dir(cfg, runtime), StopSignal(runtime) as stop:
+        with claimed_out_dir(cfg, runtime, state.iter_num, checkpointer.identity["id"]), \
+                StopSignal(runtime) as stop:
             model = wrap_model(run.model, cfg, runtime)
             eval_model = model.module if runtime.ddp else model   # no collectives in forward
             schedule = schedules.from_config(cfg)

@@ -184,6 +184,101 @@ def test_resume_drops_a_torn_last_line_with_a_warning(make_config):
 
 
 # ---------------------------------------------------------------------------------------------
+# 3b. one timeline per out_dir; a crash before the first checkpoint; the data order
+
+def files_under(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in Path(directory).rglob("*")
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_abandoned_timeline_aside(make_config,
+                                                                            capsys):
+    """Resuming at step 4 of a run that reached 12 used to leave the old steps 6..12 in
+    snapshots/ and posthoc/, to be interleaved with the new ones."""
+    common = dict(max_iters=12, snapshot_interval=2, ckpt_interval=4, keep_last=0,
+                  save_averaged=True, averaging="ema", ema_update_after=0, log_interval=2)
+    cfg = make_config(**common)
+    train.train(cfg)
+    out = Path(cfg.out_dir)
+    for step in (8, 12):
+        checkpoint.resume_path(out, step).unlink()
+    before = files_under(out)
+    capsys.readouterr()
+    train.train(make_config(**{**common, "max_iters": 10}, init_from="resume", learning_rate=3e-3))
+    line = next(line for line in capsys.readouterr().out.splitlines() if "abandoned" in line)
+    folder = Path(re.search(r"to (\S+/abandoned/\S+)$", line).group(1))
+    assert re.match(r"resuming at step 4: moved the abandoned timeline after it \(12 file\(s\) "
+                    r"of steps 6, 8, 10, 12 and \d+ log record\(s\)\)", line), line
+    aside = files_under(folder)
+    for sub in ("snapshots", "posthoc", "averaged/ema"):
+        for step in (6, 8, 10, 12):   # moved, not deleted, byte for byte
+            name = Path(sub) / f"step_{step:07d}.safetensors"
+            assert aside[name] == before[name]
+        for step in (0, 2, 4):          # up to the resume point: untouched
+            name = Path(sub) / f"step_{step:07d}.safetensors"
+            if name in before:             # (no profile or average at step 0)
+                assert files_under(out)[name] == before[name]
+    assert sorted(int(p.stem[5:]) for p in checkpoint.list_snapshots(out / "snapshots")) == \
+        [0, 2, 4, 6, 8, 10]
+    old_log = [r["iter"] for r in run_dir.read_metrics(folder / "metrics.jsonl") if "loss" in r]
+    assert old_log == [6, 8, 10, 12]
+    assert [r["iter"] for r in run_dir.read_metrics(out / "metrics.jsonl") if "loss" in r] == \
+        [2, 4, 6, 8, 10]
+    summary = average.average(AverageConfig(ckpt_dir=str(out / "snapshots"),
+                                            out_dir=str(out.parent / "avg"),
+                                            data_dir=cfg.data_dir, eval_iters=1, batch_size=4,
+                                            device="cpu", methods="ema", plot=False))
+    assert sorted({r["step"] for r in summary["rows"]}) == [0, 2, 4, 6, 8, 10]
+
+
+def test_a_run_that_crashed_before_its_first_checkpoint_starts_over_in_its_out_dir(
+        make_config, monkeypatch, capsys):
+    """--init_from=resume said "use scratch" and scratch said "holds another run"."""
+    cfg = make_config(max_iters=20, ckpt_interval=250, snapshot_interval=2, log_interval=2)
+    real_step = train.train_step
+    calls = {"n": 0}
+
+    def crash_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise MemoryError("the machine went away")
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", crash_at_step_7)
+    with pytest.raises(MemoryError):
+        train.train(cfg)
+    monkeypatch.undo()
+    out = Path(cfg.out_dir)
+    crashed_id = json.loads((out / "config.json").read_text())["run"]["id"]
+    before = files_under(out)
+    with pytest.raises(run_dir.NoResumeCheckpoint, match="use --init_from=scratch"):
+        train.train(make_config(max_iters=20, init_from="resume"))
+    capsys.readouterr()
+    train.train(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if crashed_id in line]
+    assert len(lines) == 1 and re.match(
+        f"{out} holds run {crashed_id}, which stopped at step 6 before its first resume "
+        f"checkpoint \\(step 20\\): starting over as a new run [0-9a-f]{{12}}; moved its files to "
+        f"{out}/abandoned/", lines[0]), lines
+    folder = Path(lines[0].split("moved its files to ")[1])
+    assert files_under(folder) == before   # nothing lost
+    assert json.loads((out / "config.json").read_text())["run"]["id"] != crashed_id
+    assert checkpoint.latest_resume(out).name == "ckpt_0000020.pt"
+
+
+def test_a_resume_keeps_the_seed(make_config, tmp_path):
+    cfg = make_config(max_iters=8, stop_iter=4, seed=7)
+    train.train(cfg)
+    files = files_under(cfg.out_dir)
+    with pytest.raises(ConfigError, match="seed=5 but .*ckpt_0000004.pt was trained with seed=7; "
+                                          "a resume continues the same data order: drop --seed"):
+        train.train(make_config(max_iters=8, init_from="resume", seed=5))
+    assert files_under(cfg.out_dir) == files
+    train.train(make_config(max_iters=8, init_from="resume"))   # the seed not given: the saved
+    assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["seed"] == 7
+    assert checkpoint.read_checkpoint(checkpoint.latest_resume(cfg.out_dir)).config["seed"] == 7
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. SIGTERM under torchrun
 
 def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_saves(tiny_data_dir, tmp_path):

@@ -21,6 +21,7 @@ atomic_path) are removed when the next run takes the lock.
 import dataclasses
 import datetime
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -35,7 +36,9 @@ from wagpt.errors import UserError, WriteError
 
 LOCK_NAME = ".lock"
 WANDB_ID_NAME = "wandb_run_id"
-RUN_ARTIFACTS = ("config.json", "metrics.jsonl", "snapshots", "averaged", "posthoc")
+RUN_ARTIFACTS = ("config.json", "metrics.jsonl", "snapshots", "averaged", "posthoc", "abandoned")
+TIMELINE = ("snapshots", "posthoc", "averaged")   # folders of step_N.safetensors files
+ABANDONED = "abandoned"
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
 
 
@@ -128,8 +131,13 @@ def artifacts(out_dir):
 
 
 def refuse_to_overwrite(out_dir):
-    """A new run (scratch or a branch) needs an out_dir without another run's artifacts."""
+    """A new run (scratch or a branch) needs an out_dir without another run's artifacts, or one
+    whose run stopped before its first resume checkpoint (a crash: nothing to resume): then
+    returns that run's CrashedRun (its files are to be moved aside), else None."""
     found = artifacts(out_dir)
+    crashed = crashed_before_first_checkpoint(out_dir) if found else None
+    if crashed is not None:
+        return crashed
     if found:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         how = ("continue that run with --init_from=resume, or " if
@@ -138,11 +146,111 @@ def refuse_to_overwrite(out_dir):
                           f"elsewhere with --out_dir=...")
 
 
+@dataclasses.dataclass
+class CrashedRun:
+    """A run that stopped before its first resume checkpoint (crashed_before_first_checkpoint)."""
+    run_id: str | None   # its id (None: written before runs had ids)
+    last_step: int       # the newest step its files record (-1: none)
+    first_checkpoint: int   # the step of the resume checkpoint it never reached
+
+
+def crashed_before_first_checkpoint(out_dir):
+    """The CrashedRun of out_dir when its run stopped before writing any resume checkpoint:
+    no ckpt_*.pt, and no file or log record of a step at or past the first checkpoint the
+    run's config.json says it would write (ckpt_interval, stop_iter, max_iters from the step it
+    started at). A run that ended normally, by a signal or stop_iter, always wrote one, so its
+    files (even with the checkpoints deleted) are not taken for a crash. None otherwise."""
+    out_dir = Path(out_dir)
+    if checkpoint.list_resume_checkpoints(out_dir) or not (out_dir / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+        run = config.get("run") or {}
+        start = (run.get("parent") or {}).get("step") or 0
+        interval, last = int(config["ckpt_interval"]), int(config["max_iters"])
+        first = min(start // interval * interval + interval, last,
+                    int(config.get("stop_iter") or last))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    steps = timeline_steps(out_dir)
+    if (out_dir / "metrics.jsonl").is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # a torn line is reported when the log is opened
+            steps += [r["iter"] for r in read_metrics(out_dir / "metrics.jsonl")]
+    newest = max(steps, default=-1)
+    return CrashedRun(run.get("id"), newest, first) if newest < first else None
+
+
+def timeline_steps(out_dir):
+    """The steps of every snapshot, post-hoc profile and averaged snapshot in out_dir."""
+    return [step for _, step in _timeline_files(out_dir)]
+
+
+def _timeline_files(out_dir):
+    out_dir = Path(out_dir)
+    found = []
+    for name in TIMELINE:
+        folder = out_dir / name
+        folders = [folder] + sorted(p for p in folder.iterdir() if p.is_dir()) \
+            if folder.is_dir() else []
+        for directory in folders:
+            found += [(p, int(p.stem.split("_")[1])) for p in checkpoint.list_snapshots(directory)]
+    return found
+
+
+def set_aside(out_dir, after_step=None):
+    """Move what an abandoned timeline left in out_dir into out_dir/abandoned/<time>/, keeping
+    the relative paths (nothing is deleted), and return a one-line account, or None when there
+    was nothing to move. after_step=k (a resume from step k): the snapshots, post-hoc profiles
+    and averaged snapshots of steps > k and the log records the resumed run writes again;
+    None (a run restarted after a crash before its first checkpoint): all of the run's files."""
+    out_dir = Path(out_dir)
+    moves, records = [], []
+    if after_step is None:
+        moves = [out_dir / name for name in RUN_ARTIFACTS if name != ABANDONED and
+                 (out_dir / name).exists()] + [p for p in [out_dir / WANDB_ID_NAME] if p.exists()]
+    else:
+        moves = [p for p, step in _timeline_files(out_dir) if step > after_step]
+        log = out_dir / "metrics.jsonl"
+        if log.is_file():
+            kept = read_metrics(log)
+            records = [r for r in kept if not _before_restart(r, after_step)]
+            kept = [r for r in kept if _before_restart(r, after_step)]
+    if not moves and not records:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = out_dir / ABANDONED / stamp
+    for n in itertools.count(2):
+        if not folder.exists():
+            break
+        folder = out_dir / ABANDONED / f"{stamp}-{n}"
+    try:
+        for path in moves:
+            target = folder / path.relative_to(out_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        if records:
+            atomic_write(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    except OSError as e:
+        raise WriteError(write_failure(folder, e)) from None
+    if after_step is None:
+        return f"moved its files to {folder}"
+    steps = sorted({int(p.stem.split("_")[1]) for p in moves})
+    shown = ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
+    what = [f"{len(moves)} file(s) of steps {shown}"] if moves else []
+    what += [f"{len(records)} log record(s)"] if records else []
+    return (f"resuming at step {after_step}: moved the abandoned timeline after it "
+            f"({' and '.join(what)}) to {folder}")
+
+
 def latest_resume_or_error(out_dir):
     path = checkpoint.latest_resume(out_dir)
     if path is None:
         raise NoResumeCheckpoint(f"init_from='resume' but {out_dir} holds no resume checkpoint "
-                                 f"(ckpt_*.pt); use --init_from=scratch")
+                                 f"(ckpt_*.pt); use --init_from=scratch (a run that stopped "
+                                 f"before its first one starts over there, its files moved to "
+                                 f"{out_dir}/{ABANDONED}/)")
     return path
 
 

@@ -36,7 +36,7 @@ from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
                                     posthoc_profiles)
 from wagpt.run_dir import (OutDirLock, latest_resume_or_error, new_run_id, refuse_to_overwrite,
-                           remove_leftover_temporaries)
+                           remove_leftover_temporaries, set_aside)
 from wagpt.runtime import all_reduce_mean, check_device, check_dtype
 
 
@@ -235,7 +235,30 @@ def load_start(cfg):
                               f"{saved[key]!r}; resuming or branching keeps the saved "
                               f"architecture: drop --{setting}, or start a new run from scratch")
     adopted = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+    if cfg.init_from == "resume":
+        adopted.update(resumed_data_order(cfg, start))
     return dataclasses.replace(cfg, model_size=None, **adopted), start
+
+
+DATA_ORDER_KEYS = ("seed",)   # the batches, the eval batches and dropout are functions of it
+
+
+def resumed_data_order(cfg, start):
+    """{key: the checkpoint's value} of DATA_ORDER_KEYS for a resume: one the user gave must
+    equal the checkpoint's (a resume continues the same batches), else a ConfigError naming it.
+    Checkpoints that do not record it (older, nanoGPT's) keep the given value."""
+    saved = start.config or {}
+    found = {}
+    for key in DATA_ORDER_KEYS:
+        if key not in saved:
+            continue
+        if was_given(cfg, key) and getattr(cfg, key) != saved[key]:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} but {start.path} was trained with "
+                              f"{key}={saved[key]!r}; a resume continues the same data order: "
+                              f"drop --{key}, or branch a new run off the checkpoint with "
+                              f"--init_from={start.path} --out_dir=...")
+        found[key] = saved[key]
+    return found
 
 
 def model_args_from_config(cfg, data):
@@ -562,16 +585,30 @@ def non_finite_error(what, step, out_dir):
 # the run's folder
 
 @contextmanager
-def claimed_out_dir(cfg, runtime):
-    """`with claimed_out_dir(cfg, runtime):` the run owns out_dir (rank 0 holds the lock; every
-    rank learns whether it could): refuse one that another run is using or, for a new run, that
-    holds another run's artifacts; remove the temporary files of interrupted writes."""
+def claimed_out_dir(cfg, runtime, start_step=0, run_id=None):
+    """`with claimed_out_dir(cfg, runtime, start_step, run_id):` the run owns out_dir (rank 0
+    holds the lock; every rank learns whether it could): refuse one that another run is using
+    or, for a new run, that holds another run's artifacts (a run that crashed before its first
+    resume checkpoint excepted: its files are moved aside); keep one timeline (a resume from
+    start_step moves the later files of the abandoned one aside, run_dir.set_aside); remove
+    the temporary files of interrupted writes."""
     lock, error = None, None
     if runtime.master:
         try:
             lock = OutDirLock(cfg.out_dir).acquire()
             if cfg.init_from != "resume":
-                refuse_to_overwrite(cfg.out_dir)   # again, now that no other run can write
+                # again, now that no other run can write
+                crashed = refuse_to_overwrite(cfg.out_dir)
+                if crashed is not None:
+                    print(f"{cfg.out_dir} holds run {crashed.run_id or '(no id)'}, which stopped "
+                          f"at step {crashed.last_step} before its first resume checkpoint "
+                          f"(step {crashed.first_checkpoint}): starting over as a new run"
+                          f"{f' {run_id}' if run_id else ''}; "
+                          f"{set_aside(cfg.out_dir)}")
+            else:
+                moved = set_aside(cfg.out_dir, after_step=start_step)
+                if moved:
+                    print(moved)
             removed, size = remove_leftover_temporaries(cfg.out_dir)
             if removed:
                 print(f"removed {removed} temporary file(s) of interrupted writes "
