@@ -421,6 +421,29 @@ def test_posthoc_profiles_selects_the_stored_widths(run_dir, tiny_data_dir, tmp_
     assert error["both"] < 1e-7 and error["alone"] > 1e-3
 
 
+@pytest.mark.parametrize("missing", [[8], [5, 6, 7, 8]])
+def test_a_step_no_stored_profile_reaches_is_refused_or_left_out(missing, run_dir, tiny_data_dir,
+                                                                tmp_path):
+    """The last profile deleted, or profiles that stop at step 4 while the snapshots go on:
+    every later step used to report (and --save to write) an average of older profiles."""
+    profiles = tmp_path / "posthoc"
+    profiles.mkdir()
+    for path in checkpoint.list_snapshots(run_dir / "posthoc"):
+        if int(path.stem[5:]) not in missing:
+            (profiles / path.name).write_bytes(path.read_bytes())
+    kept = [s for s in range(1, STEPS + 1) if s not in missing]
+    cfg = config(run_dir, tiny_data_dir, tmp_path, methods="phema", phema_source="profiles",
+                 posthoc_dir=str(profiles))
+    with pytest.raises(ConfigError, match=f"do not reach steps {', '.join(map(str, missing))}, "
+                                          f"where a phema could only be built from older "
+                                          f"profiles; the steps that can be reconstructed are "
+                                          f"{', '.join(map(str, kept))}\\. Replay"):
+        average.average(cfg)
+    with pytest.warns(UserWarning, match=f"do not reach steps {', '.join(map(str, missing))}"):
+        summary = average.average(dataclasses.replace(cfg, skip_bad=True))
+    assert [r["step"] for r in summary["rows"] if r["source"] == "profiles"] == kept
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(phema_update_after=2), "phema_update_after=2, but the stored post-hoc profiles"),
     (dict(phema_update_freq=2), "phema_update_freq=2, but the stored post-hoc profiles"),

@@ -278,6 +278,22 @@ def test_a_resume_keeps_the_seed(make_config, tmp_path):
     assert checkpoint.read_checkpoint(checkpoint.latest_resume(cfg.out_dir)).config["seed"] == 7
 
 
+def test_profiles_switched_off_on_resume_are_one_line_naming_what_can_be_reconstructed(
+        make_config, tiny_data_dir, tmp_path, capsys):
+    """--posthoc_sigma_rel=None on resume (documented) used to end in a traceback of the
+    least-squares solve (coefficients summing to 5.69e-13)."""
+    cfg = make_config(max_iters=8, stop_iter=4, snapshot_interval=2)
+    train.train(cfg)
+    train.train(make_config(max_iters=8, snapshot_interval=2, init_from="resume",
+                            posthoc_sigma_rel=None))
+    line = one_line_error(AVERAGE, [f"--ckpt_dir={Path(cfg.out_dir) / 'snapshots'}",
+                                    f"--out_dir={tmp_path / 'avg'}", f"--data_dir={tiny_data_dir}",
+                                    "--methods=phema", "--device=cpu", "--eval_iters=1",
+                                    "--batch_size=4", "--plot=False"], capsys)
+    assert re.search(r"do not reach steps 6, 8, .* the steps that can be reconstructed are 2, 4\.",
+                     line), line
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. SIGTERM under torchrun
 

@@ -42,7 +42,7 @@ from wagpt.errors import CheckpointError, ConfigError
 from wagpt.flat_params import FlatParameters
 from wagpt.host_state import HostStateAverager
 from wagpt.online_averaging import averager_fields
-from wagpt.posthoc import Reconstruction, find_stored_profiles
+from wagpt.posthoc import Reconstruction, coverage, find_stored_profiles
 from wagpt.report import markdown_table, plot_curves, progress
 from wagpt.runtime import agree, check_dtype, init_runtime
 
@@ -463,6 +463,39 @@ def check_profiles_run(cfg, trajectory, stored):
                                              f"{stored.directory}", *pair))
 
 
+def check_profile_coverage(cfg, settings, stored, eval_steps, runtime):
+    """A phema from the stored profiles is only reconstructed at steps some stored profile
+    reaches (posthoc.coverage): at the others (profiles switched off on resume, or files
+    missing) it would be an average of older profiles. Those steps are a ConfigError naming the
+    steps that can be reconstructed, or with skip_bad one warning and no rows there."""
+    if stored is None or not any(s.source == "profiles" for s in settings):
+        return
+    covered, uncovered = coverage(stored.files, eval_steps, stored.tau, stored.phi)
+    if not uncovered:
+        return
+    last = stored.files[-1][1] if stored.files else None
+    what = (f"the stored post-hoc profiles in {stored.directory} (the last of step {last}) do "
+            f"not reach steps {steps_text(uncovered)}, where a phema could only be built from "
+            f"older profiles")
+    if cfg.skip_bad:
+        if runtime.master:
+            warnings.warn(f"{what}: phema from the profiles is left out there", stacklevel=2)
+        return
+    raise ConfigError(f"{what}; the steps that can be reconstructed are "
+                      f"{steps_text(covered) if covered else 'none'}. Replay a phema over the "
+                      f"raw snapshots with --phema_source=snapshots, or leave those steps out "
+                      f"with --skip_bad=True")
+
+
+def steps_text(steps):
+    """'4, 8, 12' or '4, 8, 12, ..., 36, 40 (10 steps)'."""
+    steps = list(steps)
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return (", ".join(map(str, steps[:3])) + ", ..., " + ", ".join(map(str, steps[-2:])) +
+            f" ({len(steps)} steps)")
+
+
 def profile_directories(cfg):
     """Where a run's post-hoc profiles are: --posthoc_dir, else posthoc/ beside ckpt_dir when
     that is a run's snapshots/, or inside it (ckpt_dir = the run's out_dir)."""
@@ -808,6 +841,7 @@ def average(cfg):
     check_save_choice(cfg, settings)
     with init_runtime(cfg.device, cfg.dtype) as runtime:
         plan = make_plan(cfg, settings, trajectory, stored, runtime)
+        check_profile_coverage(cfg, settings, stored, plan.eval_steps, runtime)
         data = open_dataset(cfg.dataset, cfg.data_dir)
         part = one_pass(cfg, runtime, data, trajectory, plan, stored)
         rows, saved, timing = gather_rows(part, runtime)
