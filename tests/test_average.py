@@ -389,7 +389,7 @@ def test_auto_source_and_both_sources(run_dir, tiny_data_dir, tmp_path):
                                     methods="phema", phema_source="auto"))
     assert {r["setting"] for r in replay["rows"]} == {"raw", "phema[phema_source=snapshots]"}
     both = average.average(config(run_dir, tiny_data_dir, tmp_path, methods="phema",
-                                  phema_source="profiles,snapshots"))
+                                  phema_source="profiles,snapshots", overwrite=True))
     at_last = {r["setting"]: r for r in both["rows"] if r["step"] == STEPS}
     assert set(at_last) == {"raw", "phema[phema_source=profiles]",
                             "phema[phema_source=snapshots]"}

@@ -5,6 +5,7 @@ file loadable. docs/reliability.md lists what is promised and these tests."""
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -535,6 +536,103 @@ def test_a_flipped_byte_is_named_where_it_is_read(kind, snapshots, tiny_data_dir
                      phema_source="profiles" if kind == "profile" else "snapshots")
     with pytest.raises(CheckpointError, match=expected):
         average.average(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7a. average.py's out_dir: a lock, one result set, refusal of another analysis
+
+def test_a_second_analysis_is_refused_unless_overwrite_which_replaces_the_set_as_one(
+        snapshots, tiny_data_dir, tmp_path):
+    """A second analysis into the same out_dir used to replace results.csv/json and the plot
+    silently and leave the first one's saved/ files beside them."""
+    first = avg_config(snapshots, tiny_data_dir, tmp_path, methods="ema", save="ema", plot=True)
+    average.average(first)
+    out = tmp_path / "avg"
+    before = files_under(out)
+    assert {"results.csv", "results.json", "plot.png"} <= {p.name for p in before}
+    second = avg_config(snapshots, tiny_data_dir, tmp_path, methods="swa", save="swa")
+    with pytest.raises(run_dir.OutDirError, match="avg holds the results of another analysis "
+                                                  "\\(results.json, results.csv, plot.png, "
+                                                  "saved\\); --overwrite=True replaces them"):
+        average.average(second)
+    assert files_under(out) == before
+    summary = average.average(dataclasses.replace(second, overwrite=True))
+    after = files_under(out)
+    assert {p.parts[0] for p in after} == {"results.csv", "results.json", "saved"}   # no plot
+    assert {p.parts[1] for p in after if p.parts[0] == "saved"} == {"swa"}   # ema's removed
+    assert json.loads(after[Path("results.json")])["config"]["methods"] == "swa"
+    assert "swa" in after[Path("results.csv")].decode() and \
+        "ema" not in after[Path("results.csv")].decode()
+    assert summary["saved"]["path"] == str(out / "saved" / "swa" / "step_0000006.safetensors")
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_a_failed_analysis_leaves_the_previous_set_whole(snapshots, tiny_data_dir, tmp_path,
+                                                        monkeypatch):
+    cfg = avg_config(snapshots, tiny_data_dir, tmp_path, save="ema")
+    average.average(cfg)
+    before = files_under(tmp_path / "avg")
+    monkeypatch.setattr(offline_averaging, "plot", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("the plot failed")))
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        average.average(dataclasses.replace(cfg, overwrite=True, plot=True, methods="swa",
+                                            save="swa"))
+    assert files_under(tmp_path / "avg") == before
+    assert not [p for p in (tmp_path / "avg").iterdir() if ".tmp" in p.name]
+
+
+def test_an_analysis_into_a_busy_out_dir_stops_at_once(snapshots, tiny_data_dir, tmp_path):
+    cfg = avg_config(snapshots, tiny_data_dir, tmp_path)
+    with run_dir.OutDirLock(cfg.out_dir):
+        with pytest.raises(run_dir.OutDirError, match="in use by another run"):
+            average.average(cfg)
+    assert [p.name for p in Path(cfg.out_dir).iterdir()] == [".lock"]
+
+
+def test_two_analyses_started_at_once_write_one_set(snapshots, tiny_data_dir, tmp_path):
+    """1 of 8 such trials used to end with results.csv of one and results.json of the other."""
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "average.py", f"--ckpt_dir={snapshots}",
+                               f"--out_dir={out}", f"--data_dir={tiny_data_dir}",
+                               f"--methods={method}", "--eval_iters=1", "--batch_size=4",
+                               "--device=cpu", "--plot=False"], cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for method in ("ema", "swa")]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert sorted(code for _, _, code in results) == [0, 2], results
+    loser = next(err for _, err, code in results if code == 2)
+    assert "in use by another run" in loser or "holds the results of another analysis" in loser
+    method = json.loads((out / "results.json").read_text())["config"]["methods"]
+    other = "swa" if method == "ema" else "ema"
+    csv_text = (out / "results.csv").read_text()
+    assert method in csv_text and other not in csv_text
+
+
+def test_save_best_ignores_non_finite_losses_and_nothing_non_finite_is_written(
+        snapshots, tiny_data_dir, tmp_path, monkeypatch):
+    real = offline_averaging.evaluate_loss
+    calls = {"n": 0}
+
+    def ema_05_diverges(*args, **kwargs):   # per step: raw, ema[0.5], ema[0.9]
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        return {**losses, "val": math.nan} if calls["n"] % 3 == 2 else losses
+    monkeypatch.setattr(offline_averaging, "evaluate_loss", ema_05_diverges)
+    cfg = avg_config(snapshots, tiny_data_dir, tmp_path, ema_decay=[0.5, 0.9], save="best")
+    summary = average.average(cfg)
+    assert summary["saved"]["label"] == "ema[ema_decay=0.9]"
+    assert [b["setting"] for b in summary["best"]] == ["raw", "ema[ema_decay=0.9]"]
+    with pytest.raises(ConfigError, match="save='ema\\[ema_decay=0.5\\]': the loss of "
+                                          "ema\\[ema_decay=0.5\\] at step 6 is nan; nothing"):
+        average.average(dataclasses.replace(cfg, save="ema[ema_decay=0.5]", overwrite=True))
+    real_check = offline_averaging.integrity.all_finite
+    monkeypatch.setattr(offline_averaging.integrity, "all_finite", lambda tensors: not any(
+        isinstance(t, torch.nn.Parameter) for t in tensors) and real_check(tensors))   # weights
+    with pytest.raises(CheckpointError, match="the ema\\[ema_decay=0.9\\] average at step 6 is "
+                                              "not finite; nothing is saved"):
+        average.average(dataclasses.replace(cfg, out_dir=str(tmp_path / "other")))
+    assert not (tmp_path / "other" / "results.json").exists()
+    assert not list((tmp_path / "other").rglob("*.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------

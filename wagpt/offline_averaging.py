@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
 from model import GPT, GPTConfig
-from wagpt import checkpoint
+from wagpt import checkpoint, integrity
 from wagpt.atomic import atomic_write
 from wagpt.configurator import parse_choices
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
@@ -44,6 +44,7 @@ from wagpt.host_state import HostStateAverager
 from wagpt.online_averaging import averager_fields
 from wagpt.posthoc import Reconstruction, coverage, find_stored_profiles
 from wagpt.report import markdown_table, plot_curves, progress
+from wagpt.run_dir import ResultsDir
 from wagpt.runtime import agree, check_dtype, init_runtime
 
 
@@ -683,11 +684,11 @@ EMBEDDING_COLUMNS = ("isotropy", "mean_norm", "norm_ratio", "singular_value_rati
                      "norm_logfreq_pearson")
 
 
-def one_pass(cfg, runtime, data, trajectory, plan, stored=None):
+def one_pass(cfg, runtime, data, trajectory, plan, stored=None, staging=None):
     """Feed every checkpoint, once and in step order, to this process's averagers; at each
     evaluation step evaluate the raw weights and every setting this process owns on the same
     val batches. Returns this process's part of the summary (rank 0 gathers every rank's rows
-    under torchrun)."""
+    under torchrun). --save writes into `staging` (claimed_results), else into out_dir."""
     model = GPT(GPTConfig(**trajectory.model_args)).to(runtime.device)
     model.eval()
     flat = FlatParameters(model)
@@ -771,36 +772,70 @@ def one_pass(cfg, runtime, data, trajectory, plan, stored=None):
         rows += [(entry.step, position, row) for position, row in step_rows]
         if entry.step == plan.save_step:
             saved = save_average(cfg, runtime, model, trajectory.model_args, plan, swapped,
-                                 [row for _, row in step_rows], entry, record)
+                                 [row for _, row in step_rows], entry, record, staging)
         rebuilt.clear()   # free the reconstructed weights before the next file is read
     return {"rows": rows, "saved": saved, "timing": dict(times.seconds), "averagers": averagers}
 
 
-def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entry, record):
+def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entry, record,
+                 staging=None):
     """The lowest-loss setting among those `cfg.save` names, at this step, as a snapshot
-    (written by the rank that owns it; every rank takes part in choosing)."""
+    (written by the rank that owns it, into `staging`, its place in out_dir once the results
+    are committed; every rank takes part in choosing). Settings whose loss is not finite are
+    never chosen, and weights that are not finite never written (the returned record then
+    holds the error, raised once the ranks have met)."""
     losses = {r["setting"]: r["val_loss"] for r in step_rows}
     if runtime.ddp:
         every = [None] * runtime.world_size
         dist.all_gather_object(every, losses, group=runtime.control_group)
         losses = {k: v for part in every for k, v in part.items()}
-    candidates = [s for s in plan.settings if s.label in losses and
-                  cfg.save in ("best", s.method, s.label)]
-    if not candidates:
+    named = [s for s in plan.settings if s.label in losses and
+             cfg.save in ("best", s.method, s.label)]
+    if not named:
         raise ConfigError(f"save={cfg.save!r}: no average of it exists at step {entry.step} "
                           f"(its burn-in is later)")
+    candidates = [s for s in named if math.isfinite(losses[s.label])]
+    if not candidates:
+        raise ConfigError(f"save={cfg.save!r}: the loss of {named[0].label} at step "
+                          f"{entry.step} is {losses[named[0].label]}"
+                          f"{' as are the others' if len(named) > 1 else ''}; nothing is saved")
     choice = min(candidates, key=lambda s: losses[s.label])
     if plan.owner[choice.label] != runtime.rank:
         return None
-    directory = Path(cfg.out_dir) / "saved" / re.sub(r"[^\w.=,+-]+", "_", choice.label)
+    relative = Path("saved") / re.sub(r"[^\w.=,+-]+", "_", choice.label)
+    directory = Path(staging or cfg.out_dir) / relative
     with swapped(choice):
+        if not integrity.all_finite(list(model.parameters())):
+            return {"label": choice.label, "error": f"the {choice.label} average at step "
+                                                    f"{entry.step} is not finite; nothing is "
+                                                    f"saved"}
         path = checkpoint.save_snapshot(
             directory, model, entry.step, record.tokens_seen or 0, model_args,
             extra={"averager": choice.method, "hparams": choice.hparams,
                    "source": str(cfg.ckpt_dir) if choice.source == "snapshots" else
                    f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"}, run=record.run)
-    return {"label": choice.label, "step": entry.step, "path": str(path),
+    return {"label": choice.label, "step": entry.step,
+            "path": str(Path(cfg.out_dir) / relative / path.name),
             "val_loss": losses[choice.label]}
+
+
+@contextmanager
+def claimed_results(cfg, runtime):
+    """`with claimed_results(cfg, runtime) as results:` rank 0 holds out_dir for this analysis
+    (run_dir.ResultsDir: the lock, the refusal of another analysis's results unless
+    --overwrite, the writability, before any work); every rank gets `results.staging`, where
+    the result set is written before rank 0 commits it as one."""
+    results = ResultsDir(cfg.out_dir, cfg.overwrite)
+    agree(runtime, lambda: results.claim() if runtime.master else None)
+    staging = [results.staging]
+    if runtime.ddp:   # the rank that owns --save's choice writes it there too
+        dist.broadcast_object_list(staging, src=0, group=runtime.control_group)
+    results.staging = Path(staging[0])
+    try:
+        yield results
+    finally:
+        if runtime.master:
+            results.release()
 
 
 def gather_rows(part, runtime):
@@ -839,20 +874,24 @@ def average(cfg):
     first, _ = trajectory.first()   # the first checkpoint that loads: the default burn-in
     settings = expand_settings(cfg, first_step=first.step, stored=stored)
     check_save_choice(cfg, settings)
-    with init_runtime(cfg.device, cfg.dtype) as runtime:
+    with init_runtime(cfg.device, cfg.dtype) as runtime, claimed_results(cfg, runtime) as results:
         plan = make_plan(cfg, settings, trajectory, stored, runtime)
         check_profile_coverage(cfg, settings, stored, plan.eval_steps, runtime)
         data = open_dataset(cfg.dataset, cfg.data_dir)
-        part = one_pass(cfg, runtime, data, trajectory, plan, stored)
+        part = one_pass(cfg, runtime, data, trajectory, plan, stored, results.staging)
         rows, saved, timing = gather_rows(part, runtime)
-    summary = {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),
-               "skipped": trajectory.skipped, "saved": saved, "timing": timing,
-               "averagers": part["averagers"],
-               "files": [{"file": f.path.name, "step": f.step} for f in trajectory.files]}
+        summary = {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),
+                   "skipped": trajectory.skipped, "saved": saved, "timing": timing,
+                   "averagers": part["averagers"],
+                   "files": [{"file": f.path.name, "step": f.step} for f in trajectory.files]}
+        if runtime.master:
+            if saved and "error" in saved:
+                raise CheckpointError(saved["error"])
+            summary["ignored"] = [p.name for p in trajectory.ignored]
+            write_results(cfg, summary, results.staging)
+            results.commit()   # the set replaces the old one (if any) as one
     if not runtime.master:
         return summary
-    summary["ignored"] = [p.name for p in trajectory.ignored]
-    write_results(cfg, summary)
     print(format_table(summary["best"]))
     if summary["posthoc"]:
         print(format_posthoc_table(summary["posthoc"]))
@@ -880,14 +919,19 @@ def best_settings(rows):
                    and r["step"] == last]
         if not at_last:
             continue
-        top = min(at_last, key=lambda r: r["val_loss"])
+        top = min(at_last, key=_loss_order)
         curve = [r for r in rows if r["setting"] == top["setting"]]
-        lowest = min(curve, key=lambda r: r["val_loss"])
+        lowest = min(curve, key=_loss_order)
         best.append({"method": method, "source": source, "setting": top["setting"],
                      "step": last, "val_loss": top["val_loss"],
                      "gain": raw[last] - top["val_loss"] if last in raw else None,
                      "lowest": lowest["val_loss"], "lowest_step": lowest["step"]})
     return best
+
+
+def _loss_order(row):
+    """Lowest loss first, non-finite losses last."""
+    return (not math.isfinite(row["val_loss"]), row["val_loss"])
 
 
 def posthoc_widths(rows):
@@ -934,8 +978,10 @@ CSV_COLUMNS = ["step", "tokens", "method", "setting", "source", "hparams", "val_
                "reconstruction_error"]
 
 
-def write_results(cfg, summary):
-    out = Path(cfg.out_dir)
+def write_results(cfg, summary, directory=None):
+    """results.csv, results.json (the set's record) and plot.png into `directory` (the
+    staging folder of claimed_results; default out_dir)."""
+    out = Path(directory or cfg.out_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, CSV_COLUMNS +
                             (list(EMBEDDING_COLUMNS) if cfg.embeddings else []))

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import uuid
 import warnings
@@ -366,3 +367,83 @@ def _before_restart(record, resume_iter):
     # the resumed run re-evaluates at its first step, so an eval record there is dropped too
     return record["iter"] < resume_iter or (record["iter"] == resume_iter
                                              and "val_loss" not in record)
+
+
+# ---------------------------------------------------------------------------------------------
+# average.py's out_dir: one result set
+
+RESULT_SET = ("results.json", "results.csv", "plot.png", "saved")   # results.json: the record
+_STAGING = re.compile(r"^\.(results|replaced)\.tmp\d+$")
+
+
+class ResultsDir:
+    """An analysis's out_dir (average.py): its results are one set, written whole or not at all.
+
+        results = ResultsDir(out_dir, overwrite).claim()   # the lock; refusal; writability
+        ... write every file of the set into results.staging ...
+        results.commit()                                   # replaces the old set as one
+        results.release()
+
+    claim() takes the out_dir lock (OutDirLock: a second analysis there stops at once), removes
+    what an interrupted analysis left (its staging folder), refuses an out_dir holding another
+    analysis's results unless `overwrite`, and makes the staging folder `.results.tmp<pid>`
+    (which proves the folder writable, before any work). commit() moves the old set aside, the
+    new one in (results.json last: a set without it is incomplete) and deletes the old one; a
+    failed analysis leaves the old set untouched and its staging folder is removed."""
+
+    def __init__(self, out_dir, overwrite=False):
+        self.out_dir, self.overwrite = Path(out_dir), overwrite
+        self.lock, self.staging = None, None
+
+    def claim(self):
+        self.lock = OutDirLock(self.out_dir).acquire()
+        try:
+            for leftover in self.out_dir.iterdir():
+                if leftover.is_dir() and _STAGING.match(leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            remove_leftover_temporaries(self.out_dir)
+            found = [name for name in RESULT_SET if (self.out_dir / name).exists()]
+            if found and not self.overwrite:
+                raise OutDirError(
+                    f"{self.out_dir} holds the results of another analysis "
+                    f"({', '.join(found)}); --overwrite=True replaces them, as one set once "
+                    f"this analysis is done, or write this one elsewhere with --out_dir=...")
+            self.staging = self.out_dir / f".results.tmp{os.getpid()}"
+            try:
+                self.staging.mkdir()
+                atomic_write(self.staging / "writable", b"")
+                (self.staging / "writable").unlink()
+            except OSError as e:
+                raise WriteError(write_failure(self.staging / "writable", e)) from None
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def commit(self):
+        """Replace the result set in out_dir (if any) by the one in the staging folder."""
+        old = self.out_dir / f".replaced.tmp{os.getpid()}"
+        try:
+            old.mkdir(exist_ok=True)
+            for name in RESULT_SET:              # results.json first: the old set is retired
+                if (self.out_dir / name).exists():
+                    os.replace(self.out_dir / name, old / name)
+            for name in reversed(RESULT_SET):    # results.json last: the new set is complete
+                if (self.staging / name).exists():
+                    os.replace(self.staging / name, self.out_dir / name)
+            fd = os.open(self.out_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise WriteError(write_failure(self.out_dir / "results.json", e)) from None
+        shutil.rmtree(old, ignore_errors=True)
+
+    def release(self):
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
