@@ -588,3 +588,32 @@ def test_auto_puts_the_state_in_host_memory_when_the_device_is_too_small(monkeyp
     with pytest.raises(ConfigError, match="cuda:0 has 0.0 GiB .* --state_device=host"):
         offline_averaging.check_memory(model_args, settings, gpu, dataclasses.replace(
             cfg, state_device="device"))
+
+
+@pytest.mark.parametrize("device, state", [("cpu", "device"), ("cuda", "host")])
+def test_the_processes_of_one_host_share_its_memory(device, state, monkeypatch, capsys):
+    """2 processes x 11.5 GiB used to pass against 21.9 GiB free: each share was compared
+    with the whole host's memory (the CPU as the device, or the state in host memory)."""
+    cfg = AverageConfig(ckpt_dir="x", methods="lawa", lawa_k=[5, 6], state_device=state)
+    settings = offline_averaging.expand_settings(cfg, first_step=0)
+    model_args = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=32, bias=False,
+                      dropout=0.0)
+    numel = sum(p.numel() for p in GPT(GPTConfig(**model_args)).parameters())
+    one_share = 4 * numel * 8   # lawa_k=5 or 6, + model, swap, temporary on the CPU: < 9 copies
+    monkeypatch.setattr(offline_averaging, "available_memory", lambda d: int(1.2 * one_share))
+    for host_size, fits in ((1, True), (2, False)):   # 2 hosts of 1 process, or 1 host of 2
+        runtime = Runtime(torch.device(device, 0) if device == "cuda" else torch.device("cpu"),
+                          rank=1, local_rank=host_size - 1, world_size=2,
+                          local_world_size=host_size)
+        owner = offline_averaging.assign_ranks(settings, 2)
+        mine = [s for s in settings if owner[s.label] == 1]
+        neighbours = offline_averaging.host_neighbours(settings, owner, runtime)
+        assert len(neighbours) == host_size - 1
+        check = lambda: offline_averaging.check_memory(model_args, mine, runtime, cfg,  # noqa
+                                                       neighbours=neighbours)
+        if fits:
+            check()
+        else:
+            with pytest.raises(ConfigError, match="\\(shared by this host's 2 processes\\) "
+                                                  "has .* more hosts"):
+                check()

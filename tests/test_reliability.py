@@ -431,7 +431,7 @@ def test_the_memory_of_a_sweep_is_printed_and_checked(snapshots, tiny_data_dir, 
     monkeypatch.setattr(offline_averaging, "available_memory", lambda device: 1000)
     with pytest.raises(ConfigError, match="the sweep needs .* GiB but cpu has 0.0 GiB "
                                           "available: sweep fewer settings"):
-        average.average(cfg)
+        average.average(dataclasses.replace(cfg, overwrite=True))
 
 
 def test_a_stray_first_file_cannot_decide_the_model(snapshots, tiny_data_dir, tmp_path):

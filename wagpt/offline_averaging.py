@@ -554,17 +554,29 @@ def make_plan(cfg, settings, trajectory, stored, runtime):
         eval_steps.add(save_step)
     owner = assign_ranks(settings, runtime.world_size)
     mine = [s for s in settings if owner[s.label] == runtime.rank]
+    neighbours = host_neighbours(settings, owner, runtime)
     placement = agree(runtime, lambda: check_memory(trajectory.model_args, mine, runtime, cfg,
-                                                    stored, len(eval_steps)))
+                                                    stored, len(eval_steps), neighbours))
     return Plan(settings, owner, mine, placement, sorted(eval_steps), save_step)
 
 
-def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_steps=1):
+def host_neighbours(settings, owner, runtime):
+    """The settings of each other process on this host (torchrun numbers the ranks of a host
+    consecutively): they share its memory with this one."""
+    first = runtime.rank - runtime.local_rank
+    return [[s for s in settings if owner[s.label] == rank]
+            for rank in range(first, first + runtime.local_world_size) if rank != runtime.rank]
+
+
+def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_steps=1,
+                 neighbours=()):
     """Print what this process's share of the pass holds (the model, the swap buffer, one
     temporary average, every setting's state, float32, and the reconstruction's float64
-    accumulators) and where; return the Placement. With state_device 'auto' the state goes to
-    host memory when the device (a GPU) cannot hold it; with too little memory either way,
-    stop, naming the fix."""
+    accumulators) and where; return the Placement. Where that is host memory (the CPU as the
+    device, or the state on the host), the shares of the other processes on this host
+    (`neighbours`: their settings) count against it too. With state_device 'auto' the state
+    goes to host memory when the device (a GPU) cannot hold it; with too little memory either
+    way, stop, naming the fix."""
     with torch.device("meta"):
         numel = sum(p.numel() for p in GPT(GPTConfig(**{**model_args, "dropout": 0.0}))
                     .parameters())
@@ -573,7 +585,8 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
     widths = sum(s.source == "profiles" for s in settings)
     per_file = len(stored.files[0][2]) if stored and stored.files else 0
 
-    def reconstruction(window):   # float32 copies: 2 per float64 accumulator, R outputs, a file
+    def reconstruction(window, widths=widths):
+        # float32 copies: 2 per float64 accumulator, R outputs, a file
         return 0 if not widths else 2 * widths * window + widths + 2 * per_file
 
     gib = 4 * numel / 2**30
@@ -588,9 +601,16 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
             gib * (fixed + state_of(1)) * 2**30 > device_free else "device"
     pool = host_free if mode == "host" and separate else device_free
     on_pool = 0 if mode == "host" and separate else fixed
+    shared = neighbours if mode == "host" or not separate else []   # this host's memory
+
+    def in_pool(window):   # copies in the pool: this process's, and its neighbours' there
+        return on_pool + state_of(window) + sum(
+            on_pool + sum(s.copies for s in other if s.source == "snapshots") +
+            reconstruction(window, sum(s.source == "profiles" for s in other))
+            for other in shared)
     window = max(1, eval_steps)
     if widths and pool is not None:   # as many evaluation steps at once as fit
-        while window > 1 and gib * (on_pool + state_of(window)) * 2**30 > pool:
+        while window > 1 and gib * in_pool(window) * 2**30 > pool:
             window -= 1
     need = gib * (fixed + state_of(window)) * 2**30
     text = (f"memory: {need / 2**30:.2f} GiB for {numel:,} parameters x "
@@ -605,11 +625,15 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
         text += f", {pool / 2**30:.1f} GiB available on {runtime.device}"
     if runtime.ddp:
         text += f" (rank {runtime.rank} of {runtime.world_size})"
+    if shared:
+        text += (f"; with the {len(shared)} other process(es) on this host, "
+                 f"{gib * in_pool(window):.2f} GiB of its memory")
     if runtime.master:
         print(text)
-    need_in_pool = gib * (on_pool + state_of(window)) * 2**30
+    need_in_pool = gib * in_pool(window) * 2**30
     if pool is not None and need_in_pool > pool:
-        where = "host memory" if mode == "host" and separate else str(runtime.device)
+        where = ("host memory" if mode == "host" and separate else str(runtime.device)) + (
+            f" (shared by this host's {len(shared) + 1} processes)" if shared else "")
         biggest = max(copies, key=copies.get) if copies else "the reconstruction"
         hint = ("; or keep the state in host memory with --state_device=host"
                 if separate and mode == "device" else "")
@@ -617,7 +641,8 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
                           f"{pool / 2**30:.1f} GiB available: sweep fewer settings per pass "
                           f"(split --methods or shorten the lists; the largest state is "
                           f"{biggest}, {copies.get(biggest, reconstruction(1))} copies of the "
-                          f"weights), or run it under torchrun over more processes{hint}")
+                          f"weights), or run it under torchrun over more "
+                          f"{'hosts' if shared else 'processes'}{hint}")
     return Placement(mode, window)
 
 
