@@ -1006,7 +1006,7 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
     common = [f"--out_dir={out}", f"--data_dir={tiny_data_dir}", "--log_interval=1",
               "--ckpt_interval=1", "--snapshot_interval=1", "--keep_last=2",
               "--eval_interval=100000", "--averaging=ema,lawa", "--lawa_interval=2", *TINY]
-    killed_mid_write = 0
+    killed_mid_write = {"checkpoint": 0, "snapshot": 0, "profile": 0, "log": 0}
     for trial in range(FAULT_TRIALS):
         start = ["--init_from=resume"] if checkpoint.latest_resume(out) else []
         proc = subprocess.Popen([sys.executable, "train.py", "--max_iters=100000", *start,
@@ -1018,7 +1018,9 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         proc.communicate(timeout=60)
-        killed_mid_write += any(".tmp" in p.name for p in out.rglob("*"))
+        for p in out.rglob(".*.tmp*"):
+            kind = {"snapshots": "snapshot", "posthoc": "profile"}.get(p.parent.name)
+            killed_mid_write[kind or ("checkpoint" if ".ckpt_" in p.name else "log")] += 1
         steps = all_files_load(out)
         assert steps, f"trial {trial}: no loadable resume checkpoint"
     last = max(all_files_load(out))
@@ -1029,4 +1031,62 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
     assert not any(".tmp" in p.name for p in out.rglob("*"))
     records = run_dir.read_metrics(out / "metrics.jsonl")
     assert [r["iter"] for r in records if "loss" in r] == list(range(1, last + 4))
-    print(f"kill -9 trials: {FAULT_TRIALS}, killed during a write: {killed_mid_write}")
+    # one timeline of one run: a snapshot and a profile per step, the abandoned ones aside
+    steps = {sub: [checkpoint.read_checkpoint(p, tensors=False).step if sub == "snapshots" else
+                   checkpoint.read_posthoc(p, tensors=False).step
+                   for p in checkpoint.list_snapshots(out / sub)] for sub in ("snapshots", "posthoc")}
+    assert steps == {"snapshots": list(range(0, last + 4)), "posthoc": list(range(1, last + 4))}
+    ids = {checkpoint.read_checkpoint(p, tensors=False).run["id"]
+           for p in checkpoint.list_snapshots(out / "snapshots")}
+    assert len(ids) == 1
+    aside = [p for p in (out / "abandoned").rglob("*.safetensors")] if (out / "abandoned").exists() \
+        else []
+    print(f"kill -9 trials: {FAULT_TRIALS}, killed during a write (temporary left): "
+          f"{killed_mid_write}, files of abandoned timelines set aside: {len(aside)}")
+
+
+def test_kill_9_of_average_py_leaves_no_result_set_or_a_whole_one(snapshots, tiny_data_dir,
+                                                                  tmp_path):
+    """average.py --save killed at random moments, the analyses alternating between two method
+    lists into one out_dir with --overwrite=True: after every kill out_dir holds no result set
+    or one whole set of one analysis (results.csv, results.json and the saved file agree, and
+    the file loads), and the next analysis takes the lock over and cleans up."""
+    out = tmp_path / "avg"
+    rng = random.Random(int(os.environ.get("WA_FAULT_SEED", "0")))
+    counts = {"no set": 0, "whole set": 0, "staging left": 0}
+
+    def command(methods):
+        return [sys.executable, "average.py", f"--ckpt_dir={snapshots}", f"--out_dir={out}",
+                f"--data_dir={tiny_data_dir}", f"--methods={methods}", "--eval_iters=1",
+                "--batch_size=4", "--device=cpu", "--save=best", "--overwrite=True"]
+    start = time.perf_counter()
+    done = subprocess.run(command("ema"), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    duration = time.perf_counter() - start
+    for trial in range(FAULT_TRIALS):
+        methods = ("swa,lawa", "ema")[trial % 2]
+        proc = subprocess.Popen(command(methods), cwd=REPO, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.1 * duration))
+        proc.kill()
+        proc.wait(timeout=60)
+        counts["staging left"] += any(".tmp" in p.name for p in out.iterdir())
+        record = out / "results.json"
+        if not record.exists():
+            counts["no set"] += 1
+            assert not (out / "results.csv").exists() and not (out / "saved").exists()
+            continue
+        counts["whole set"] += 1
+        result = json.loads(record.read_text())
+        methods_run = set(result["config"]["methods"].split(","))
+        rows = (out / "results.csv").read_text().splitlines()[1:]
+        assert {row.split(",")[2] for row in rows} == methods_run | {"raw"}
+        saved = Path(result["saved"]["path"])
+        assert saved.parent.parent == out / "saved" and len(list((out / "saved").iterdir())) == 1
+        assert checkpoint.read_checkpoint(saved).averager in methods_run
+    done = subprocess.run(command("ema"), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    print(f"average.py kill -9 trials: {FAULT_TRIALS}, {counts}")
