@@ -673,6 +673,32 @@ def test_every_file_records_its_run_a_resume_keeps_it_and_a_branch_names_its_par
     assert child["parent"] == {"id": json.loads(run)["id"], "step": 4}
 
 
+def test_files_from_before_run_ids_and_checksums_still_work(make_config, tmp_path):
+    """A resume checkpoint and snapshots without `run` and `checksum` (written before them):
+    the run resumes (as a new id, said in its first line) and average.py takes the old
+    snapshots with the new ones."""
+    cfg = make_config(max_iters=8, stop_iter=4, snapshot_interval=2)
+    train.train(cfg)
+    out = Path(cfg.out_dir)
+    path = checkpoint.latest_resume(out)
+    old = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in old.items() if k not in ("run", "checksum")}, path)
+    for snapshot in checkpoint.list_snapshots(out / "snapshots"):
+        metadata = safe_open(snapshot, "pt").metadata()
+        save_file(load_file(snapshot), snapshot,
+                  metadata={k: v for k, v in metadata.items() if k not in ("run", "checksum")})
+    assert checkpoint.read_checkpoint(path).run is None
+    train.train(make_config(max_iters=8, snapshot_interval=2, init_from="resume"))
+    ids = {checkpoint.read_checkpoint(p, tensors=False).run is None
+           for p in checkpoint.list_snapshots(out / "snapshots")}
+    assert ids == {True, False}   # steps 0..4 without an id, 6 and 8 with the new one
+    summary = average.average(AverageConfig(ckpt_dir=str(out / "snapshots"),
+                                            out_dir=str(tmp_path / "avg"), data_dir=cfg.data_dir,
+                                            eval_iters=1, batch_size=4, device="cpu",
+                                            methods="ema", plot=False))
+    assert sorted({r["step"] for r in summary["rows"]}) == [0, 2, 4, 6, 8]
+
+
 @pytest.fixture(scope="module")
 def other_run(tiny_data_dir, tmp_path_factory):
     """A run of the `snapshots` fixture's shape with another seed: snapshots and profiles 0..8."""
@@ -1053,7 +1079,7 @@ def test_kill_9_of_average_py_leaves_no_result_set_or_a_whole_one(snapshots, tin
     the file loads), and the next analysis takes the lock over and cleans up."""
     out = tmp_path / "avg"
     rng = random.Random(int(os.environ.get("WA_FAULT_SEED", "0")))
-    counts = {"no set": 0, "whole set": 0, "staging left": 0}
+    counts = {"no set": 0, "whole set": 0, "of the killed analysis": 0, "staging left": 0}
 
     def command(methods):
         return [sys.executable, "average.py", f"--ckpt_dir={snapshots}", f"--out_dir={out}",
@@ -1066,6 +1092,7 @@ def test_kill_9_of_average_py_leaves_no_result_set_or_a_whole_one(snapshots, tin
     duration = time.perf_counter() - start
     for trial in range(FAULT_TRIALS):
         methods = ("swa,lawa", "ema")[trial % 2]
+        before = (out / "results.json").read_bytes()
         proc = subprocess.Popen(command(methods), cwd=REPO, env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.3, 1.1 * duration))
@@ -1078,6 +1105,7 @@ def test_kill_9_of_average_py_leaves_no_result_set_or_a_whole_one(snapshots, tin
             assert not (out / "results.csv").exists() and not (out / "saved").exists()
             continue
         counts["whole set"] += 1
+        counts["of the killed analysis"] += record.read_bytes() != before   # it had committed
         result = json.loads(record.read_text())
         methods_run = set(result["config"]["methods"].split(","))
         rows = (out / "results.csv").read_text().splitlines()[1:]

@@ -5,14 +5,16 @@ Files this project writes (every one atomically, wagpt/atomic.py):
 
     out_dir/ckpt_0001000.pt                  resume checkpoint (torch.save, read weights_only=True):
                                              model, optimizer, averaging, posthoc, iter_num,
-                                             tokens_seen, config, model_args, sampler. The keys
+                                             tokens_seen, config, model_args, sampler, run,
+                                             checksum. The keys
                                              model/model_args/iter_num are nanoGPT's, so nanoGPT
                                              tools read it. The last `keep_last` are kept.
     out_dir/snapshots/step_0001000.safetensors
                                              model-only snapshot of the trajectory, never pruned: the
                                              float32 weights (tied lm_head stored once) plus metadata
-                                             {format, step, tokens_seen, model_args (JSON)}. This is
-                                             what offline averaging reads.
+                                             {format, step, tokens_seen, model_args (JSON), run
+                                             (JSON), checksum}. This is what offline averaging
+                                             reads.
     out_dir/averaged/<method>/step_....safetensors
                                              an average, as a snapshot whose metadata adds
                                              `averager` and `hparams` (JSON)
@@ -23,7 +25,8 @@ Files this project writes (every one atomically, wagpt/atomic.py):
                                              under a prefix such as `sigma_rel=0.05/`), plus
                                              metadata {format, step, tokens_seen, model_args,
                                              profiles (JSON: each one's name, sigma_rel, gamma,
-                                             update_after τ, update_freq φ, last_update)}.
+                                             update_after τ, update_freq φ, last_update), run,
+                                             checksum}.
                                              Written and read by save_posthoc / read_posthoc;
                                              read_checkpoint refuses it (it is no one model).
 
@@ -35,7 +38,11 @@ of export_hf.py). Nothing is unpickled that could run code
 (weights_only=True); a .pt is memory-mapped, so only the tensors that are used are paged in.
 
 Every file is written through atomic.py: a crash mid-write leaves the previous files untouched
-and loadable, and a file counts as written only once it has its final name.
+and loadable, and a file counts as written only once it has its final name. `run` is the run
+that wrote it ({"id", "parent"}: run_dir.new_run_id; a branch's parent is the run and step it
+started from); `checksum` covers its tensors and metadata (integrity.py), and every reader
+verifies it and refuses non-finite tensors when it reads the tensors. Files without them
+(written before, or by nanoGPT) are read as before.
 """
 
 import json

@@ -9,13 +9,18 @@ A run's out_dir: who owns it, what may be written into it, and its log.
       ckpt_*.pt          resume checkpoints            (checkpoint.py)
       snapshots/         model-only snapshots          (checkpoint.py)
       averaged/          averages saved with --save_averaged
+      abandoned/<time>/  what a resume from an older checkpoint (or a restart after a crash
+                         before the first one) moved aside: never deleted
 
 Ownership: a run holds an exclusive lock on out_dir/.lock for its whole life (the operating
 system releases it when the process ends, however it ends), so a second run into the same
 out_dir stops at once, naming the first. A run from scratch (or branching off a file) refuses an
-out_dir that already holds another run's artifacts; `--init_from=resume` continues the run that is
-there. The temporary files of writes that a crash interrupted (`.<name>.tmp<pid>`, see
-atomic_path) are removed when the next run takes the lock.
+out_dir that already holds another run's artifacts, unless that run stopped before its first
+resume checkpoint (crashed_before_first_checkpoint: its files are moved aside); `--init_from=
+resume` continues the run that is there, and set_aside keeps one timeline. The temporary files
+of writes that a crash interrupted (`.<name>.tmp<pid>`, see atomic_path) are removed when the
+next run takes the lock. An analysis (average.py) owns its out_dir the same way, and writes its
+results as one set (ResultsDir).
 """
 
 import dataclasses
