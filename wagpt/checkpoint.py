@@ -399,7 +399,7 @@ def _read_safetensors_header(path, whole_file):
     try:
         if whole_file:
             blob = path.read_bytes()
-            return blob, _safetensors_header(blob[:8], blob[8:], path)
+            return blob, _safetensors_header(blob[:8], memoryview(blob)[8:], path)   # no copy
         with open(path, "rb") as f:
             size_bytes = f.read(8)
             return None, _safetensors_header(size_bytes, f.read(_header_size(size_bytes, path)),
@@ -446,7 +446,7 @@ def _safetensors_header(size_bytes, rest, path):
     size = _header_size(size_bytes, path)
     if len(rest) < size:
         raise ValueError("the file ends inside its header")
-    return json.loads(rest[:size])
+    return json.loads(bytes(rest[:size]))
 
 
 def _read_torch(path, tensors):

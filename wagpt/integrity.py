@@ -15,6 +15,7 @@ after it was written), not tampering. Files without one (written before checksum
 nanoGPT) are read as before.
 """
 
+import numpy as np
 import torch
 import xxhash
 
@@ -59,15 +60,27 @@ def verify(recorded, named, path):
 
 def all_finite(tensors):
     """Whether every floating-point tensor is finite. A NaN or inf anywhere makes the tensor's
-    sum non-finite, so one sum per tensor (fast) and one host sync decide it; only when a sum
-    is not finite (a NaN, or finite values overflowing it) is every element looked at."""
-    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
-    if not tensors:
+    sum non-finite, so one sum per tensor decides it; only when a sum is not finite (a NaN, or
+    finite values overflowing it) is every element looked at. CPU tensors are summed by numpy,
+    on one thread: the sum is memory-bound, and a multi-threaded torch op on a busy machine
+    waits for its threads (20x slower over GPT-2 124M's 75 tensors); the others by torch, with
+    one host sync."""
+    tensors = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    numpy_ok = [t for t in tensors if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS]
+    rest = [t for t in tensors if not (t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS)]
+    with np.errstate(all="ignore"):
+        for t in numpy_ok:
+            if not np.isfinite(np.sum(t.numpy())) and not np.isfinite(t.numpy()).all():
+                return False
+    if not rest:
         return True
-    sums = torch.stack([t.sum().float().to(tensors[0].device) for t in tensors])
+    sums = torch.stack([t.sum().float().to(rest[0].device) for t in rest])
     if bool(torch.isfinite(sums).all()):
         return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.isfinite(t).all()) for t in rest)
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def first_non_finite(named):
