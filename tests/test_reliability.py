@@ -950,14 +950,17 @@ def test_an_unusable_out_dir_is_one_line(case, phrase, entry, make_config, read_
     assert re.search(phrase, one_line_error(entry, args, capsys))
 
 
-def test_a_checkpoint_with_a_negative_step_is_named(make_config, tmp_path):
-    cfg = make_config(max_iters=4)
+def test_a_checkpoint_with_a_negative_step_is_one_line(make_config, tiny_data_dir, capsys):
+    cfg = make_config(max_iters=4, lawa_interval=100)
     train.train(cfg)
     path = checkpoint.latest_resume(cfg.out_dir)
     saved = torch.load(path, weights_only=True)
     torch.save({**saved, "iter_num": -3, "checksum": None}, path)
     with pytest.raises(CheckpointError, match="ckpt_0000004.pt: its step is -3"):
         checkpoint.read_checkpoint(path)
+    line = one_line_error(TRAIN, [f"--data_dir={tiny_data_dir}", f"--out_dir={cfg.out_dir}",
+                                  "--init_from=resume", "--max_iters=8", *TINY], capsys)
+    assert "ckpt_0000004.pt: its step is -3" in line
 
 
 @pytest.fixture
