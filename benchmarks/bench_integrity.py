@@ -64,7 +64,8 @@ def bench(cfg):
              for k, v in checkpoint.model_state(model).items()}
     named = sorted(state.items())
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    moments = {f"{k}/exp_avg{s}": torch.randn_like(v) for k, v in state.items() for s in ("", "_sq")}
+    moments = {f"{k}/exp_avg{s}": torch.randn_like(v) for k, v in state.items()
+               for s in ("", "_sq")}
     resume = [*named, *sorted(moments.items())]
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(cfg.dir or scratch)

@@ -720,8 +720,9 @@ def test_a_snapshot_of_another_run_is_refused_naming_both(snapshots, other_run, 
     theirs = checkpoint.read_checkpoint(stray, tensors=False).run
     with pytest.raises(CheckpointError, match=f"mixes the files of two runs: "
                                               f"step_0000006.safetensors \\(step 6\\) is run "
-                                              f"{ours['id']}, step_0000008.safetensors \\(step 8\\) "
-                                              f"is run {theirs['id']}.*--mix_runs=True"):
+                                              f"{ours['id']}, step_0000008.safetensors "
+                                              f"\\(step 8\\) is run {theirs['id']}.*"
+                                              f"--mix_runs=True"):
         average.average(avg_config(directory, tiny_data_dir, tmp_path))
     with pytest.warns(UserWarning, match=f"is a file of run {theirs['id']}"):
         summary = average.average(avg_config(directory, tiny_data_dir, tmp_path, skip_bad=True,
@@ -1063,13 +1064,13 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
     # one timeline of one run: a snapshot and a profile per step, the abandoned ones aside
     steps = {sub: [checkpoint.read_checkpoint(p, tensors=False).step if sub == "snapshots" else
                    checkpoint.read_posthoc(p, tensors=False).step
-                   for p in checkpoint.list_snapshots(out / sub)] for sub in ("snapshots", "posthoc")}
+                   for p in checkpoint.list_snapshots(out / sub)]
+             for sub in ("snapshots", "posthoc")}
     assert steps == {"snapshots": list(range(0, last + 4)), "posthoc": list(range(1, last + 4))}
     ids = {checkpoint.read_checkpoint(p, tensors=False).run["id"]
            for p in checkpoint.list_snapshots(out / "snapshots")}
     assert len(ids) == 1
-    aside = [p for p in (out / "abandoned").rglob("*.safetensors")] if (out / "abandoned").exists() \
-        else []
+    aside = list((out / "abandoned").rglob("*.safetensors"))   # empty if there is none
     print(f"kill -9 trials: {FAULT_TRIALS}, killed during a write (temporary left): "
           f"{killed_mid_write}, files of abandoned timelines set aside: {len(aside)}")
 
