@@ -132,6 +132,17 @@ def running_mean_update_(mean, theta, n):
     return mean.lerp_(_f32(theta), 1.0 / n)
 
 
+def mean_of_rows(rows):
+    """The mean of the rows of a (k, n) tensor, summed row after row and divided by k: every
+    entry sees the same operations in the same order whatever n is, so the mean over a slice of
+    the columns equals that slice of the mean bit for bit (host-state chunks, DDP shards).
+    torch's mean(dim=0) does not promise that: its reduction order depends on n."""
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total += row
+    return total.div_(rows.shape[0])
+
+
 # ------------------------------------------------------------------- hyperparameter checks
 
 def _int(hp, key, minimum):
@@ -522,7 +533,7 @@ class LAWA(Averager):
     def average(self):
         if self.ring is None:
             return None
-        return self.ring[:min(self.count, self.k)].mean(dim=0)
+        return mean_of_rows(self.ring[:min(self.count, self.k)])
 
 
 @register
@@ -585,7 +596,7 @@ class WindowedAverage(Averager):
             return None
         if self.finished_count == 0:
             return self.current
-        return self.finished[:min(self.finished_count, self.n_windows)].mean(dim=0)
+        return mean_of_rows(self.finished[:min(self.finished_count, self.n_windows)])
 
 
 # ------------------------------------------------------- power-function EMA (Karras et al., EDM2)

@@ -52,7 +52,8 @@ def train(cfg):
         log = MetricsLog(cfg, runtime.master)
         log.check()
 
-        with claimed_out_dir(cfg, runtime, log), StopSignal(runtime) as stop:
+        with claimed_out_dir(cfg, runtime, log, state.iter_num, checkpointer.identity["id"]), \
+                StopSignal(runtime) as stop:
             model = wrap_model(run.model, cfg, runtime)
             eval_model = model.module if runtime.ddp else model   # no collectives in forward
             schedule = schedules.from_config(cfg)
@@ -61,11 +62,11 @@ def train(cfg):
             peak_flops = device_peak_flops(runtime.device, cfg.peak_flops)
             out_dir = Path(cfg.out_dir)
             if runtime.master:
-                save_config(cfg, out_dir / "config.json")
+                save_config(cfg, out_dir / "config.json", run=checkpointer.identity)
                 print(f"{run.model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} "
                       f"tokens/step, start at step {state.iter_num} "
                       f"({start.path if start else 'scratch'}), device {runtime.device}, "
-                      f"world size {runtime.world_size}")
+                      f"world size {runtime.world_size}, run {checkpointer.identity['id']}")
                 if run.online.names:
                     print(f"averaging {', '.join(run.online.names)}: "
                           f"{run.online.memory_bytes() / 2**20:.1f} MiB of state per rank")

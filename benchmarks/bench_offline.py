@@ -81,7 +81,7 @@ def settings_config(cfg, ckpt_dir, methods, overrides, eval_every, eval_iters, n
     return AverageConfig(ckpt_dir=str(ckpt_dir), out_dir=str(Path(cfg.out_dir) / name),
                          methods=methods, dataset=cfg.dataset, data_dir=cfg.data_dir,
                          eval_iters=eval_iters, eval_every=eval_every, device=cfg.device,
-                         plot=False, **overrides)
+                         plot=False, overwrite=True, **overrides)   # passes repeat
 
 
 def timed(fn, repeats):

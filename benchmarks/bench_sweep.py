@@ -108,7 +108,8 @@ def run_pass(cfg, snaps, data, state_device, ranks, name):
     args = [f"--ckpt_dir={snaps}", f"--out_dir={out}", f"--data_dir={data}", "--methods=ema",
             f"--ema_decay={decays}", f"--eval_every={100 * cfg.snapshots}", "--eval_iters=1",
             "--batch_size=1", "--block_size=64", f"--device={cfg.device}", "--plot=False",
-            f"--state_device={state_device}", f"--state_chunk={cfg.state_chunk}"]
+            f"--state_device={state_device}", f"--state_chunk={cfg.state_chunk}",
+            "--overwrite=True"]   # the repeats of a configuration
     threads = max(1, (os.cpu_count() or 1) // ranks) if cfg.device == "cpu" else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "average.py", *args] if ranks == 1 else [

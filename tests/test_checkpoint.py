@@ -1,12 +1,15 @@
 """wagpt/checkpoint.py: atomic writes, pruning, safe loading, snapshots."""
 
+import math
 import os
 import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from wagpt import checkpoint
+from wagpt import checkpoint, integrity
 from wagpt.errors import CheckpointError
 
 
@@ -157,3 +160,86 @@ def test_posthoc_files_are_not_models_and_bad_ones_are_named(tmp_path):
         checkpoint.read_posthoc(cut)
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint.read_posthoc(tmp_path / "nope.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums, finite values, files written before them
+
+def flip_a_byte_of(path, tensor):
+    """Flip one bit inside `tensor`'s bytes where the file stores them."""
+    blob = bytearray(path.read_bytes())
+    at = blob.find(integrity.tensor_bytes(tensor).tobytes()[:64])
+    assert at > 0
+    blob[at + 5] ^= 0x10
+    path.write_bytes(bytes(blob))
+
+
+def test_every_format_carries_a_checksum_and_its_readers_verify_it(tmp_path):
+    model = Tied()
+    weight = checkpoint.model_state(model)["emb.weight"]
+    resume = checkpoint.save_resume(tmp_path, payload(10, model), keep_last=0)
+    snapshot = checkpoint.save_snapshot(tmp_path / "snapshots", model, 10, 0, {})
+    profile_file = checkpoint.save_posthoc(tmp_path / "posthoc", [(profile(
+        "sigma_rel=0.05", 0.05, 16.97, 9), checkpoint.model_state(model))], 10, 0, {})
+    assert torch.load(resume, weights_only=True)["checksum"].startswith("xxh3_128:")
+    for path in (snapshot, profile_file):
+        assert safe_open(path, "pt").metadata()["checksum"].startswith("xxh3_128:")
+    for path, read in ((resume, checkpoint.read_checkpoint), (snapshot, checkpoint.read_checkpoint),
+                       (profile_file, checkpoint.read_posthoc)):
+        read(path)
+        flip_a_byte_of(path, weight)
+        with pytest.raises(CheckpointError, match=f"{path.name} is corrupt: its contents do not "
+                                                  f"match the checksum written with it"):
+            read(path)
+        read(path, tensors=False)   # a header alone is not verified: only what is used
+
+
+def test_metadata_and_plain_values_are_covered_too(tmp_path):
+    resume = checkpoint.save_resume(tmp_path, payload(10), keep_last=0)
+    saved = torch.load(resume, weights_only=True)
+    torch.save({**saved, "tokens_seen": 101}, resume)   # was 100
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        checkpoint.read_checkpoint(resume)
+    snapshot = checkpoint.save_snapshot(tmp_path / "s", Tied(), 10, 0, {})
+    tensors, metadata = load_file(snapshot), safe_open(snapshot, "pt").metadata()
+    save_file(tensors, snapshot, metadata={**metadata, "step": "11"})
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        checkpoint.read_checkpoint(snapshot)
+
+
+def test_files_without_a_checksum_still_load(tmp_path):
+    """Files written before checksums (and nanoGPT's, tests/test_average.py) load as before."""
+    model = Tied()
+    resume = checkpoint.save_resume(tmp_path, payload(10, model), keep_last=0)
+    saved = torch.load(resume, weights_only=True)
+    del saved["checksum"]
+    torch.save(saved, resume)
+    snapshot = checkpoint.save_snapshot(tmp_path / "s", model, 10, 0, {})
+    metadata = safe_open(snapshot, "pt").metadata()
+    del metadata["checksum"]
+    save_file(load_file(snapshot), snapshot, metadata=metadata)
+    for path in (resume, snapshot):
+        record = checkpoint.read_checkpoint(path)
+        assert record.step == 10 and torch.equal(record.weights["emb.weight"],
+                                                 checkpoint.model_state(model)["emb.weight"])
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_a_non_finite_tensor_is_named_on_reading(where, tmp_path):
+    model = Tied()
+    state = payload(10, model)
+    if where == "model":
+        state["model"]["norm.weight"] = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    else:
+        state["optimizer"] = {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}}
+    path = checkpoint.save_resume(tmp_path, state, keep_last=0)
+    name = "model/norm.weight" if where == "model" else "optimizer/state/0/exp_avg"
+    with pytest.raises(CheckpointError, match=f"ckpt_0000010.pt: {name} holds NaN or infinite"):
+        checkpoint.read_checkpoint(path)
+
+
+def test_all_finite_is_exact_where_a_sum_overflows():
+    big = torch.full((4,), 3e38)
+    assert integrity.all_finite([big])
+    assert not integrity.all_finite([big, torch.tensor([-math.inf])])
+    assert integrity.first_non_finite([("a", big), ("b", torch.tensor([0.0, math.nan]))]) == "b"

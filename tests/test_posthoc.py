@@ -319,7 +319,8 @@ def test_streamed_reconstruction_is_synthesize_of_the_solved_coefficients(phi):
     """wagpt.posthoc.Reconstruction (average.py's) at each evaluation step equals, bit for bit,
     synthesize over the files stored up to it with solve_coefficients' coefficients, whatever
     the window of steps accumulated at once; steps before the first stored profile have
-    none; each file is read once per window."""
+    none, and neither have steps no stored profile reaches (posthoc.coverage: they could only
+    be averages of older profiles); each file is read once per window."""
     tau = 2
     files, tensors = stored_files(tau=tau, phi=phi)
     targets = {"x": sigma_rel_to_gamma(0.03), "y": sigma_rel_to_gamma(0.2)}
@@ -336,6 +337,8 @@ def test_streamed_reconstruction_is_synthesize_of_the_solved_coefficients(phi):
         if window is None:   # one window: every file read once, in order
             assert reads == [key for key, _, _ in files]
     assert results[1][2] == {}
+    covered, uncovered = posthoc.coverage(files, steps, tau, phi)
+    assert covered and uncovered   # steps 4 and 16 fall between stored files
     for s in steps[1:]:
         t_r = (s - tau) // phi * phi
         used = [(key, name, t, g) for key, step, profiles in files if step <= s
@@ -345,6 +348,11 @@ def test_streamed_reconstruction_is_synthesize_of_the_solved_coefficients(phi):
         if not stored:   # no profile has averaged anything yet
             assert results[None][s] == {}
             continue
+        if s in uncovered:   # the stored profiles end before t_r: no stale average
+            assert max(t for t, _ in stored) < t_r
+            assert all(results[window][s] == {} for window in (1, 2, None))
+            continue
+        assert max(t for t, _ in stored) == t_r
         for label, gamma in targets.items():
             c = solve_coefficients(stored, (t_r, gamma), update_freq=phi)
             expected = synthesize(c, flat)

@@ -67,6 +67,14 @@ def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
         for name, state in x.weights.items():
             for key, tensor in state.items():
                 torch.testing.assert_close(tensor, y.weights[name][key], rtol=1e-4, atol=1e-5)
+    # one run id (the ranks agree on it) in config.json and every file the run wrote
+    ddp_dir = tmp_path / "ddp"
+    ids = {json.loads((ddp_dir / "config.json").read_text())["run"]["id"], b.run["id"]}
+    ids |= {checkpoint.read_checkpoint(p, tensors=False).run["id"]
+            for p in checkpoint.list_snapshots(ddp_dir / "snapshots")}
+    ids |= {checkpoint.read_posthoc(p, tensors=False).run["id"]
+            for p in checkpoint.list_snapshots(ddp_dir / "posthoc")}
+    assert len(ids) == 1 and a.run["id"] not in ids
     # and the logged eval losses agree, raw and averaged (eval batches are split across ranks)
     single_evals, ddp_evals = evals(tmp_path / "single"), evals(tmp_path / "ddp")
     assert [r["iter"] for r in ddp_evals] == [0, 3, 6]

@@ -3,7 +3,9 @@ belongs to one run, resume survives torn logs and leftover temporaries and keeps
 architecture, every bad input names its culprit, and kill -9 / SIGTERM / a full disk leave every
 file loadable. docs/reliability.md lists what is promised and these tests."""
 
+import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -16,15 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import average
+import eval_ckpt
 import train
+from eval_ckpt import EvalConfig
 from model import GPT, GPTConfig
 from wagpt import checkpoint, offline_averaging, run_dir
-from wagpt.configurator import load_config
+from wagpt.configurator import load_config, main
 from wagpt.dataloader import DataError, TokenDataset
 from wagpt.errors import CheckpointError, ConfigError, WriteError
 from wagpt.offline_averaging import AverageConfig
+from wagpt.throughput import BenchConfig, measure_throughput
 from wagpt.trainer import NonFiniteLossError, TrainConfig, newest_finite_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,6 +184,117 @@ def test_resume_drops_a_torn_last_line_with_a_warning(make_config):
 
 
 # ---------------------------------------------------------------------------------------------
+# 3b. one timeline per out_dir; a crash before the first checkpoint; the data order
+
+def files_under(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in Path(directory).rglob("*")
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_abandoned_timeline_aside(make_config,
+                                                                            capsys):
+    """Resuming at step 4 of a run that reached 8 used to leave the old steps 6 and 8 in
+    snapshots/ and posthoc/, to be interleaved with the new ones."""
+    common = dict(max_iters=8, snapshot_interval=2, ckpt_interval=4, keep_last=0,
+                  save_averaged=True, averaging="ema", ema_update_after=0, log_interval=2,
+                  eval_interval=100)
+    cfg = make_config(**common)
+    train.train(cfg)
+    out = Path(cfg.out_dir)
+    checkpoint.resume_path(out, 8).unlink()
+    before = files_under(out)
+    capsys.readouterr()
+    train.train(make_config(**{**common, "max_iters": 6}, init_from="resume", learning_rate=3e-3))
+    line = next(line for line in capsys.readouterr().out.splitlines() if "abandoned" in line)
+    folder = Path(re.search(r"to (\S+/abandoned/\S+)$", line).group(1))
+    assert re.match(r"resuming at step 4: moved the abandoned timeline after it \(6 file\(s\) "
+                    r"of steps 6, 8 and \d+ log record\(s\)\)", line), line
+    aside = files_under(folder)
+    for sub in ("snapshots", "posthoc", "averaged/ema"):
+        for step in (6, 8):   # moved, not deleted, byte for byte
+            name = Path(sub) / f"step_{step:07d}.safetensors"
+            assert aside[name] == before[name]
+        for step in (0, 2, 4):          # up to the resume point: untouched
+            name = Path(sub) / f"step_{step:07d}.safetensors"
+            if name in before:             # (no profile or average at step 0)
+                assert files_under(out)[name] == before[name]
+    assert sorted(int(p.stem[5:]) for p in checkpoint.list_snapshots(out / "snapshots")) == \
+        [0, 2, 4, 6]
+    old_log = [r["iter"] for r in run_dir.read_metrics(folder / "metrics.jsonl") if "loss" in r]
+    assert old_log == [6, 8]
+    assert [r["iter"] for r in run_dir.read_metrics(out / "metrics.jsonl") if "loss" in r] == \
+        [2, 4, 6]
+    summary = average.average(AverageConfig(ckpt_dir=str(out / "snapshots"),
+                                            out_dir=str(out.parent / "avg"),
+                                            data_dir=cfg.data_dir, eval_iters=1, batch_size=4,
+                                            device="cpu", methods="ema", plot=False))
+    assert sorted({r["step"] for r in summary["rows"]}) == [0, 2, 4, 6]
+
+
+def test_a_run_that_crashed_before_its_first_checkpoint_starts_over_in_its_out_dir(
+        make_config, monkeypatch, capsys):
+    """--init_from=resume said "use scratch" and scratch said "holds another run"."""
+    cfg = make_config(max_iters=20, ckpt_interval=250, snapshot_interval=2, log_interval=2)
+    real_step = train.train_step
+    calls = {"n": 0}
+
+    def crash_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise MemoryError("the machine went away")
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", crash_at_step_7)
+    with pytest.raises(MemoryError):
+        train.train(cfg)
+    monkeypatch.undo()
+    out = Path(cfg.out_dir)
+    crashed_id = json.loads((out / "config.json").read_text())["run"]["id"]
+    before = files_under(out)
+    with pytest.raises(run_dir.NoResumeCheckpoint, match="use --init_from=scratch"):
+        train.train(make_config(max_iters=20, init_from="resume"))
+    capsys.readouterr()
+    train.train(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if crashed_id in line]
+    assert len(lines) == 1 and re.match(
+        f"{out} holds run {crashed_id}, which stopped at step 6 before its first resume "
+        f"checkpoint \\(step 20\\): starting over as a new run [0-9a-f]{{12}}; moved its files to "
+        f"{out}/abandoned/", lines[0]), lines
+    folder = Path(lines[0].split("moved its files to ")[1])
+    assert files_under(folder) == before   # nothing lost
+    assert json.loads((out / "config.json").read_text())["run"]["id"] != crashed_id
+    assert checkpoint.latest_resume(out).name == "ckpt_0000020.pt"
+
+
+def test_a_resume_keeps_the_seed(make_config, tmp_path):
+    cfg = make_config(max_iters=8, stop_iter=4, seed=7)
+    train.train(cfg)
+    files = files_under(cfg.out_dir)
+    with pytest.raises(ConfigError, match="seed=5 but .*ckpt_0000004.pt was trained with seed=7; "
+                                          "a resume continues the same data order: drop --seed"):
+        train.train(make_config(max_iters=8, init_from="resume", seed=5))
+    assert files_under(cfg.out_dir) == files
+    train.train(make_config(max_iters=8, init_from="resume"))   # the seed not given: the saved
+    assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["seed"] == 7
+    assert checkpoint.read_checkpoint(checkpoint.latest_resume(cfg.out_dir)).config["seed"] == 7
+
+
+def test_profiles_switched_off_on_resume_are_one_line_naming_what_can_be_reconstructed(
+        make_config, tiny_data_dir, tmp_path, capsys):
+    """--posthoc_sigma_rel=None on resume (documented) used to end in a traceback of the
+    least-squares solve (coefficients summing to 5.69e-13)."""
+    cfg = make_config(max_iters=8, stop_iter=4, snapshot_interval=2)
+    train.train(cfg)
+    train.train(make_config(max_iters=8, snapshot_interval=2, init_from="resume",
+                            posthoc_sigma_rel=None))
+    line = one_line_error(AVERAGE, [f"--ckpt_dir={Path(cfg.out_dir) / 'snapshots'}",
+                                    f"--out_dir={tmp_path / 'avg'}", f"--data_dir={tiny_data_dir}",
+                                    "--methods=phema", "--device=cpu", "--eval_iters=1",
+                                    "--batch_size=4", "--plot=False"], capsys)
+    assert re.search(r"do not reach steps 6, 8, .* the steps that can be reconstructed are 2, 4\.",
+                     line), line
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. SIGTERM under torchrun
 
 def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_saves(tiny_data_dir, tmp_path):
@@ -289,7 +407,7 @@ def snapshots(tiny_data_dir, tmp_path_factory):
 
 
 def copy_dir(src, dst):
-    dst.mkdir()
+    dst.mkdir(parents=True)
     for p in src.iterdir():
         (dst / p.name).write_bytes(p.read_bytes())
     return dst
@@ -312,7 +430,7 @@ def test_the_memory_of_a_sweep_is_printed_and_checked(snapshots, tiny_data_dir, 
     monkeypatch.setattr(offline_averaging, "available_memory", lambda device: 1000)
     with pytest.raises(ConfigError, match="the sweep needs .* GiB but cpu has 0.0 GiB "
                                           "available: sweep fewer settings"):
-        average.average(cfg)
+        average.average(dataclasses.replace(cfg, overwrite=True))
 
 
 def test_a_stray_first_file_cannot_decide_the_model(snapshots, tiny_data_dir, tmp_path):
@@ -347,6 +465,317 @@ def test_two_files_of_one_step_are_skipped_with_skip_bad(snapshots, tiny_data_di
         ["copy_of_3.safetensors", "step_0000003.safetensors"]
     assert 3 not in {r["step"] for r in summary["rows"]} and \
         {r["step"] for r in summary["rows"]} >= {2, 4}
+
+
+def poisoned(path, dst, kind):
+    """A copy of the snapshot or profile file `path` at `dst` with one NaN, written as a tool
+    other than train.py would (no checksum)."""
+    tensors, metadata = load_file(path), safe_open(path, "pt").metadata()
+    metadata.pop("checksum")
+    name = next(k for k in sorted(tensors) if k.endswith("wte.weight"))
+    tensors[name][3, 1] = float("nan")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, dst, metadata=metadata)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "profile", "init_from", "eval"])
+def test_a_non_finite_input_is_named_before_anything_is_written(kind, snapshots, tiny_data_dir,
+                                                                tmp_path):
+    """One NaN used to give `nan` rows and exit 0 (average.py), or a learning-rate message
+    (--init_from)."""
+    run = copy_dir(snapshots, tmp_path / "run" / "snapshots").parent
+    copy_dir(snapshots.parent / "posthoc", run / "posthoc")
+    source = "posthoc" if kind == "profile" else "snapshots"
+    path = run / source / "step_0000003.safetensors"
+    name = poisoned(path, path, kind)
+    expected = f"step_0000003.safetensors: {re.escape(name)} holds NaN or infinite values"
+    if kind in ("snapshot", "profile"):
+        cfg = avg_config(run / "snapshots", tiny_data_dir, tmp_path, methods="ema,phema",
+                         phema_source="profiles" if kind == "profile" else "snapshots")
+        with pytest.raises(CheckpointError, match=expected):
+            average.average(cfg)
+        assert not (tmp_path / "avg" / "results.csv").exists()
+    elif kind == "init_from":
+        cfg = TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(tmp_path / "branch"),
+                          init_from=str(path), max_iters=8, eval_iters=2, batch_size=4,
+                          warmup_iters=1, device="cpu", averaging="")
+        with pytest.raises(CheckpointError, match=expected):
+            train.train(cfg)
+        assert not (tmp_path / "branch").exists()
+    else:
+        with pytest.raises(CheckpointError, match=expected):
+            eval_ckpt.evaluate(EvalConfig(ckpt=str(path), data_dir=str(tiny_data_dir),
+                                          eval_iters=1, batch_size=4, device="cpu"))
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "profile", "resume"])
+def test_a_flipped_byte_is_named_where_it_is_read(kind, snapshots, tiny_data_dir, tmp_path):
+    run = copy_dir(snapshots, tmp_path / "run" / "snapshots").parent
+    copy_dir(snapshots.parent / "posthoc", run / "posthoc")
+    resume = checkpoint.latest_resume(snapshots.parent)
+    (run / resume.name).write_bytes(resume.read_bytes())
+    path = {"snapshot": run / "snapshots" / "step_0000004.safetensors",
+            "profile": run / "posthoc" / "step_0000004.safetensors",
+            "resume": run / resume.name}[kind]
+    record = (checkpoint.read_posthoc(path).weights["sigma_rel=0.05"] if kind == "profile"
+              else checkpoint.read_checkpoint(path).weights)
+    blob = bytearray(path.read_bytes())
+    at = blob.find(record["transformer.h.1.mlp.c_fc.weight"].numpy().tobytes()[:64])
+    blob[at + 9] ^= 0x01
+    path.write_bytes(bytes(blob))
+    expected = f"{path.name} is corrupt: its contents do not match the checksum"
+    if kind == "resume":
+        with pytest.raises(CheckpointError, match=expected):
+            train.train(TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(run),
+                                    init_from="resume", max_iters=8, eval_iters=2, batch_size=4,
+                                    warmup_iters=1, device="cpu", averaging=""))
+        return
+    cfg = avg_config(run / "snapshots", tiny_data_dir, tmp_path, methods="ema,phema",
+                     phema_source="profiles" if kind == "profile" else "snapshots")
+    with pytest.raises(CheckpointError, match=expected):
+        average.average(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7a. average.py's out_dir: a lock, one result set, refusal of another analysis
+
+def test_a_second_analysis_is_refused_unless_overwrite_which_replaces_the_set_as_one(
+        snapshots, tiny_data_dir, tmp_path):
+    """A second analysis into the same out_dir used to replace results.csv/json and the plot
+    silently and leave the first one's saved/ files beside them."""
+    first = avg_config(snapshots, tiny_data_dir, tmp_path, methods="ema", save="ema", plot=True)
+    average.average(first)
+    out = tmp_path / "avg"
+    before = files_under(out)
+    assert {"results.csv", "results.json", "plot.png"} <= {p.name for p in before}
+    second = avg_config(snapshots, tiny_data_dir, tmp_path, methods="swa", save="swa")
+    with pytest.raises(run_dir.OutDirError, match="avg holds the results of another analysis "
+                                                  "\\(results.json, results.csv, plot.png, "
+                                                  "saved\\); --overwrite=True replaces them"):
+        average.average(second)
+    assert files_under(out) == before
+    summary = average.average(dataclasses.replace(second, overwrite=True))
+    after = files_under(out)
+    assert {p.parts[0] for p in after} == {"results.csv", "results.json", "saved"}   # no plot
+    assert {p.parts[1] for p in after if p.parts[0] == "saved"} == {"swa"}   # ema's removed
+    assert json.loads(after[Path("results.json")])["config"]["methods"] == "swa"
+    assert "swa" in after[Path("results.csv")].decode() and \
+        "ema" not in after[Path("results.csv")].decode()
+    assert summary["saved"]["path"] == str(out / "saved" / "swa" / "step_0000006.safetensors")
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_a_failed_analysis_leaves_the_previous_set_whole(snapshots, tiny_data_dir, tmp_path,
+                                                        monkeypatch):
+    cfg = avg_config(snapshots, tiny_data_dir, tmp_path, save="ema")
+    average.average(cfg)
+    before = files_under(tmp_path / "avg")
+    monkeypatch.setattr(offline_averaging, "plot", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("the plot failed")))
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        average.average(dataclasses.replace(cfg, overwrite=True, plot=True, methods="swa",
+                                            save="swa"))
+    assert files_under(tmp_path / "avg") == before
+    assert not [p for p in (tmp_path / "avg").iterdir() if ".tmp" in p.name]
+
+
+def test_an_analysis_into_a_busy_out_dir_stops_at_once(snapshots, tiny_data_dir, tmp_path):
+    cfg = avg_config(snapshots, tiny_data_dir, tmp_path)
+    with run_dir.OutDirLock(cfg.out_dir):
+        with pytest.raises(run_dir.OutDirError, match="in use by another run"):
+            average.average(cfg)
+    assert [p.name for p in Path(cfg.out_dir).iterdir()] == [".lock"]
+
+
+def test_two_analyses_started_at_once_write_one_set(snapshots, tiny_data_dir, tmp_path):
+    """1 of 8 such trials used to end with results.csv of one and results.json of the other."""
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "average.py", f"--ckpt_dir={snapshots}",
+                               f"--out_dir={out}", f"--data_dir={tiny_data_dir}",
+                               f"--methods={method}", "--eval_iters=1", "--batch_size=4",
+                               "--device=cpu", "--plot=False"], cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for method in ("ema", "swa")]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert sorted(code for _, _, code in results) == [0, 2], results
+    loser = next(err for _, err, code in results if code == 2)
+    assert "in use by another run" in loser or "holds the results of another analysis" in loser
+    method = json.loads((out / "results.json").read_text())["config"]["methods"]
+    other = "swa" if method == "ema" else "ema"
+    csv_text = (out / "results.csv").read_text()
+    assert method in csv_text and other not in csv_text
+
+
+def test_save_best_ignores_non_finite_losses_and_nothing_non_finite_is_written(
+        snapshots, tiny_data_dir, tmp_path, monkeypatch):
+    real = offline_averaging.evaluate_loss
+    calls = {"n": 0}
+
+    def ema_05_diverges(*args, **kwargs):   # per step: raw, ema[0.5], ema[0.9]
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        return {**losses, "val": math.nan} if calls["n"] % 3 == 2 else losses
+    monkeypatch.setattr(offline_averaging, "evaluate_loss", ema_05_diverges)
+    cfg = avg_config(snapshots, tiny_data_dir, tmp_path, ema_decay=[0.5, 0.9], save="best")
+    summary = average.average(cfg)
+    assert summary["saved"]["label"] == "ema[ema_decay=0.9]"
+    assert [b["setting"] for b in summary["best"]] == ["raw", "ema[ema_decay=0.9]"]
+    with pytest.raises(ConfigError, match="save='ema\\[ema_decay=0.5\\]': the loss of "
+                                          "ema\\[ema_decay=0.5\\] at step 6 is nan; nothing"):
+        average.average(dataclasses.replace(cfg, save="ema[ema_decay=0.5]", overwrite=True))
+    real_check = offline_averaging.integrity.all_finite
+    monkeypatch.setattr(offline_averaging.integrity, "all_finite", lambda tensors: not any(
+        isinstance(t, torch.nn.Parameter) for t in tensors) and real_check(tensors))   # weights
+    with pytest.raises(CheckpointError, match="the ema\\[ema_decay=0.9\\] average at step 6 is "
+                                              "not finite; nothing is saved"):
+        average.average(dataclasses.replace(cfg, out_dir=str(tmp_path / "other")))
+    assert not (tmp_path / "other" / "results.json").exists()
+    assert not list((tmp_path / "other").rglob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7b. run identity: every file says which run wrote it; average.py does not mix runs
+
+def run_ids(out_dir):
+    """{file name relative to out_dir: its run record} of every file a run writes."""
+    out_dir = Path(out_dir)
+    found = {"config.json": json.loads((out_dir / "config.json").read_text())["run"]}
+    for path in checkpoint.list_resume_checkpoints(out_dir):
+        found[path.name] = checkpoint.read_checkpoint(path).run
+    for sub in ("snapshots", "averaged/ema"):
+        for path in checkpoint.list_snapshots(out_dir / sub):
+            found[f"{sub}/{path.name}"] = checkpoint.read_checkpoint(path, tensors=False).run
+    for path in checkpoint.list_snapshots(out_dir / "posthoc"):
+        found[f"posthoc/{path.name}"] = checkpoint.read_posthoc(path, tensors=False).run
+    return found
+
+
+def test_every_file_records_its_run_a_resume_keeps_it_and_a_branch_names_its_parent(
+        make_config, tmp_path):
+    a = make_config(out_dir=str(tmp_path / "a"), max_iters=8, stop_iter=4, snapshot_interval=2,
+                    save_averaged=True, averaging="ema", ema_update_after=0)
+    train.train(a)
+    train.train(dataclasses.replace(a, init_from="resume", stop_iter=None))
+    ids = run_ids(a.out_dir)
+    assert {"ckpt_0000008.pt", "snapshots/step_0000006.safetensors",
+            "averaged/ema/step_0000006.safetensors",
+            "posthoc/step_0000006.safetensors"} <= set(ids)
+    (run,) = {json.dumps(r, sort_keys=True) for r in ids.values()}   # one, across the resume
+    assert json.loads(run)["parent"] is None and len(json.loads(run)["id"]) == 12
+    branch = make_config(out_dir=str(tmp_path / "b"), max_iters=8, snapshot_interval=2,
+                         init_from=str(tmp_path / "a" / "ckpt_0000004.pt"), averaging="")
+    train.train(branch)
+    (child,) = {json.dumps(r, sort_keys=True) for r in run_ids(branch.out_dir).values()}
+    child = json.loads(child)
+    assert child["id"] != json.loads(run)["id"]
+    assert child["parent"] == {"id": json.loads(run)["id"], "step": 4}
+
+
+def test_files_from_before_run_ids_and_checksums_still_work(make_config, tmp_path):
+    """A resume checkpoint and snapshots without `run` and `checksum` (written before them):
+    the run resumes (as a new id, said in its first line) and average.py takes the old
+    snapshots with the new ones."""
+    cfg = make_config(max_iters=8, stop_iter=4, snapshot_interval=2)
+    train.train(cfg)
+    out = Path(cfg.out_dir)
+    path = checkpoint.latest_resume(out)
+    old = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in old.items() if k not in ("run", "checksum")}, path)
+    for snapshot in checkpoint.list_snapshots(out / "snapshots"):
+        metadata = safe_open(snapshot, "pt").metadata()
+        save_file(load_file(snapshot), snapshot,
+                  metadata={k: v for k, v in metadata.items() if k not in ("run", "checksum")})
+    assert checkpoint.read_checkpoint(path).run is None
+    train.train(make_config(max_iters=8, snapshot_interval=2, init_from="resume"))
+    ids = {checkpoint.read_checkpoint(p, tensors=False).run is None
+           for p in checkpoint.list_snapshots(out / "snapshots")}
+    assert ids == {True, False}   # steps 0..4 without an id, 6 and 8 with the new one
+    summary = average.average(AverageConfig(ckpt_dir=str(out / "snapshots"),
+                                            out_dir=str(tmp_path / "avg"), data_dir=cfg.data_dir,
+                                            eval_iters=1, batch_size=4, device="cpu",
+                                            methods="ema", plot=False))
+    assert sorted({r["step"] for r in summary["rows"]}) == [0, 2, 4, 6, 8]
+
+
+@pytest.fixture(scope="module")
+def other_run(tiny_data_dir, tmp_path_factory):
+    """A run of the `snapshots` fixture's shape with another seed: snapshots and profiles 0..8."""
+    out = tmp_path_factory.mktemp("other")
+    train.train(TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(out), n_layer=2, n_head=2,
+                            n_embd=32, block_size=16, batch_size=4, max_iters=8, eval_interval=8,
+                            eval_iters=2, log_interval=8, ckpt_interval=8, warmup_iters=1,
+                            device="cpu", snapshot_interval=1, averaging="", seed=7))
+    return out
+
+
+def test_a_snapshot_of_another_run_is_refused_naming_both(snapshots, other_run, tiny_data_dir,
+                                                          tmp_path):
+    """It used to be averaged in without a word."""
+    directory = copy_dir(snapshots, tmp_path / "in")
+    stray = other_run / "snapshots" / "step_0000008.safetensors"
+    (directory / stray.name).write_bytes(stray.read_bytes())
+    ours = checkpoint.read_checkpoint(snapshots / "step_0000006.safetensors", tensors=False).run
+    theirs = checkpoint.read_checkpoint(stray, tensors=False).run
+    with pytest.raises(CheckpointError, match=f"mixes the files of two runs: "
+                                              f"step_0000006.safetensors \\(step 6\\) is run "
+                                              f"{ours['id']}, step_0000008.safetensors "
+                                              f"\\(step 8\\) is run {theirs['id']}.*"
+                                              f"--mix_runs=True"):
+        average.average(avg_config(directory, tiny_data_dir, tmp_path))
+    with pytest.warns(UserWarning, match=f"is a file of run {theirs['id']}"):
+        summary = average.average(avg_config(directory, tiny_data_dir, tmp_path, skip_bad=True,
+                                             overwrite=True))
+    assert [s["file"] for s in summary["skipped"]] == [stray.name]
+    mixed = average.average(avg_config(directory, tiny_data_dir, tmp_path, mix_runs=True,
+                                       overwrite=True))
+    assert max(r["step"] for r in mixed["rows"]) == 8
+
+
+@pytest.mark.parametrize("how", ["replaced", "posthoc_dir"])
+def test_profiles_of_another_run_are_refused_naming_both(how, snapshots, other_run,
+                                                         tiny_data_dir, tmp_path):
+    """They used to move the reconstructed phema's loss while the profile error looked fine."""
+    run = copy_dir(snapshots, tmp_path / "run" / "snapshots").parent
+    theirs = other_run / "posthoc"
+    if how == "replaced":
+        copy_dir(theirs, run / "posthoc")
+        extra = {}
+    else:
+        extra = {"posthoc_dir": str(theirs)}
+    cfg = avg_config(run / "snapshots", tiny_data_dir, tmp_path, methods="phema",
+                     phema_source="profiles", **extra)
+    other_id = checkpoint.read_posthoc(theirs / "step_0000001.safetensors", tensors=False).run
+    with pytest.raises(ConfigError, match=f"with the post-hoc profiles in .* mixes the files of "
+                                          f"two runs: .* is run .*{other_id['id']}"):
+        average.average(cfg)
+
+
+def test_a_branch_joins_its_parent_where_it_branched(snapshots, tiny_data_dir, tmp_path):
+    """A cooldown branched off step 4 of a run: the run's files up to 4 and the branch's after
+    it are one trajectory; a file of the run after the branch point is not."""
+    branch = tmp_path / "branch"
+    train.train(TrainConfig(data_dir=str(tiny_data_dir), out_dir=str(branch), n_layer=2,
+                            n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=8,
+                            eval_interval=8, eval_iters=2, log_interval=8, ckpt_interval=8,
+                            warmup_iters=1, device="cpu", snapshot_interval=1, averaging="",
+                            posthoc_sigma_rel=None,
+                            init_from=str(snapshots / "step_0000004.safetensors")))
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    for step in range(5):
+        name = f"step_{step:07d}.safetensors"
+        (joined / name).write_bytes((snapshots / name).read_bytes())
+    for path in checkpoint.list_snapshots(branch / "snapshots"):
+        (joined / path.name).write_bytes(path.read_bytes())
+    summary = average.average(avg_config(joined, tiny_data_dir, tmp_path))
+    assert sorted({r["step"] for r in summary["rows"]}) == list(range(9))
+    (joined / "step_0000006.safetensors").write_bytes(
+        (snapshots / "step_0000006.safetensors").read_bytes())   # the parent went on past 4
+    with pytest.raises(CheckpointError, match="step_0000006.safetensors \\(step 6\\) is run "
+                                              ".* a branch of run .* at step 4"):
+        average.average(avg_config(joined, tiny_data_dir, tmp_path, overwrite=True,
+                                   skip_bad=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +848,119 @@ def test_impossible_values_are_config_errors(arg, phrase):
 def test_a_directory_given_as_a_checkpoint_is_named_as_one(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory, not a checkpoint"):
         checkpoint.read_checkpoint(tmp_path)
+
+
+def one_line_error(entry, argv, capsys):
+    """Run a command's main() in-process as its script does; the one line it printed."""
+    config_cls, run = entry
+    with pytest.raises(SystemExit) as exit:
+        main(config_cls, run, "", argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+TRAIN, BENCH, AVERAGE = ((TrainConfig, train.train), (BenchConfig, measure_throughput),
+                         (AverageConfig, average.average))
+
+
+@pytest.mark.parametrize("entry, args, phrase", [
+    (TRAIN, ["--n_embd=33", "--n_head=2"], "n_embd=33 is not a multiple of n_head=2"),
+    (BENCH, ["--n_embd=33", "--n_head=2"], "n_embd=33 is not a multiple of n_head=2"),
+    (TRAIN, ["--seed=18446744073709551616"], "seed = 18446744073709551616 in --seed="),
+    (TRAIN, ["--seed=2**64"], "seed = '2**64' (str)"),
+    (TRAIN, ["--max_iters=1" + "0" * 3999], "max_iters = 100000000000... (4000 digits)"),
+    (AVERAGE, ["--ckpt_dir=x", "--posthoc_profiles=[]"], "posthoc_profiles=[] selects no"),
+])
+def test_impossible_numbers_are_one_line_before_anything_is_written(entry, args, phrase, capsys,
+                                                                    tmp_path):
+    line = one_line_error(entry, args + [f"--out_dir={tmp_path / 'out'}"], capsys)
+    assert phrase in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_architecture_error_under_torchrun_is_one_line(tiny_data_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "train.py", "--n_embd=33", "--n_head=2",
+                             "--device=cpu", f"--data_dir={tiny_data_dir}",
+                             f"--out_dir={tmp_path / 'out'}"],
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "n_embd=33" in line]
+    assert lines == ["error: n_embd=33 is not a multiple of n_head=2: each head gets n_embd // "
+                     "n_head channels; change one of them"], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs where the test may mount one (root on Linux), else None."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                        capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    yield mount if ok else None
+    if ok:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("read-only", "could not write .*/ro/run/.lock: .*Read-only file system.*Check that the "
+                  "folder is writable"),
+    ("a file", "out_dir .*/run is a file, not a folder; choose another --out_dir"),
+    ("under a file", "out_dir .*/run/sub is under .*/run, which is a file, not a folder"),
+    (".lock a folder", "run/.lock is a folder, but it is where a run keeps its lock file"),
+    ("metrics.jsonl a folder", "run/metrics.jsonl is not a file"),
+])
+@pytest.mark.parametrize("entry", [TRAIN, AVERAGE], ids=["train", "average"])
+def test_an_unusable_out_dir_is_one_line(case, phrase, entry, make_config, read_only_dir,
+                                         tmp_path, tiny_data_dir, capsys, monkeypatch):
+    out = tmp_path / "run"
+    if case == "read-only":
+        if read_only_dir is None:   # no mount allowed: the error the file system would give
+            real_open = os.open
+            monkeypatch.setattr(os, "open", lambda path, *a: real_open(path, *a) if
+                                not str(path).endswith(".lock") else
+                                (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+            read_only_dir = tmp_path / "ro"
+        out = read_only_dir / "run"
+    elif case == "a file":
+        out.write_text("notes")
+    elif case == "under a file":
+        out.write_text("notes")
+        out = out / "sub"
+    elif case == ".lock a folder":
+        (out / ".lock").mkdir(parents=True)
+    elif entry is TRAIN:   # metrics.jsonl a folder, in a run to resume
+        train.train(make_config(out_dir=str(out), max_iters=4, lawa_interval=100))
+        (out / "metrics.jsonl").unlink()
+        (out / "metrics.jsonl").mkdir()
+    else:
+        pytest.skip("average.py keeps no metrics.jsonl")
+    args = [f"--data_dir={tiny_data_dir}", f"--out_dir={out}", "--device=cpu"]
+    if entry is TRAIN:
+        args += TINY + ["--max_iters=4", "--warmup_iters=1"]
+        args += ["--init_from=resume"] if case == "metrics.jsonl a folder" else []
+    else:
+        args += [f"--ckpt_dir={tmp_path / 'traj'}"]
+        traj = tmp_path / "traj"
+        traj.mkdir()
+        model_args = dict(block_size=16, vocab_size=21, n_layer=1, n_head=2, n_embd=16)
+        for step in (0, 1):
+            checkpoint.save_snapshot(traj, GPT(GPTConfig(**model_args)), step, 0, model_args)
+    assert re.search(phrase, one_line_error(entry, args, capsys))
+
+
+def test_a_checkpoint_with_a_negative_step_is_one_line(make_config, tiny_data_dir, capsys):
+    cfg = make_config(max_iters=4, lawa_interval=100)
+    train.train(cfg)
+    path = checkpoint.latest_resume(cfg.out_dir)
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "iter_num": -3, "checksum": None}, path)
+    with pytest.raises(CheckpointError, match="ckpt_0000004.pt: its step is -3"):
+        checkpoint.read_checkpoint(path)
+    line = one_line_error(TRAIN, [f"--data_dir={tiny_data_dir}", f"--out_dir={cfg.out_dir}",
+                                  "--init_from=resume", "--max_iters=8", *TINY], capsys)
+    assert "ckpt_0000004.pt: its step is -3" in line
 
 
 @pytest.fixture
@@ -566,7 +1108,7 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
     common = [f"--out_dir={out}", f"--data_dir={tiny_data_dir}", "--log_interval=1",
               "--ckpt_interval=1", "--snapshot_interval=1", "--keep_last=2",
               "--eval_interval=100000", "--averaging=ema,lawa", "--lawa_interval=2", *TINY]
-    killed_mid_write = 0
+    killed_mid_write = {"checkpoint": 0, "snapshot": 0, "profile": 0, "log": 0}
     for trial in range(FAULT_TRIALS):
         start = ["--init_from=resume"] if checkpoint.latest_resume(out) else []
         proc = subprocess.Popen([sys.executable, "train.py", "--max_iters=100000", *start,
@@ -578,7 +1120,9 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         proc.communicate(timeout=60)
-        killed_mid_write += any(".tmp" in p.name for p in out.rglob("*"))
+        for p in out.rglob(".*.tmp*"):
+            kind = {"snapshots": "snapshot", "posthoc": "profile"}.get(p.parent.name)
+            killed_mid_write[kind or ("checkpoint" if ".ckpt_" in p.name else "log")] += 1
         steps = all_files_load(out)
         assert steps, f"trial {trial}: no loadable resume checkpoint"
     last = max(all_files_load(out))
@@ -589,4 +1133,64 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
     assert not any(".tmp" in p.name for p in out.rglob("*"))
     records = run_dir.read_metrics(out / "metrics.jsonl")
     assert [r["iter"] for r in records if "loss" in r] == list(range(1, last + 4))
-    print(f"kill -9 trials: {FAULT_TRIALS}, killed during a write: {killed_mid_write}")
+    # one timeline of one run: a snapshot and a profile per step, the abandoned ones aside
+    steps = {sub: [checkpoint.read_checkpoint(p, tensors=False).step if sub == "snapshots" else
+                   checkpoint.read_posthoc(p, tensors=False).step
+                   for p in checkpoint.list_snapshots(out / sub)]
+             for sub in ("snapshots", "posthoc")}
+    assert steps == {"snapshots": list(range(0, last + 4)), "posthoc": list(range(1, last + 4))}
+    ids = {checkpoint.read_checkpoint(p, tensors=False).run["id"]
+           for p in checkpoint.list_snapshots(out / "snapshots")}
+    assert len(ids) == 1
+    aside = list((out / "abandoned").rglob("*.safetensors"))   # empty if there is none
+    print(f"kill -9 trials: {FAULT_TRIALS}, killed during a write (temporary left): "
+          f"{killed_mid_write}, files of abandoned timelines set aside: {len(aside)}")
+
+
+def test_kill_9_of_average_py_leaves_no_result_set_or_a_whole_one(snapshots, tiny_data_dir,
+                                                                  tmp_path):
+    """average.py --save killed at random moments, the analyses alternating between two method
+    lists into one out_dir with --overwrite=True: after every kill out_dir holds no result set
+    or one whole set of one analysis (results.csv, results.json and the saved file agree, and
+    the file loads), and the next analysis takes the lock over and cleans up."""
+    out = tmp_path / "avg"
+    rng = random.Random(int(os.environ.get("WA_FAULT_SEED", "0")))
+    counts = {"no set": 0, "whole set": 0, "of the killed analysis": 0, "staging left": 0}
+
+    def command(methods):
+        return [sys.executable, "average.py", f"--ckpt_dir={snapshots}", f"--out_dir={out}",
+                f"--data_dir={tiny_data_dir}", f"--methods={methods}", "--eval_iters=1",
+                "--batch_size=4", "--device=cpu", "--save=best", "--overwrite=True"]
+    start = time.perf_counter()
+    done = subprocess.run(command("ema"), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    duration = time.perf_counter() - start
+    for trial in range(FAULT_TRIALS):
+        methods = ("swa,lawa", "ema")[trial % 2]
+        before = (out / "results.json").read_bytes()
+        proc = subprocess.Popen(command(methods), cwd=REPO, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.1 * duration))
+        proc.kill()
+        proc.wait(timeout=60)
+        counts["staging left"] += any(".tmp" in p.name for p in out.iterdir())
+        record = out / "results.json"
+        if not record.exists():
+            counts["no set"] += 1
+            assert not (out / "results.csv").exists() and not (out / "saved").exists()
+            continue
+        counts["whole set"] += 1
+        counts["of the killed analysis"] += record.read_bytes() != before   # it had committed
+        result = json.loads(record.read_text())
+        methods_run = set(result["config"]["methods"].split(","))
+        rows = (out / "results.csv").read_text().splitlines()[1:]
+        assert {row.split(",")[2] for row in rows} == methods_run | {"raw"}
+        saved = Path(result["saved"]["path"])
+        assert saved.parent.parent == out / "saved" and len(list((out / "saved").iterdir())) == 1
+        assert checkpoint.read_checkpoint(saved).averager in methods_run
+    done = subprocess.run(command("ema"), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    print(f"average.py kill -9 trials: {FAULT_TRIALS}, {counts}")

@@ -57,17 +57,23 @@ def atomic_path(path):
 
 
 def write_failure(path, error):
+    path = Path(path)
+    existing = next((p for p in path.parents if p.exists()), Path.cwd())   # the disk it is on
     try:
-        usage = os.statvfs(path.parent if path.parent.exists() else Path.cwd())
+        usage = os.statvfs(existing)
         free = usage.f_bavail * usage.f_frsize
     except OSError:
         free = None
-    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
-        free is not None and free < 64 * 2**20)
+    code = getattr(error, "errno", None)   # torch's write errors carry none
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (
+        code is None and free is not None and free < 64 * 2**20)
     cause = "no space left on the device" if full else " ".join(str(error).split())[:200]
     space = "" if free is None else f" ({free / 2**20:.0f} MiB free there)"
+    fix = ("Free space or choose another out_dir" if full else
+           "Check that the folder is writable (permissions, a read-only file system) or choose "
+           "another out_dir")
     return (f"could not write {path}: {cause}{space}; the files written before it are intact. "
-            f"Free space or choose another out_dir")
+            f"{fix}")
 
 
 def atomic_write(path, content):

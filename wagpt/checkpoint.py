@@ -5,14 +5,16 @@ Files this project writes (every one atomically, wagpt/atomic.py):
 
     out_dir/ckpt_0001000.pt                  resume checkpoint (torch.save, read weights_only=True):
                                              model, optimizer, averaging, posthoc, iter_num,
-                                             tokens_seen, config, model_args, sampler. The keys
+                                             tokens_seen, config, model_args, sampler, run,
+                                             checksum. The keys
                                              model/model_args/iter_num are nanoGPT's, so nanoGPT
                                              tools read it. The last `keep_last` are kept.
     out_dir/snapshots/step_0001000.safetensors
                                              model-only snapshot of the trajectory, never pruned: the
                                              float32 weights (tied lm_head stored once) plus metadata
-                                             {format, step, tokens_seen, model_args (JSON)}. This is
-                                             what offline averaging reads.
+                                             {format, step, tokens_seen, model_args (JSON), run
+                                             (JSON), checksum}. This is what offline averaging
+                                             reads.
     out_dir/averaged/<method>/step_....safetensors
                                              an average, as a snapshot whose metadata adds
                                              `averager` and `hparams` (JSON)
@@ -23,7 +25,8 @@ Files this project writes (every one atomically, wagpt/atomic.py):
                                              under a prefix such as `sigma_rel=0.05/`), plus
                                              metadata {format, step, tokens_seen, model_args,
                                              profiles (JSON: each one's name, sigma_rel, gamma,
-                                             update_after τ, update_freq φ, last_update)}.
+                                             update_after τ, update_freq φ, last_update), run,
+                                             checksum}.
                                              Written and read by save_posthoc / read_posthoc;
                                              read_checkpoint refuses it (it is no one model).
 
@@ -35,7 +38,11 @@ of export_hf.py). Nothing is unpickled that could run code
 (weights_only=True); a .pt is memory-mapped, so only the tensors that are used are paged in.
 
 Every file is written through atomic.py: a crash mid-write leaves the previous files untouched
-and loadable, and a file counts as written only once it has its final name.
+and loadable, and a file counts as written only once it has its final name. `run` is the run
+that wrote it ({"id", "parent"}: run_dir.new_run_id; a branch's parent is the run and step it
+started from); `checksum` covers its tensors and metadata (integrity.py), and every reader
+verifies it and refuses non-finite tensors when it reads the tensors. Files without them
+(written before, or by nanoGPT) are read as before.
 """
 
 import json
@@ -49,7 +56,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from model import GPT, GPTConfig
-from wagpt import hf_gpt2
+from wagpt import hf_gpt2, integrity
 from wagpt.atomic import atomic_write
 from wagpt.errors import CheckpointError
 
@@ -136,7 +143,9 @@ def latest_resume(out_dir):
 def save_resume(out_dir, payload, keep_last):
     """Write payload (with its iter_num) as the newest resume checkpoint; prune older ones."""
     path = resume_path(out_dir, payload["iter_num"])
-    atomic_write(path, lambda f: torch.save({"format": RESUME_FORMAT, **payload}, f))
+    payload = {"format": RESUME_FORMAT, **payload}
+    payload["checksum"] = integrity.checksum(integrity.tree_entries(payload))
+    atomic_write(path, lambda f: torch.save(payload, f))
     if keep_last > 0:  # prune only after the new file is safely in place
         for old in list_resume_checkpoints(out_dir)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -154,18 +163,21 @@ def list_snapshots(snapshot_dir):
     return [p for _, p in sorted(found)]
 
 
-def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None):
-    """Write the model's float32 weights and where they sit on the trajectory."""
+def save_snapshot(snapshot_dir, model, step, tokens_seen, model_args, extra=None, run=None):
+    """Write the model's float32 weights and where they sit on the trajectory (and on which
+    run: `run` = {"id", "parent"}, see run_dir.new_run_id)."""
     # copies: the weights are views into one flat buffer, which safetensors refuses to share
     tensors = {k: v.to("cpu", torch.float32, copy=True) for k, v in model_state(model).items()}
     metadata = {"format": SNAPSHOT_FORMAT, "step": str(step), "tokens_seen": str(tokens_seen),
                 "model_args": json.dumps(model_args, sort_keys=True)}
+    if run is not None:
+        metadata["run"] = json.dumps(run, sort_keys=True)
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    blob = safetensors_save(tensors, metadata=metadata)
+    blob = safetensors_save(tensors, metadata=_with_checksum(tensors, metadata))
     return atomic_write(snapshot_path(snapshot_dir, step), blob)
 
 
-def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args):
+def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args, run=None):
     """Write the post-hoc EMA profiles of one step as one file: `profiles` is
     [(info, state)] with info = {name, sigma_rel, gamma, update_after, update_freq, last_update}
     and state the profile's weights as a model state dict (checkpoint.model_state's names)."""
@@ -176,8 +188,53 @@ def save_posthoc(posthoc_dir, profiles, step, tokens_seen, model_args):
     metadata = {"format": POSTHOC_FORMAT, "step": str(step), "tokens_seen": str(tokens_seen),
                 "model_args": json.dumps(model_args, sort_keys=True),
                 "profiles": json.dumps([info for info, _ in profiles])}
+    if run is not None:
+        metadata["run"] = json.dumps(run, sort_keys=True)
     return atomic_write(snapshot_path(posthoc_dir, step),
-                        safetensors_save(tensors, metadata=metadata))
+                        safetensors_save(tensors, metadata=_with_checksum(tensors, metadata)))
+
+
+def _with_checksum(tensors, metadata):
+    """The metadata of a safetensors file plus the checksum of its tensors and metadata."""
+    return {**metadata, "checksum": integrity.checksum(_safetensors_entries(
+        sorted(tensors.items()), metadata))}
+
+
+def _safetensors_entries(named, metadata):
+    """What a safetensors file's checksum covers: its metadata (but the checksum) and every
+    tensor's bytes, by name in sorted order."""
+    shown = json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True)
+    return [("__metadata__", shown), *named]
+
+
+def _verified_safetensors(path, blob, header):
+    """The tensors of a safetensors file's bytes, after its checksum (if it has one) is
+    verified and every tensor is found finite; CheckpointError naming the file else."""
+    try:
+        tensors = safetensors_load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
+                              f"corrupt?): {e}") from None
+    metadata = header.get("__metadata__") or {}
+    if "checksum" in metadata:
+        start = 8 + int.from_bytes(blob[:8], "little")
+        data = memoryview(blob)
+        try:
+            named = [(name, data[start + info["data_offsets"][0]:start + info["data_offsets"][1]])
+                     for name, info in sorted(header.items()) if name != "__metadata__"]
+        except (KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path} has a corrupt header: {e}") from None
+        integrity.verify(metadata["checksum"], _safetensors_entries(named, metadata), path)
+    _check_finite(path, tensors.items())
+    return tensors
+
+
+def _check_finite(path, named):
+    bad = integrity.first_non_finite(named)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad} holds NaN or infinite values; training, averaging "
+                              f"or evaluating from it would spread them (training never saves "
+                              f"such a file): use another checkpoint")
 
 
 @dataclass
@@ -191,6 +248,7 @@ class PosthocRecord:
                                  #   last_update}], in the file's order
     weights: dict | None = None  # profile name -> {parameter name -> tensor}; None when read
                                  # with tensors=False
+    run: dict | None = None      # the run that wrote it: {"id", "parent"} (None: older files)
 
 
 _PROFILE_KEYS = {"name": str, "sigma_rel": float, "gamma": float, "update_after": int,
@@ -219,15 +277,12 @@ def read_posthoc(path, tensors=True):
         model_args = json.loads(metadata["model_args"])
         step = _int_step(metadata["step"], path)
         tokens = metadata.get("tokens_seen")
+        run = _run_identity(json.loads(metadata["run"]) if "run" in metadata else None)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
     weights = None
     if tensors:
-        try:
-            flat = safetensors_load(blob)
-        except (SafetensorError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
-                                  f"corrupt?): {e}") from None
+        flat = _verified_safetensors(path, blob, header)
         weights = {info["name"]: {} for info in profiles}
         for key, value in flat.items():
             name, _, parameter = key.partition("/")
@@ -235,7 +290,21 @@ def read_posthoc(path, tensors=True):
                 raise CheckpointError(f"{path}: tensor {key!r} belongs to no listed profile")
             weights[name][parameter] = value
     return PosthocRecord(path, step, int(tokens) if tokens is not None else None,
-                         _check_model_args(model_args, path), profiles, weights)
+                         _check_model_args(model_args, path), profiles, weights, run)
+
+
+def _run_identity(run):
+    """A file's record of the run that wrote it, checked: {"id": str, "parent": None or
+    {"id": str or None, "step": int}} (a branch records the run and step it started from), or
+    None for files written before runs had ids."""
+    if run is None:
+        return None
+    parent = run.get("parent") if isinstance(run, dict) else None
+    if not (isinstance(run, dict) and isinstance(run.get("id"), str) and run["id"]) or not (
+            parent is None or isinstance(parent, dict) and isinstance(parent.get("step"), int)
+            and (parent.get("id") is None or isinstance(parent.get("id"), str))):
+        raise ValueError(f"run {str(run)[:80]!r} is not {{'id': ..., 'parent': ...}}")
+    return {"id": run["id"], "parent": parent}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +326,8 @@ class Checkpoint:
     averager: str | None = None     # averaged snapshots: the method ...
     hparams: dict | None = None     # ... and its hyperparameters
     config: dict | None = None      # resume checkpoints: the run's resolved config
+    run: dict | None = None         # the run that wrote it: {"id", "parent"} (None: older or
+                                    # nanoGPT files, pretrained models)
 
     def tensors(self):
         """Every tensor the record holds: weights, optimizer, averager and post-hoc profile
@@ -328,7 +399,7 @@ def _read_safetensors_header(path, whole_file):
     try:
         if whole_file:
             blob = path.read_bytes()
-            return blob, _safetensors_header(blob[:8], blob[8:], path)
+            return blob, _safetensors_header(blob[:8], memoryview(blob)[8:], path)   # no copy
         with open(path, "rb") as f:
             size_bytes = f.read(8)
             return None, _safetensors_header(size_bytes, f.read(_header_size(size_bytes, path)),
@@ -340,11 +411,6 @@ def _read_safetensors_header(path, whole_file):
 
 def _read_safetensors(path, tensors):
     blob, header = _read_safetensors_header(path, tensors)
-    try:
-        weights = safetensors_load(blob) if tensors else None
-    except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
-                              f"corrupt?): {e}") from None
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") == POSTHOC_FORMAT:
         raise CheckpointError(f"{path} holds post-hoc EMA profiles (several averages of one "
@@ -359,12 +425,14 @@ def _read_safetensors(path, tensors):
         averaging_info = {k: json.loads(metadata[k]) for k in ("averager", "hparams")
                           if k in metadata}
         step = _int_step(metadata["step"], path) if "step" in metadata else _name_step(path)
+        run = _run_identity(json.loads(metadata["run"]) if "run" in metadata else None)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
+    weights = _verified_safetensors(path, blob, header) if tensors else None
     return Checkpoint(path, "snapshot", _check_model_args(model_args, path), step,
                       tokens_seen=int(tokens) if tokens is not None else None, weights=weights,
                       averager=averaging_info.get("averager"),
-                      hparams=averaging_info.get("hparams"))
+                      hparams=averaging_info.get("hparams"), run=run)
 
 
 def _header_size(size_bytes, path):
@@ -378,7 +446,7 @@ def _safetensors_header(size_bytes, rest, path):
     size = _header_size(size_bytes, path)
     if len(rest) < size:
         raise ValueError("the file ends inside its header")
-    return json.loads(rest[:size])
+    return json.loads(bytes(rest[:size]))
 
 
 def _read_torch(path, tensors):
@@ -386,16 +454,25 @@ def _read_torch(path, tensors):
     if not isinstance(ckpt.get("model"), dict) or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a model checkpoint: it needs 'model' and "
                               f"'model_args' entries (has {sorted(ckpt)[:6]})")
+    if tensors:   # reads every tensor (the file is memory-mapped): only when they are used
+        integrity.verify(ckpt.get("checksum"), integrity.tree_entries(
+            {k: v for k, v in ckpt.items() if k != "checksum"}), path)
+        _check_finite(path, integrity.named_tensors({k: ckpt.get(k) for k in (
+            "model", "optimizer", "averaging", "posthoc")}))
     weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     weights = {k: v for k, v in weights.items() if not _MASK_BUFFER.search(k)}
     step = _int_step(ckpt["iter_num"], path) if "iter_num" in ckpt else _name_step(path)
     tokens = ckpt.get("tokens_seen")
+    try:
+        run = _run_identity(ckpt.get("run"))
+    except ValueError as e:
+        raise CheckpointError(f"{path} has a corrupt entry: {e}") from None
     return Checkpoint(path, "resume" if ckpt.get("format") == RESUME_FORMAT else "nanogpt",
                       _check_model_args(ckpt["model_args"], path), step,
                       tokens_seen=int(tokens) if tokens is not None else None,
                       weights=weights if tensors else None, optimizer=ckpt.get("optimizer"),
                       averaging=ckpt.get("averaging"), posthoc=ckpt.get("posthoc"),
-                      config=ckpt.get("config"))
+                      config=ckpt.get("config"), run=run)
 
 
 def _torch_load(path):
@@ -430,9 +507,13 @@ def _check_model_args(model_args, path):
 
 def _int_step(value, path):
     try:
-        return int(value)
+        step = int(value)
     except (TypeError, ValueError):
         raise CheckpointError(f"{path}: its step {value!r} is not an integer") from None
+    if step < 0:
+        raise CheckpointError(f"{path}: its step is {step}; a step counts optimizer updates and "
+                              f"is >= 0 (the file is corrupt or was not written by training)")
+    return step
 
 
 def _name_step(path):
@@ -448,6 +529,7 @@ class TrajectoryFile:
     path: Path
     step: int
     model_args: dict
+    run: dict | None = None   # the run that wrote it (Checkpoint.run)
 
 
 def discover(directory):
@@ -468,7 +550,7 @@ def discover(directory):
         try:
             record = read_checkpoint(path, tensors=False)
             files.append(TrajectoryFile(path, read_step(path) if record.step is None
-                                        else record.step, record.model_args))
+                                        else record.step, record.model_args, record.run))
         except CheckpointError as e:
             bad.append((path, str(e)))
     if not files and not bad:

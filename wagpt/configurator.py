@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import textwrap
+import time
 import traceback
 import types
 import typing
@@ -124,6 +125,8 @@ def main(config_cls, run, doc, argv=None):
         if int(os.environ.get("RANK", "0")) == 0 or (     # under torchrun: once, not per rank
                 e.every_node and int(os.environ.get("LOCAL_RANK", "0")) == 0):
             print(f"error: {one_line(e)}", file=sys.stderr)
+        else:   # torchrun stops every worker once one exits: let rank 0 say why first
+            time.sleep(2)
         sys.exit(2)
 
 
@@ -331,6 +334,13 @@ def _coerce(key, value, annotation, where):
         raise ConfigError(
             f"{key} = {value!r} ({type(value).__name__}) in {where}, but {key} must be a "
             f"{_name(base)}{' or None' if optional else ''}")
+    for number in ok if isinstance(ok, (list, tuple)) else [ok]:
+        # a step count, seed or size past int64 is a typo, and torch/numpy cannot hold it
+        if isinstance(number, int) and not -2**63 < number < 2**63:
+            digits = str(abs(number))
+            shown = digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits)} digits)"
+            raise ConfigError(f"{key} = {'-' if number < 0 else ''}{shown} in {where} is out of "
+                              f"range: integers must lie strictly between -2**63 and 2**63")
     return ok
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
 from model import GPT, GPTConfig
-from wagpt import checkpoint
+from wagpt import checkpoint, integrity
 from wagpt.atomic import atomic_write
 from wagpt.configurator import parse_choices
 from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
@@ -42,8 +42,9 @@ from wagpt.errors import CheckpointError, ConfigError
 from wagpt.flat_params import FlatParameters
 from wagpt.host_state import HostStateAverager
 from wagpt.online_averaging import averager_fields
-from wagpt.posthoc import Reconstruction, find_stored_profiles
+from wagpt.posthoc import Reconstruction, coverage, find_stored_profiles
 from wagpt.report import markdown_table, plot_curves, progress
+from wagpt.run_dir import ResultsDir
 from wagpt.runtime import SAME_FILES, agree, check_dtype, init_runtime
 
 
@@ -69,7 +70,11 @@ class AverageConfig(SweepConfig):
     # input and output
     ckpt_dir: str = ""             # the trajectory: a run's snapshots/ (or any dir of checkpoints)
     out_dir: str = "out/average"   # results.csv/json, plot.png, saved/ (must not be in ckpt_dir)
+    overwrite: bool = False        # replace the results of an earlier analysis in out_dir (as
+                                   # one set); without it such an out_dir is refused
     methods: str = "all"           # 'all' or a comma-separated subset of the methods
+    mix_runs: bool = False         # average files of several runs anyway (by default only one
+                                   # run's, or a run joined with its branches where they branched)
     # post-hoc EMA
     # phema's widths (phema_sigma_rel or phema_gamma, lists sweep) reconstructed at every
     # evaluated step from the power-function EMA profiles train.py stored with the snapshots
@@ -123,6 +128,9 @@ class AverageConfig(SweepConfig):
             raise ValueError(f"state_device={self.state_device!r}: use 'auto', 'device' or "
                              f"'host'")
         phema_sources(self, stored=None)   # raises on a bad phema_source
+        if self.posthoc_profiles is not None and not self.posthoc_profiles:
+            raise ValueError("posthoc_profiles=[] selects no stored profile: give their widths "
+                             "(σ_rel), e.g. [0.05,0.1], or None for all of them")
         for width in self.posthoc_profiles or []:
             if not 0 < width <= SIGMA_REL_MAX:
                 raise ValueError(f"posthoc_profiles={self.posthoc_profiles}: {width} is not a "
@@ -296,6 +304,7 @@ class Trajectory:
             step, group = next(iter(duplicates.items()))
             self.skip(group[0].path, step, self._duplicate_reason(step, group))
         files = self._files_of_one_model(files)
+        files = self._files_of_one_run(files)
         for step, group in checkpoint.duplicate_steps(files).items():
             for f in group:   # which one belongs to the trajectory cannot be told: none is used
                 self.skip(f.path, step, self._duplicate_reason(step, group))
@@ -359,6 +368,28 @@ class Trajectory:
         return (f"{names} are {'both' if len(group) == 2 else 'all'} step {step}; move all but "
                 f"one out of {self.cfg.ckpt_dir}")
 
+    def _files_of_one_run(self, files):
+        """The files of one run (or of a run and its branches, joined where they branched):
+        files of another run are an error naming both (with skip_bad, the run most files hold
+        is kept and the others' skipped); mix_runs=True takes every file."""
+        pair = None if self.cfg.mix_runs else mixed_runs(files)
+        if pair is None:
+            return files
+        if not self.cfg.skip_bad:
+            raise CheckpointError(mixed_runs_message(self.cfg.ckpt_dir, *pair))
+        groups = {}
+        for f in files:
+            groups.setdefault(f.run["id"] if f.run else None, []).append(f)
+        ranked = sorted((g for key, g in groups.items() if key is not None), key=len, reverse=True)
+        if len(ranked[0]) == len(ranked[1]):
+            raise CheckpointError(mixed_runs_message(self.cfg.ckpt_dir, *pair))
+        kept = ranked[0][0].run["id"]
+        for group in ranked[1:]:
+            for f in group:
+                self.skip(f.path, f.step, f"{f.path} is a file of run {f.run['id']}, not of run "
+                                          f"{kept} like {len(ranked[0])} of {len(files)} files")
+        return [f for f in files if f.run is None or f.run["id"] == kept]
+
     def _files_of_one_model(self, files):
         """The files of the model most files hold: a stray file of another model (first or
         not) cannot decide what the trajectory is. A tie is an error."""
@@ -384,6 +415,86 @@ class Trajectory:
                                           f"trajectory's {len(chosen)} of {len(files)} files "
                                           f"{chosen[0].model_args}")
         return chosen
+
+
+def mixed_runs(files):
+    """None when `files` (with .path, .step and .run, checkpoint.TrajectoryFile) are one run's,
+    or a run joined with branches of it where they branched (the parent's files up to the step
+    the branch started from, the branch's after it: a cooldown branched off a long run); else
+    (a file of one run, a file of another) that do not belong together. Files that record no
+    run (written before runs had ids, or by nanoGPT) go with any."""
+    runs = {}
+    for f in files:
+        if f.run is not None:
+            runs.setdefault(f.run["id"], []).append(f)
+    order = sorted(runs.values(), key=lambda group: min(f.step for f in group))
+    for earlier, later in zip(order, order[1:]):
+        parent = later[0].run["parent"] or {}
+        last = max(earlier, key=lambda f: f.step)
+        first = min(later, key=lambda f: f.step)
+        if not (parent.get("id") == last.run["id"] and
+                last.step <= parent["step"] < first.step):
+            return last, first
+    return None
+
+
+def mixed_runs_message(where, a, b):
+    parent = b.run["parent"]
+    origin = (f", a branch of run {parent['id']} at step {parent['step']}"
+              if parent and parent["id"] else "")
+    return (f"{where} mixes the files of two runs: {a.path.name} (step {a.step}) is run "
+            f"{a.run['id']}, {b.path.name} (step {b.step}) is run {b.run['id']}{origin}; "
+            f"average one run's files, or join a branch to its parent where it branched (the "
+            f"parent's files up to that step, the branch's after it: a branch's files record "
+            f"its parent run and step), or pass --mix_runs=True to average them anyway")
+
+
+def check_profiles_run(cfg, trajectory, stored):
+    """The stored post-hoc profiles must be those of the trajectory's run (or of its lineage,
+    as mixed_runs says): a ConfigError naming a profile file and a snapshot of different runs
+    otherwise (mix_runs=True takes them anyway)."""
+    if cfg.mix_runs or stored is None or not stored.files:
+        return
+    profiles = [checkpoint.TrajectoryFile(path, step, trajectory.model_args,
+                                          stored.runs.get(path))
+                for path, step, _ in stored.files]
+    pair = mixed_runs(trajectory.files + profiles)
+    if pair is not None:
+        raise ConfigError(mixed_runs_message(f"{cfg.ckpt_dir} with the post-hoc profiles in "
+                                             f"{stored.directory}", *pair))
+
+
+def check_profile_coverage(cfg, settings, stored, eval_steps, runtime):
+    """A phema from the stored profiles is only reconstructed at steps some stored profile
+    reaches (posthoc.coverage): at the others (profiles switched off on resume, or files
+    missing) it would be an average of older profiles. Those steps are a ConfigError naming the
+    steps that can be reconstructed, or with skip_bad one warning and no rows there."""
+    if stored is None or not any(s.source == "profiles" for s in settings):
+        return
+    covered, uncovered = coverage(stored.files, eval_steps, stored.tau, stored.phi)
+    if not uncovered:
+        return
+    last = stored.files[-1][1] if stored.files else None
+    what = (f"the stored post-hoc profiles in {stored.directory} (the last of step {last}) do "
+            f"not reach steps {steps_text(uncovered)}, where a phema could only be built from "
+            f"older profiles")
+    if cfg.skip_bad:
+        if runtime.master:
+            warnings.warn(f"{what}: phema from the profiles is left out there", stacklevel=2)
+        return
+    raise ConfigError(f"{what}; the steps that can be reconstructed are "
+                      f"{steps_text(covered) if covered else 'none'}. Replay a phema over the "
+                      f"raw snapshots with --phema_source=snapshots, or leave those steps out "
+                      f"with --skip_bad=True")
+
+
+def steps_text(steps):
+    """'4, 8, 12' or '4, 8, 12, ..., 36, 40 (10 steps)'."""
+    steps = list(steps)
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return (", ".join(map(str, steps[:3])) + ", ..., " + ", ".join(map(str, steps[-2:])) +
+            f" ({len(steps)} steps)")
 
 
 def profile_directories(cfg):
@@ -443,17 +554,29 @@ def make_plan(cfg, settings, trajectory, stored, runtime):
         eval_steps.add(save_step)
     owner = assign_ranks(settings, runtime.world_size)
     mine = [s for s in settings if owner[s.label] == runtime.rank]
+    neighbours = host_neighbours(settings, owner, runtime)
     placement = agree(runtime, lambda: check_memory(trajectory.model_args, mine, runtime, cfg,
-                                                    stored, len(eval_steps)))
+                                                    stored, len(eval_steps), neighbours))
     return Plan(settings, owner, mine, placement, sorted(eval_steps), save_step)
 
 
-def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_steps=1):
+def host_neighbours(settings, owner, runtime):
+    """The settings of each other process on this host (torchrun numbers the ranks of a host
+    consecutively): they share its memory with this one."""
+    first = runtime.rank - runtime.local_rank
+    return [[s for s in settings if owner[s.label] == rank]
+            for rank in range(first, first + runtime.local_world_size) if rank != runtime.rank]
+
+
+def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_steps=1,
+                 neighbours=()):
     """Print what this process's share of the pass holds (the model, the swap buffer, one
     temporary average, every setting's state, float32, and the reconstruction's float64
-    accumulators) and where; return the Placement. With state_device 'auto' the state goes to
-    host memory when the device (a GPU) cannot hold it; with too little memory either way,
-    stop, naming the fix."""
+    accumulators) and where; return the Placement. Where that is host memory (the CPU as the
+    device, or the state on the host), the shares of the other processes on this host
+    (`neighbours`: their settings) count against it too. With state_device 'auto' the state
+    goes to host memory when the device (a GPU) cannot hold it; with too little memory either
+    way, stop, naming the fix."""
     with torch.device("meta"):
         numel = sum(p.numel() for p in GPT(GPTConfig(**{**model_args, "dropout": 0.0}))
                     .parameters())
@@ -462,7 +585,8 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
     widths = sum(s.source == "profiles" for s in settings)
     per_file = len(stored.files[0][2]) if stored and stored.files else 0
 
-    def reconstruction(window):   # float32 copies: 2 per float64 accumulator, R outputs, a file
+    def reconstruction(window, widths=widths):
+        # float32 copies: 2 per float64 accumulator, R outputs, a file
         return 0 if not widths else 2 * widths * window + widths + 2 * per_file
 
     gib = 4 * numel / 2**30
@@ -477,9 +601,16 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
             gib * (fixed + state_of(1)) * 2**30 > device_free else "device"
     pool = host_free if mode == "host" and separate else device_free
     on_pool = 0 if mode == "host" and separate else fixed
+    shared = neighbours if mode == "host" or not separate else []   # this host's memory
+
+    def in_pool(window):   # copies in the pool: this process's, and its neighbours' there
+        return on_pool + state_of(window) + sum(
+            on_pool + sum(s.copies for s in other if s.source == "snapshots") +
+            reconstruction(window, sum(s.source == "profiles" for s in other))
+            for other in shared)
     window = max(1, eval_steps)
     if widths and pool is not None:   # as many evaluation steps at once as fit
-        while window > 1 and gib * (on_pool + state_of(window)) * 2**30 > pool:
+        while window > 1 and gib * in_pool(window) * 2**30 > pool:
             window -= 1
     need = gib * (fixed + state_of(window)) * 2**30
     text = (f"memory: {need / 2**30:.2f} GiB for {numel:,} parameters x "
@@ -494,11 +625,15 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
         text += f", {pool / 2**30:.1f} GiB available on {runtime.device}"
     if runtime.ddp:
         text += f" (rank {runtime.rank} of {runtime.world_size})"
+    if shared:
+        text += (f"; with the {len(shared)} other process(es) on this host, "
+                 f"{gib * in_pool(window):.2f} GiB of its memory")
     if runtime.master:
         print(text)
-    need_in_pool = gib * (on_pool + state_of(window)) * 2**30
+    need_in_pool = gib * in_pool(window) * 2**30
     if pool is not None and need_in_pool > pool:
-        where = "host memory" if mode == "host" and separate else str(runtime.device)
+        where = ("host memory" if mode == "host" and separate else str(runtime.device)) + (
+            f" (shared by this host's {len(shared) + 1} processes)" if shared else "")
         biggest = max(copies, key=copies.get) if copies else "the reconstruction"
         hint = ("; or keep the state in host memory with --state_device=host"
                 if separate and mode == "device" else "")
@@ -506,7 +641,8 @@ def check_memory(model_args, settings, runtime, cfg=None, stored=None, eval_step
                           f"{pool / 2**30:.1f} GiB available: sweep fewer settings per pass "
                           f"(split --methods or shorten the lists; the largest state is "
                           f"{biggest}, {copies.get(biggest, reconstruction(1))} copies of the "
-                          f"weights), or run it under torchrun over more processes{hint}")
+                          f"weights), or run it under torchrun over more "
+                          f"{'hosts' if shared else 'processes'}{hint}")
     return Placement(mode, window)
 
 
@@ -573,11 +709,11 @@ EMBEDDING_COLUMNS = ("isotropy", "mean_norm", "norm_ratio", "singular_value_rati
                      "norm_logfreq_pearson")
 
 
-def one_pass(cfg, runtime, data, trajectory, plan, stored=None):
+def one_pass(cfg, runtime, data, trajectory, plan, stored=None, staging=None):
     """Feed every checkpoint, once and in step order, to this process's averagers; at each
     evaluation step evaluate the raw weights and every setting this process owns on the same
     val batches. Returns this process's part of the summary (rank 0 gathers every rank's rows
-    under torchrun)."""
+    under torchrun). --save writes into `staging` (claimed_results), else into out_dir."""
     model = GPT(GPTConfig(**trajectory.model_args)).to(runtime.device)
     model.eval()
     flat = FlatParameters(model)
@@ -661,36 +797,70 @@ def one_pass(cfg, runtime, data, trajectory, plan, stored=None):
         rows += [(entry.step, position, row) for position, row in step_rows]
         if entry.step == plan.save_step:
             saved = save_average(cfg, runtime, model, trajectory.model_args, plan, swapped,
-                                 [row for _, row in step_rows], entry, record)
+                                 [row for _, row in step_rows], entry, record, staging)
         rebuilt.clear()   # free the reconstructed weights before the next file is read
     return {"rows": rows, "saved": saved, "timing": dict(times.seconds), "averagers": averagers}
 
 
-def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entry, record):
+def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entry, record,
+                 staging=None):
     """The lowest-loss setting among those `cfg.save` names, at this step, as a snapshot
-    (written by the rank that owns it; every rank takes part in choosing)."""
+    (written by the rank that owns it, into `staging`, its place in out_dir once the results
+    are committed; every rank takes part in choosing). Settings whose loss is not finite are
+    never chosen, and weights that are not finite never written (the returned record then
+    holds the error, raised once the ranks have met)."""
     losses = {r["setting"]: r["val_loss"] for r in step_rows}
     if runtime.ddp:
         every = [None] * runtime.world_size
         dist.all_gather_object(every, losses, group=runtime.control_group)
         losses = {k: v for part in every for k, v in part.items()}
-    candidates = [s for s in plan.settings if s.label in losses and
-                  cfg.save in ("best", s.method, s.label)]
-    if not candidates:
+    named = [s for s in plan.settings if s.label in losses and
+             cfg.save in ("best", s.method, s.label)]
+    if not named:
         raise ConfigError(f"save={cfg.save!r}: no average of it exists at step {entry.step} "
                           f"(its burn-in is later)")
+    candidates = [s for s in named if math.isfinite(losses[s.label])]
+    if not candidates:
+        raise ConfigError(f"save={cfg.save!r}: the loss of {named[0].label} at step "
+                          f"{entry.step} is {losses[named[0].label]}"
+                          f"{' as are the others' if len(named) > 1 else ''}; nothing is saved")
     choice = min(candidates, key=lambda s: losses[s.label])
     if plan.owner[choice.label] != runtime.rank:
         return None
-    directory = Path(cfg.out_dir) / "saved" / re.sub(r"[^\w.=,+-]+", "_", choice.label)
+    relative = Path("saved") / re.sub(r"[^\w.=,+-]+", "_", choice.label)
+    directory = Path(staging or cfg.out_dir) / relative
     with swapped(choice):
+        if not integrity.all_finite(list(model.parameters())):
+            return {"label": choice.label, "error": f"the {choice.label} average at step "
+                                                    f"{entry.step} is not finite; nothing is "
+                                                    f"saved"}
         path = checkpoint.save_snapshot(
             directory, model, entry.step, record.tokens_seen or 0, model_args,
             extra={"averager": choice.method, "hparams": choice.hparams,
                    "source": str(cfg.ckpt_dir) if choice.source == "snapshots" else
-                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"})
-    return {"label": choice.label, "step": entry.step, "path": str(path),
+                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"}, run=record.run)
+    return {"label": choice.label, "step": entry.step,
+            "path": str(Path(cfg.out_dir) / relative / path.name),
             "val_loss": losses[choice.label]}
+
+
+@contextmanager
+def claimed_results(cfg, runtime):
+    """`with claimed_results(cfg, runtime) as results:` rank 0 holds out_dir for this analysis
+    (run_dir.ResultsDir: the lock, the refusal of another analysis's results unless
+    --overwrite, the writability, before any work); every rank gets `results.staging`, where
+    the result set is written before rank 0 commits it as one."""
+    results = ResultsDir(cfg.out_dir, cfg.overwrite)
+    agree(runtime, lambda: results.claim() if runtime.master else None)
+    staging = [results.staging]
+    if runtime.ddp:   # the rank that owns --save's choice writes it there too
+        dist.broadcast_object_list(staging, src=0, group=runtime.control_group)
+    results.staging = Path(staging[0])
+    try:
+        yield results
+    finally:
+        if runtime.master:
+            results.release()
 
 
 def gather_rows(part, runtime):
@@ -724,6 +894,7 @@ def read_inputs(cfg):
     if "phema" in parse_methods(cfg.methods) and cfg.phema_source != "snapshots":
         stored = find_stored_profiles(profile_directories(cfg), trajectory.model_args,
                                       cfg.posthoc_profiles, trajectory.skip)
+        check_profiles_run(cfg, trajectory, stored)
     first, _ = trajectory.first()   # the first checkpoint that loads: the default burn-in
     settings = expand_settings(cfg, first_step=first.step, stored=stored)
     check_save_choice(cfg, settings)
@@ -738,18 +909,24 @@ def average(cfg):
     # alone, and agree() stops every rank with its message instead of leaving the others waiting
     with init_runtime(cfg.device, cfg.dtype) as runtime:
         trajectory, stored, settings = agree(runtime, lambda: read_inputs(cfg), SAME_FILES)
-        plan = make_plan(cfg, settings, trajectory, stored, runtime)
-        data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
-        part = one_pass(cfg, runtime, data, trajectory, plan, stored)
-        rows, saved, timing = gather_rows(part, runtime)
-    summary = {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),
-               "skipped": trajectory.skipped, "saved": saved, "timing": timing,
-               "averagers": part["averagers"],
-               "files": [{"file": f.path.name, "step": f.step} for f in trajectory.files]}
+        with claimed_results(cfg, runtime) as results:
+            plan = make_plan(cfg, settings, trajectory, stored, runtime)
+            check_profile_coverage(cfg, settings, stored, plan.eval_steps, runtime)
+            data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
+            part = one_pass(cfg, runtime, data, trajectory, plan, stored, results.staging)
+            rows, saved, timing = gather_rows(part, runtime)
+            summary = {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),
+                       "skipped": trajectory.skipped, "saved": saved, "timing": timing,
+                       "averagers": part["averagers"],
+                       "files": [{"file": f.path.name, "step": f.step} for f in trajectory.files]}
+            if runtime.master:
+                if saved and "error" in saved:
+                    raise CheckpointError(saved["error"])
+                summary["ignored"] = [p.name for p in trajectory.ignored]
+                write_results(cfg, summary, results.staging)
+                results.commit()   # the set replaces the old one (if any) as one
     if not runtime.master:
         return summary
-    summary["ignored"] = [p.name for p in trajectory.ignored]
-    write_results(cfg, summary)
     print(format_table(summary["best"]))
     if summary["posthoc"]:
         print(format_posthoc_table(summary["posthoc"]))
@@ -777,14 +954,19 @@ def best_settings(rows):
                    and r["step"] == last]
         if not at_last:
             continue
-        top = min(at_last, key=lambda r: r["val_loss"])
+        top = min(at_last, key=_loss_order)
         curve = [r for r in rows if r["setting"] == top["setting"]]
-        lowest = min(curve, key=lambda r: r["val_loss"])
+        lowest = min(curve, key=_loss_order)
         best.append({"method": method, "source": source, "setting": top["setting"],
                      "step": last, "val_loss": top["val_loss"],
                      "gain": raw[last] - top["val_loss"] if last in raw else None,
                      "lowest": lowest["val_loss"], "lowest_step": lowest["step"]})
     return best
+
+
+def _loss_order(row):
+    """Lowest loss first, non-finite losses last."""
+    return (not math.isfinite(row["val_loss"]), row["val_loss"])
 
 
 def posthoc_widths(rows):
@@ -831,8 +1013,10 @@ CSV_COLUMNS = ["step", "tokens", "method", "setting", "source", "hparams", "val_
                "reconstruction_error"]
 
 
-def write_results(cfg, summary):
-    out = Path(cfg.out_dir)
+def write_results(cfg, summary, directory=None):
+    """results.csv, results.json (the set's record) and plot.png into `directory` (the
+    staging folder of claimed_results; default out_dir)."""
+    out = Path(directory or cfg.out_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, CSV_COLUMNS +
                             (list(EMBEDDING_COLUMNS) if cfg.embeddings else []))

@@ -228,6 +228,8 @@ class Reconstruction:
                       if file_step <= step for name, t, gamma in profiles if t > 0]
             if t_r <= 0 or not stored:
                 continue   # before the first update there is no phema to reconstruct
+            if max(t for _, _, t, _ in stored) < t_r:
+                continue   # no profile reaches t_r: never a stale average (coverage())
             fits = [fit([(t, g) for _, _, t, g in stored], (t_r, gamma), update_freq=update_freq)
                     for gamma in self.targets.values()]
             self.stored[step] = {(i, name): k for k, (i, name, _, _) in enumerate(stored)}
@@ -266,6 +268,23 @@ class Reconstruction:
         return {label: total[r].to(torch.float32) for r, label in enumerate(self.targets)}
 
 
+def coverage(files, steps, tau, update_freq):
+    """(covered, uncovered): the steps of `steps` at which a phema exists (t_r = s − τ rounded
+    down to a multiple of φ is > 0), split by whether a stored profile reaches t_r (one was
+    last updated there: the file written with the snapshot of step s, or of a step after the
+    last update before s). `files` as Reconstruction's. An uncovered step could only be
+    reconstructed from older profiles, i.e. a stale average, so Reconstruction skips it."""
+    covered, uncovered = [], []
+    for step in sorted(steps):
+        t_r = (step - tau) // update_freq * update_freq
+        reached = [t for _, file_step, profiles in files if file_step <= step
+                   for _, t, _ in profiles]
+        if t_r <= 0:
+            continue
+        (covered if reached and max(reached) >= t_r else uncovered).append(step)
+    return covered, uncovered
+
+
 # ------------------------------------------------------------------- a run's stored profiles
 
 @dataclass
@@ -278,6 +297,7 @@ class StoredProfiles:
     tau: int | None = None      # the profiles' burn-in ...
     phi: int | None = None      # ... and period
     widths: list = field(default_factory=list)   # σ_rel of the selected profiles
+    runs: dict = field(default_factory=dict)     # path -> the run that wrote it (or None)
 
 
 def _raise(path, step, reason):
@@ -324,6 +344,7 @@ def find_stored_profiles(directories, model_args, widths=None, skip=_raise):
                           f"reconstruction needs one: select some with --posthoc_profiles")
     (stored.tau, stored.phi), = timing
     stored.widths = sorted(wanted)
+    stored.runs = {r.path: r.run for r in records}
     stored.files = [(r.path, r.step, [(info["name"], info["last_update"] - stored.tau,
                                        info["gamma"]) for info in infos])
                     for r, infos in sorted(chosen, key=lambda c: c[0].step)]

@@ -9,22 +9,30 @@ A run's out_dir: who owns it, what may be written into it, and its log.
       ckpt_*.pt          resume checkpoints            (checkpoint.py)
       snapshots/         model-only snapshots          (checkpoint.py)
       averaged/          averages saved with --save_averaged
+      abandoned/<time>/  what a resume from an older checkpoint (or a restart after a crash
+                         before the first one) moved aside: never deleted
 
 Ownership: a run holds an exclusive lock on out_dir/.lock for its whole life (the operating
 system releases it when the process ends, however it ends), so a second run into the same
 out_dir stops at once, naming the first. A run from scratch (or branching off a file) refuses an
-out_dir that already holds another run's artifacts; `--init_from=resume` continues the run that is
-there. The temporary files of writes that a crash interrupted (`.<name>.tmp<pid>`, see
-atomic_path) are removed when the next run takes the lock.
+out_dir that already holds another run's artifacts, unless that run stopped before its first
+resume checkpoint (crashed_before_first_checkpoint: its files are moved aside); `--init_from=
+resume` continues the run that is there, and set_aside keeps one timeline. The temporary files
+of writes that a crash interrupted (`.<name>.tmp<pid>`, see atomic_path) are removed when the
+next run takes the lock. An analysis (average.py) owns its out_dir the same way, and writes its
+results as one set (ResultsDir).
 """
 
 import dataclasses
 import datetime
 import fcntl
+import itertools
 import json
 import os
 import re
+import shutil
 import socket
+import uuid
 import warnings
 from pathlib import Path
 
@@ -35,7 +43,9 @@ from wagpt.errors import UserError, WriteError
 
 LOCK_NAME = ".lock"
 WANDB_ID_NAME = "wandb_run_id"
-RUN_ARTIFACTS = ("config.json", "metrics.jsonl", "snapshots", "averaged", "posthoc")
+RUN_ARTIFACTS = ("config.json", "metrics.jsonl", "snapshots", "averaged", "posthoc", "abandoned")
+TIMELINE = ("snapshots", "posthoc", "averaged")   # folders of step_N.safetensors files
+ABANDONED = "abandoned"
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
 
 
@@ -60,8 +70,11 @@ class OutDirLock:
         self.fd = None
 
     def acquire(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise unusable_out_dir(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,6 +115,21 @@ class OutDirLock:
         self.release()
 
 
+def unusable_out_dir(lock_path, error):
+    """The UserError of an out_dir whose lock file cannot be made: a file where the folder or
+    the lock should be, or a folder that cannot be written."""
+    out_dir = lock_path.parent
+    blocker = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()),
+                   None)
+    if blocker is not None:
+        where = "is a file" if blocker == out_dir else f"is under {blocker}, which is a file"
+        return OutDirError(f"out_dir {out_dir} {where}, not a folder; choose another --out_dir")
+    if lock_path.is_dir():
+        return OutDirError(f"{lock_path} is a folder, but it is where a run keeps its lock file; "
+                           f"move it away, or choose another --out_dir")
+    return WriteError(write_failure(lock_path, error))
+
+
 def _read_holder(fd):
     text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
     return text or "unknown"
@@ -115,8 +143,13 @@ def artifacts(out_dir):
 
 
 def refuse_to_overwrite(out_dir):
-    """A new run (scratch or a branch) needs an out_dir without another run's artifacts."""
+    """A new run (scratch or a branch) needs an out_dir without another run's artifacts, or one
+    whose run stopped before its first resume checkpoint (a crash: nothing to resume): then
+    returns that run's CrashedRun (its files are to be moved aside), else None."""
     found = artifacts(out_dir)
+    crashed = crashed_before_first_checkpoint(out_dir) if found else None
+    if crashed is not None:
+        return crashed
     if found:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         how = ("continue that run with --init_from=resume, or " if
@@ -125,11 +158,111 @@ def refuse_to_overwrite(out_dir):
                           f"elsewhere with --out_dir=...")
 
 
+@dataclasses.dataclass
+class CrashedRun:
+    """A run that stopped before its first resume checkpoint (crashed_before_first_checkpoint)."""
+    run_id: str | None   # its id (None: written before runs had ids)
+    last_step: int       # the newest step its files record (-1: none)
+    first_checkpoint: int   # the step of the resume checkpoint it never reached
+
+
+def crashed_before_first_checkpoint(out_dir):
+    """The CrashedRun of out_dir when its run stopped before writing any resume checkpoint:
+    no ckpt_*.pt, and no file or log record of a step at or past the first checkpoint the
+    run's config.json says it would write (ckpt_interval, stop_iter, max_iters from the step it
+    started at). A run that ended normally, by a signal or stop_iter, always wrote one, so its
+    files (even with the checkpoints deleted) are not taken for a crash. None otherwise."""
+    out_dir = Path(out_dir)
+    if checkpoint.list_resume_checkpoints(out_dir) or not (out_dir / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+        run = config.get("run") or {}
+        start = (run.get("parent") or {}).get("step") or 0
+        interval, last = int(config["ckpt_interval"]), int(config["max_iters"])
+        first = min(start // interval * interval + interval, last,
+                    int(config.get("stop_iter") or last))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    steps = timeline_steps(out_dir)
+    if (out_dir / "metrics.jsonl").is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # a torn line is reported when the log is opened
+            steps += [r["iter"] for r in read_metrics(out_dir / "metrics.jsonl")]
+    newest = max(steps, default=-1)
+    return CrashedRun(run.get("id"), newest, first) if newest < first else None
+
+
+def timeline_steps(out_dir):
+    """The steps of every snapshot, post-hoc profile and averaged snapshot in out_dir."""
+    return [step for _, step in _timeline_files(out_dir)]
+
+
+def _timeline_files(out_dir):
+    out_dir = Path(out_dir)
+    found = []
+    for name in TIMELINE:
+        folder = out_dir / name
+        folders = [folder] + sorted(p for p in folder.iterdir() if p.is_dir()) \
+            if folder.is_dir() else []
+        for directory in folders:
+            found += [(p, int(p.stem.split("_")[1])) for p in checkpoint.list_snapshots(directory)]
+    return found
+
+
+def set_aside(out_dir, after_step=None):
+    """Move what an abandoned timeline left in out_dir into out_dir/abandoned/<time>/, keeping
+    the relative paths (nothing is deleted), and return a one-line account, or None when there
+    was nothing to move. after_step=k (a resume from step k): the snapshots, post-hoc profiles
+    and averaged snapshots of steps > k and the log records the resumed run writes again;
+    None (a run restarted after a crash before its first checkpoint): all of the run's files."""
+    out_dir = Path(out_dir)
+    moves, records = [], []
+    if after_step is None:
+        moves = [out_dir / name for name in RUN_ARTIFACTS if name != ABANDONED and
+                 (out_dir / name).exists()] + [p for p in [out_dir / WANDB_ID_NAME] if p.exists()]
+    else:
+        moves = [p for p, step in _timeline_files(out_dir) if step > after_step]
+        log = out_dir / "metrics.jsonl"
+        if log.is_file():
+            kept = read_metrics(log)
+            records = [r for r in kept if not _before_restart(r, after_step)]
+            kept = [r for r in kept if _before_restart(r, after_step)]
+    if not moves and not records:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = out_dir / ABANDONED / stamp
+    for n in itertools.count(2):
+        if not folder.exists():
+            break
+        folder = out_dir / ABANDONED / f"{stamp}-{n}"
+    try:
+        for path in moves:
+            target = folder / path.relative_to(out_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        if records:
+            atomic_write(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    except OSError as e:
+        raise WriteError(write_failure(folder, e)) from None
+    if after_step is None:
+        return f"moved its files to {folder}"
+    steps = sorted({int(p.stem.split("_")[1]) for p in moves})
+    shown = ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
+    what = [f"{len(moves)} file(s) of steps {shown}"] if moves else []
+    what += [f"{len(records)} log record(s)"] if records else []
+    return (f"resuming at step {after_step}: moved the abandoned timeline after it "
+            f"({' and '.join(what)}) to {folder}")
+
+
 def latest_resume_or_error(out_dir):
     path = checkpoint.latest_resume(out_dir)
     if path is None:
         raise NoResumeCheckpoint(f"init_from='resume' but {out_dir} holds no resume checkpoint "
-                                 f"(ckpt_*.pt); use --init_from=scratch")
+                                 f"(ckpt_*.pt); use --init_from=scratch (a run that stopped "
+                                 f"before its first one starts over there, its files moved to "
+                                 f"{out_dir}/{ABANDONED}/)")
     return path
 
 
@@ -145,9 +278,17 @@ def remove_leftover_temporaries(out_dir):
     return removed, size
 
 
-def save_config(cfg, path):
-    """Write the resolved config as JSON (the record of what actually ran)."""
-    atomic_write(path, json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+def save_config(cfg, path, **extra):
+    """Write the resolved config as JSON (the record of what actually ran), with `extra`
+    entries (train.py: `run`, the run's identity)."""
+    record = {**dataclasses.asdict(cfg), **extra}
+    atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def new_run_id():
+    """A fresh run id: 12 hex digits, random. A run takes one when it starts (from scratch or
+    as a branch) and keeps it across resumes; every file it writes records it."""
+    return uuid.uuid4().hex[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +328,9 @@ class MetricsLog:
         self.wandb = None
 
     def check(self):
+        if self.path.exists() and not self.path.is_file():
+            raise UserError(f"{self.path} is not a file (a folder?); the log of the run must be "
+                            f"one: move it away, or choose another --out_dir")
         if self.cfg.wandb_log:
             try:
                 import wandb  # noqa: F401
@@ -250,3 +394,83 @@ def _before_restart(record, resume_iter):
     # the resumed run re-evaluates at its first step, so an eval record there is dropped too
     return record["iter"] < resume_iter or (record["iter"] == resume_iter
                                              and "val_loss" not in record)
+
+
+# ---------------------------------------------------------------------------------------------
+# average.py's out_dir: one result set
+
+RESULT_SET = ("results.json", "results.csv", "plot.png", "saved")   # results.json: the record
+_STAGING = re.compile(r"^\.(results|replaced)\.tmp\d+$")
+
+
+class ResultsDir:
+    """An analysis's out_dir (average.py): its results are one set, written whole or not at all.
+
+        results = ResultsDir(out_dir, overwrite).claim()   # the lock; refusal; writability
+        ... write every file of the set into results.staging ...
+        results.commit()                                   # replaces the old set as one
+        results.release()
+
+    claim() takes the out_dir lock (OutDirLock: a second analysis there stops at once), removes
+    what an interrupted analysis left (its staging folder), refuses an out_dir holding another
+    analysis's results unless `overwrite`, and makes the staging folder `.results.tmp<pid>`
+    (which proves the folder writable, before any work). commit() moves the old set aside, the
+    new one in (results.json last: a set without it is incomplete) and deletes the old one; a
+    failed analysis leaves the old set untouched and its staging folder is removed."""
+
+    def __init__(self, out_dir, overwrite=False):
+        self.out_dir, self.overwrite = Path(out_dir), overwrite
+        self.lock, self.staging = None, None
+
+    def claim(self):
+        self.lock = OutDirLock(self.out_dir).acquire()
+        try:
+            for leftover in self.out_dir.iterdir():
+                if leftover.is_dir() and _STAGING.match(leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            remove_leftover_temporaries(self.out_dir)
+            found = [name for name in RESULT_SET if (self.out_dir / name).exists()]
+            if found and not self.overwrite:
+                raise OutDirError(
+                    f"{self.out_dir} holds the results of another analysis "
+                    f"({', '.join(found)}); --overwrite=True replaces them, as one set once "
+                    f"this analysis is done, or write this one elsewhere with --out_dir=...")
+            self.staging = self.out_dir / f".results.tmp{os.getpid()}"
+            try:
+                self.staging.mkdir()
+                atomic_write(self.staging / "writable", b"")
+                (self.staging / "writable").unlink()
+            except OSError as e:
+                raise WriteError(write_failure(self.staging / "writable", e)) from None
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def commit(self):
+        """Replace the result set in out_dir (if any) by the one in the staging folder."""
+        old = self.out_dir / f".replaced.tmp{os.getpid()}"
+        try:
+            old.mkdir(exist_ok=True)
+            for name in RESULT_SET:              # results.json first: the old set is retired
+                if (self.out_dir / name).exists():
+                    os.replace(self.out_dir / name, old / name)
+            for name in reversed(RESULT_SET):    # results.json last: the new set is complete
+                if (self.staging / name).exists():
+                    os.replace(self.staging / name, self.out_dir / name)
+            fd = os.open(self.out_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise WriteError(write_failure(self.out_dir / "results.json", e)) from None
+        shutil.rmtree(old, ignore_errors=True)
+
+    def release(self):
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

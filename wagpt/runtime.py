@@ -39,6 +39,8 @@ class Runtime:
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None  # None: plain float32
     control_group: object = None  # a CPU (gloo) process group for host-side flags under DDP
+    local_world_size: int = 1     # processes on this host (torchrun's LOCAL_WORLD_SIZE): they
+                                  # share its memory
 
     @property
     def ddp(self):
@@ -115,7 +117,9 @@ def init_runtime(device="auto", dtype="auto", timeout=None):
         dtype = ("bfloat16" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported()
                  else "float32")
     autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-    return Runtime(torch_device, rank, local_rank, world_size, autocast_dtype, control_group)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size > 1 else 1
+    return Runtime(torch_device, rank, local_rank, world_size, autocast_dtype, control_group,
+                   local_world_size)
 
 
 def teardown(runtime):

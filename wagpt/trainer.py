@@ -30,15 +30,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, NAMED_SIZES, GPTConfig
-from wagpt import checkpoint, schedules
+from wagpt import checkpoint, integrity, schedules
 from wagpt.configurator import check_finite_numbers, was_given
 from wagpt.dataloader import EvalBatches, evaluate_loss, get_batch, micro_batch_seed, to_device
 from wagpt.errors import CheckpointError, ConfigError, UserError, WriteError
 from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
                                     posthoc_profiles)
-from wagpt.run_dir import (OutDirError, OutDirLock, latest_resume_or_error, refuse_to_overwrite,
-                           remove_leftover_temporaries)
+from wagpt.run_dir import (OutDirError, OutDirLock, latest_resume_or_error, new_run_id,
+                           refuse_to_overwrite, remove_leftover_temporaries, set_aside)
 from wagpt.runtime import LostContact, all_reduce_mean, check_device, check_dtype, lost_contact
 
 
@@ -159,6 +159,9 @@ class TrainConfig(AveragingConfig):
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
         check_device(self.device)
+        if self.model_size is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}: "
+                             f"each head gets n_embd // n_head channels; change one of them")
         if self.model_size is not None and self.model_size not in NAMED_SIZES:
             raise ValueError(f"model_size={self.model_size!r} is unknown; use one of "
                              f"{sorted(NAMED_SIZES)} or None")
@@ -239,7 +242,30 @@ def load_start(cfg):
                               f"{saved[key]!r}; resuming or branching keeps the saved "
                               f"architecture: drop --{setting}, or start a new run from scratch")
     adopted = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+    if cfg.init_from == "resume":
+        adopted.update(resumed_data_order(cfg, start))
     return dataclasses.replace(cfg, model_size=None, **adopted), start
+
+
+DATA_ORDER_KEYS = ("seed",)   # the batches, the eval batches and dropout are functions of it
+
+
+def resumed_data_order(cfg, start):
+    """{key: the checkpoint's value} of DATA_ORDER_KEYS for a resume: one the user gave must
+    equal the checkpoint's (a resume continues the same batches), else a ConfigError naming it.
+    Checkpoints that do not record it (older, nanoGPT's) keep the given value."""
+    saved = start.config or {}
+    found = {}
+    for key in DATA_ORDER_KEYS:
+        if key not in saved:
+            continue
+        if was_given(cfg, key) and getattr(cfg, key) != saved[key]:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} but {start.path} was trained with "
+                              f"{key}={saved[key]!r}; a resume continues the same data order: "
+                              f"drop --{key}, or branch a new run off the checkpoint with "
+                              f"--init_from={start.path} --out_dir=...")
+        found[key] = saved[key]
+    return found
 
 
 def model_args_from_config(cfg, data):
@@ -398,13 +424,16 @@ class Checkpointer:
         self.run, self.cfg, self.runtime = run, cfg, runtime
         self.out_dir = Path(cfg.out_dir)
         self.saved = (None, None)   # (step, path) of the newest resume checkpoint written
+        self.identity = None        # {"id", "parent"}: the run every file records (load)
 
     # ------------------------------------------------------------------------ restore
 
     def load(self, start):
         """Continue from the Checkpoint `start` (None: nothing to load). Resuming
         (init_from='resume') must continue every average with the same settings; a branch
-        continues the averages whose settings are unchanged and starts the others."""
+        continues the averages whose settings are unchanged and starts the others. Also sets
+        the run's identity (run_identity)."""
+        self.identity = run_identity(start, self.cfg, self.runtime)
         if start is None:
             return
         run, master = self.run, self.runtime.master
@@ -452,7 +481,8 @@ class Checkpointer:
                    "posthoc": run.posthoc.state_dict(),
                    **run.state.state_dict(),
                    "sampler": {"seed": self.cfg.seed, "next_step": step},
-                   "model_args": run.model_args, "config": dataclasses.asdict(self.cfg)}
+                   "model_args": run.model_args, "config": dataclasses.asdict(self.cfg),
+                   "run": self.identity}
         path = checkpoint.resume_path(self.out_dir, step)
         if runtime.master:
             previous = checkpoint.latest_resume(self.out_dir)
@@ -473,7 +503,7 @@ class Checkpointer:
         self.check_finite(loss)
         if raw and master:
             checkpoint.save_snapshot(self.out_dir / "snapshots", run.model, state.iter_num,
-                                     state.tokens_seen, args)
+                                     state.tokens_seen, args, run=self.identity)
         if raw and run.posthoc.names and all(a.step is not None and a.step > a.tau
                                              for a in run.posthoc.averagers.values()):
             profiles = []
@@ -485,14 +515,33 @@ class Checkpointer:
                             for k, v in checkpoint.model_state(run.model).items()}))
             if master:
                 checkpoint.save_posthoc(self.out_dir / "posthoc", profiles, state.iter_num,
-                                        state.tokens_seen, args)
+                                        state.tokens_seen, args, run=self.identity)
         for name in run.online.ready() if averaged else []:
             with run.online.swapped_in(name):  # a collective under DDP
                 if master:
                     checkpoint.save_snapshot(
                         self.out_dir / "averaged" / name, run.model, state.iter_num,
                         state.tokens_seen, args,
-                        extra={"averager": name, "hparams": run.online.averagers[name].hparams})
+                        extra={"averager": name, "hparams": run.online.averagers[name].hparams},
+                        run=self.identity)
+
+
+def run_identity(start, cfg, runtime):
+    """{"id", "parent"} of this run, the same on every rank: a resume keeps the id of the
+    checkpoint it continues (a checkpoint written before runs had ids gets a new one); a new
+    run takes a new id, and a branch records the run and step it starts from as its parent."""
+    saved = start.run if start is not None else None
+    if cfg.init_from == "resume" and saved is not None:
+        identity = saved
+    else:
+        parent = None if start is None else {"id": saved["id"] if saved else None,
+                                             "step": start.step or 0}
+        identity = {"id": new_run_id(), "parent": parent}
+    if runtime.ddp:   # rank 0's: ids are random
+        shared = [identity]
+        torch.distributed.broadcast_object_list(shared, src=0, group=runtime.control_group)
+        identity = shared[0]
+    return identity
 
 
 def profile_info(name, averager):
@@ -504,17 +553,17 @@ def profile_info(name, averager):
 
 def state_is_finite(flat, optimizer, online, runtime, posthoc=None):
     """Whether the weights, the optimizer state and the averagers' (and post-hoc profiles')
-    state are all finite, on every rank: one reduction per tensor (the weights are one flat
-    buffer), one host sync, and one all-reduce under DDP. Called before anything is saved."""
+    state are all finite, on every rank: one sum per tensor (the weights are one flat buffer),
+    one host sync (integrity.all_finite), and one all-reduce under DDP. Called before anything
+    is saved."""
     tensors = [flat.buffer] + online.state_tensors()
     tensors += posthoc.state_tensors() if posthoc is not None else []
     tensors += [v for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
-    device = flat.buffer.device   # some optimizer state is on the CPU (a foreach Adam's step)
-    ok = torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all().double()
+    ok = 1.0 if integrity.all_finite(tensors) else 0.0
     if runtime.ddp:
-        ok = torch.tensor([all_reduce_mean(ok.item(), runtime)])
-    return bool(ok.item() == 1.0)
+        ok = all_reduce_mean(ok, runtime)
+    return ok == 1.0
 
 
 def newest_finite_checkpoint(out_dir):
@@ -525,7 +574,7 @@ def newest_finite_checkpoint(out_dir):
             record = checkpoint.read_checkpoint(path)
         except CheckpointError:
             continue
-        if all(torch.isfinite(t).all() for t in record.tensors() if t.is_floating_point()):
+        if integrity.all_finite(record.tensors()):   # read_checkpoint checked them too
             return path
     return None
 
@@ -543,18 +592,31 @@ def non_finite_error(what, step, out_dir):
 # the run's folder
 
 @contextmanager
-def claimed_out_dir(cfg, runtime, log):
-    """`with claimed_out_dir(cfg, runtime, log):` the run owns out_dir (rank 0 holds the lock;
-    every rank learns whether it could): refuse one that another run is using or, for a new run,
-    that holds another run's artifacts; remove the temporary files of interrupted writes; start
-    the log's W&B run (before anything is written, so a wandb.init that fails leaves out_dir
-    usable) and end it with the block."""
+def claimed_out_dir(cfg, runtime, log, start_step=0, run_id=None):
+    """`with claimed_out_dir(cfg, runtime, log, start_step, run_id):` the run owns out_dir (rank
+    0 holds the lock; every rank learns whether it could): refuse one that another run is using
+    or, for a new run, that holds another run's artifacts (a run that crashed before its first
+    resume checkpoint excepted: its files are moved aside); keep one timeline (a resume from
+    start_step moves the later files of the abandoned one aside, run_dir.set_aside); remove
+    the temporary files of interrupted writes; start the log's W&B run (before anything is
+    written, so a wandb.init that fails leaves out_dir usable) and end it with the block."""
     lock, error = None, None
     if runtime.master:
         try:
             lock = OutDirLock(cfg.out_dir).acquire()
             if cfg.init_from != "resume":
-                refuse_to_overwrite(cfg.out_dir)   # again, now that no other run can write
+                # again, now that no other run can write
+                crashed = refuse_to_overwrite(cfg.out_dir)
+                if crashed is not None:
+                    print(f"{cfg.out_dir} holds run {crashed.run_id or '(no id)'}, which stopped "
+                          f"at step {crashed.last_step} before its first resume checkpoint "
+                          f"(step {crashed.first_checkpoint}): starting over as a new run"
+                          f"{f' {run_id}' if run_id else ''}; "
+                          f"{set_aside(cfg.out_dir)}")
+            else:
+                moved = set_aside(cfg.out_dir, after_step=start_step)
+                if moved:
+                    print(moved)
             removed, size = remove_leftover_temporaries(cfg.out_dir)
             if removed:
                 print(f"removed {removed} temporary file(s) of interrupted writes "
