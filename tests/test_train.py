@@ -99,9 +99,14 @@ def test_branch_from_a_snapshot(make_config, tmp_path):
     snaps = checkpoint.list_snapshots(tmp_path / "a" / "snapshots")
     assert [p.name for p in snaps] == ["step_0000000.safetensors", "step_0000004.safetensors",
                                        "step_0000008.safetensors"]
-    # a snapshot carries no averager state: averaging in the branch starts where it starts
-    with pytest.raises(ValueError, match="--ema_update_after=4"):
-        train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1])))
+    # a snapshot carries no averager state: averaging in the branch starts where it starts;
+    # every averager's start key (and the post-hoc profiles') is named at once
+    with pytest.raises(ValueError) as caught:
+        train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1]),
+                                snapshot_interval=4))
+    assert [p.split(";")[1].split()[1] for p in caught.value.problems] == [
+        "--ema_update_after=4", "--bema_update_after=4", "--lawa_start=4",
+        "--posthoc_update_after=4"]
     assert not (tmp_path / "b").exists()
     summary = train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1]),
                                       ema_update_after=4, bema_update_after=4, lawa_start=4))

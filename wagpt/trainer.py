@@ -31,7 +31,7 @@ from model import GPT, NAMED_SIZES, GPTConfig
 from wagpt import checkpoint, schedules
 from wagpt.configurator import check_finite_numbers, was_given
 from wagpt.dataloader import EvalBatches, evaluate_loss, get_batch, micro_batch_seed, to_device
-from wagpt.errors import CheckpointError, ConfigError, UserError, WriteError
+from wagpt.errors import CheckpointError, ConfigError, Problems, UserError, WriteError
 from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
                                     posthoc_profiles)
@@ -127,46 +127,86 @@ class TrainConfig(AveragingConfig):
     peak_flops: float | None = None  # device peak FLOP/s for MFU (None: looked up for A100/H100/H200)
 
     def __post_init__(self):
+        problems = Problems()   # every problem of the config, reported together
         positive = ["eval_interval", "eval_iters", "log_interval", "ckpt_interval", "batch_size",
                     "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
                     "max_iters"]
         for key in positive:
             if getattr(self, key) <= 0:
-                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
+                problems.add(f"{key}={getattr(self, key)} must be > 0")
         for key in ("keep_last", "snapshot_interval", "warmup_iters", "grad_clip",
                     "weight_decay", "seed", "min_lr"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+                problems.add(f"{key}={getattr(self, key)} must be >= 0")
         if self.embedding_weight_decay is not None and not self.embedding_weight_decay >= 0:
-            raise ValueError(f"embedding_weight_decay={self.embedding_weight_decay} must be >= 0, "
-                             f"or None for each optimizer's default (adamw: weight_decay, "
-                             f"coupled_adam: 0)")
-        check_finite_numbers(self)
+            problems.add(f"embedding_weight_decay={self.embedding_weight_decay} must be >= 0, "
+                         f"or None for each optimizer's default (adamw: weight_decay, "
+                         f"coupled_adam: 0)")
+        with problems.check():
+            check_finite_numbers(self)
         if not self.out_dir.strip():
-            raise ValueError("out_dir is empty; give the run a folder, e.g. --out_dir=out/run")
+            problems.add("out_dir is empty; give the run a folder, e.g. --out_dir=out/run")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+                problems.add(f"{key}={getattr(self, key)} must be in [0, 1)")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+            problems.add(f"dropout={self.dropout} must be in [0, 1)")
         if self.peak_flops is not None and not self.peak_flops > 0:
-            raise ValueError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
-        check_device(self.device)
+            problems.add(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
+        with problems.check():
+            check_device(self.device)
         if self.model_size is not None and self.model_size not in NAMED_SIZES:
-            raise ValueError(f"model_size={self.model_size!r} is unknown; use one of "
-                             f"{sorted(NAMED_SIZES)} or None")
+            problems.add(f"model_size={self.model_size!r} is unknown; use one of "
+                         f"{sorted(NAMED_SIZES)} or None")
+        elif self.model_size is not None:
+            self._resolve_model_size(problems)
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            problems.add(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}: each "
+                         f"head gets n_embd / n_head channels; e.g. --n_head="
+                         f"{_divisor_near(self.n_embd, self.n_head)}")
         if self.optimizer not in ("adamw", "coupled_adam"):
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; use 'adamw' or "
-                             f"'coupled_adam'")
+            problems.add(f"optimizer={self.optimizer!r} is unknown; use 'adamw' or "
+                         f"'coupled_adam'")
         if not self.coupled_adam_scale > 0:
-            raise ValueError(f"coupled_adam_scale={self.coupled_adam_scale} must be > 0 "
-                             f"(1 = the paper's Coupled Adam)")
-        check_dtype(self.dtype)
+            problems.add(f"coupled_adam_scale={self.coupled_adam_scale} must be > 0 "
+                         f"(1 = the paper's Coupled Adam)")
+        with problems.check():
+            check_dtype(self.dtype)
         if self.stop_iter is not None and not 0 < self.stop_iter <= self.max_iters:
-            raise ValueError(f"stop_iter={self.stop_iter} must be in (0, max_iters={self.max_iters}]")
-        schedules.from_config(self)  # raises on an impossible schedule, naming the key
-        averager_hparams(self)       # raises on an unknown method or impossible hyperparameter
-        posthoc_profiles(self)       # raises on an impossible width, burn-in or period
+            problems.add(f"stop_iter={self.stop_iter} must be in (0, max_iters={self.max_iters}]")
+        if self.snapshot_interval == 0 and self.posthoc_sigma_rel and \
+                was_given(self, "posthoc_sigma_rel"):
+            problems.add(f"posthoc_sigma_rel={self.posthoc_sigma_rel} with snapshot_interval=0: "
+                         f"the post-hoc profiles are written with the snapshots, so none would "
+                         f"be kept; set --snapshot_interval=N, or drop --posthoc_sigma_rel")
+        with problems.check():
+            schedules.from_config(self)  # an impossible schedule, naming the key
+        with problems.check():
+            averager_hparams(self)       # an unknown method or impossible hyperparameter
+        with problems.check():
+            posthoc_profiles(self)       # an impossible width, burn-in or period
+        problems.raise_if_any()
+
+    def _resolve_model_size(self, problems):
+        """model_size sets n_layer/n_head/n_embd: one given too with another value is a
+        conflict, and the named size's values become the fields, so config.json records the
+        model that trains."""
+        shape = NAMED_SIZES[self.model_size]
+        clash = [f"{key}={getattr(self, key)}" for key in shape
+                 if was_given(self, key) and getattr(self, key) != shape[key]]
+        if clash:
+            problems.add(f"model_size={self.model_size!r} (n_layer={shape['n_layer']}, "
+                         f"n_head={shape['n_head']}, n_embd={shape['n_embd']}) and "
+                         f"{', '.join(clash)} both set the model's shape; give one: "
+                         f"--model_size=None to use {' '.join('--' + c for c in clash)}, or "
+                         f"drop {', '.join('--' + c.split('=')[0] for c in clash)}")
+        for key, value in shape.items():
+            setattr(self, key, value)
+
+
+def _divisor_near(n, k):
+    """The divisor of n closest to k (a head count that fits n channels)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +250,8 @@ ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", 
 def load_start(cfg):
     """(cfg, the Checkpoint to start from or None). Resuming or branching keeps the file's
     architecture: a key the user gave (model_size, n_layer, n_head, n_embd, block_size,
-    vocab_size, bias) must equal the file's, else a ConfigError naming it; the keys not given are
+    vocab_size, bias) must equal the file's, else a ConfigError naming it (every such key at
+    once); the keys not given are
     set to the file's values in the returned cfg, so config.json, the batches and the token count
     describe the model that trains."""
     if cfg.init_from == "resume":
@@ -225,12 +266,14 @@ def load_start(cfg):
     for key in ARCHITECTURE_KEYS:
         if was_given(cfg, key) and getattr(cfg, key) is not None:
             given[key] = (getattr(cfg, key), key)
+    problems = Problems()   # every differing key at once
     for key, (value, setting) in given.items():
         if key in saved and saved[key] != value:
             shown = f"{setting}={getattr(cfg, setting)!r}"
-            raise ConfigError(f"{shown} but {start.path} holds a model with {key}="
-                              f"{saved[key]!r}; resuming or branching keeps the saved "
-                              f"architecture: drop --{setting}, or start a new run from scratch")
+            problems.add(f"{shown} but {start.path} holds a model with {key}={saved[key]!r}; "
+                         f"resuming or branching keeps the saved architecture: drop "
+                         f"--{setting}, or start a new run from scratch")
+    problems.raise_if_any()
     adopted = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
     return dataclasses.replace(cfg, model_size=None, **adopted), start
 
@@ -289,16 +332,20 @@ def build(cfg, runtime, data):
 
 def start_averaging(run, cfg):
     """At the run's first step: initialise every average and post-hoc profile that has no saved
-    state and whose burn-in is this step; refuse one whose burn-in has passed, naming the key."""
+    state and whose burn-in is this step; refuse those whose burn-in has passed, naming every
+    key at once."""
     step = run.state.iter_num
     fresh = [name for name, a in run.posthoc.averagers.items() if a.step is None]
+    problems = Problems()
+    with problems.check():
+        run.online.start(step)
     if fresh and cfg.posthoc_update_after < step:
-        raise ConfigError(
+        problems.add(
             f"posthoc_update_after={cfg.posthoc_update_after}, but this run starts at step "
             f"{step} with no saved post-hoc profile {fresh[0]} to continue; set "
             f"--posthoc_update_after={step} (or later) to start the profiles here, or "
             f"turn them off with --posthoc_sigma_rel=None")
-    run.online.start(step)
+    problems.raise_if_any()
     run.posthoc.start(step)
     run.flat.check()
 
