@@ -21,14 +21,13 @@ from pathlib import Path
 from model import device_peak_flops
 from wagpt import schedules
 from wagpt.configurator import main
-from wagpt.dataloader import open_dataset
 from wagpt.report import format_duration
 from wagpt.run_dir import MetricsLog, refuse_to_overwrite, save_config
 from wagpt.runtime import StopSignal, all_reduce_mean, init_runtime
 from wagpt.trainer import (Checkpointer, TrainConfig, build, claimed_out_dir, eval_batches,
                            eval_record, evaluate, format_eval, load_start, micro_steps_per_rank,
-                           non_finite_error, seed_step, start_averaging, train_batches, train_step,
-                           wrap_model)
+                           non_finite_error, open_run_data, seed_step, start_averaging,
+                           train_batches, train_step, wrap_model)
 
 
 def train(cfg):
@@ -36,9 +35,9 @@ def train(cfg):
     it)."""
     with init_runtime(cfg.device, cfg.dtype) as runtime:
         # ---- setup: everything that can fail on bad input fails here, before anything is written
-        data = open_dataset(cfg.dataset, cfg.data_dir)
         micro_steps_per_rank(cfg, runtime)
         cfg, start = load_start(cfg)          # the file to resume or branch from, or None
+        data = open_run_data(cfg, start)      # the start file's data unless told otherwise
         if cfg.init_from != "resume":
             refuse_to_overwrite(cfg.out_dir)
         run = build(cfg, runtime, data)        # model, optimizer, averages, post-hoc profiles

@@ -1,7 +1,9 @@
 """Every shipped config parses, and the GPT-2 124M configs start on a CPU with a tiny dataset."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,8 +70,14 @@ def test_finetune_config_starts_from_a_transformers_folder(tiny_data_dir, tmp_pa
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2,
         activation_function="gelu")).save_pretrained(hf_dir)
+    bpe_data = tmp_path / "bpe_data"   # GPT-2 BPE ids: a GPT-2 model reads no other data
+    bpe_data.mkdir()
+    ids = np.random.default_rng(0).integers(0, 50257, size=4000, dtype=np.uint16)
+    ids[:3600].tofile(bpe_data / "train.bin")
+    ids[3600:].tofile(bpe_data / "val.bin")
+    (bpe_data / "meta.json").write_text(json.dumps({"vocab_size": 50257, "tokenizer": "gpt2"}))
     cfg = load_config(TrainConfig, [str(CONFIGS[0].parent / "finetune_shakespeare.py"),
-                                    f"--init_from={hf_dir}", f"--data_dir={tiny_data_dir}",
+                                    f"--init_from={hf_dir}", f"--data_dir={bpe_data}",
                                     f"--out_dir={tmp_path / 'ft'}", "--block_size=32",
                                     "--gradient_accumulation_steps=1", "--max_iters=2",
                                     "--compile=False", "--device=cpu", "--eval_iters=1",

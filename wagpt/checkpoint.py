@@ -257,6 +257,8 @@ class Checkpoint:
     averager: str | None = None     # averaged snapshots: the method ...
     hparams: dict | None = None     # ... and its hyperparameters
     config: dict | None = None      # resume checkpoints: the run's resolved config
+    data: dict | None = None        # the data it trained on (dataloader.data_record: dataset,
+                                    # data_dir, vocab_size, tokenizer, chars), where recorded
 
     def tensors(self):
         """Every tensor the record holds: weights, optimizer, averager and post-hoc profile
@@ -356,7 +358,7 @@ def _read_safetensors(path, tensors):
     try:
         model_args = json.loads(metadata["model_args"])
         tokens = metadata.get("tokens_seen")
-        averaging_info = {k: json.loads(metadata[k]) for k in ("averager", "hparams")
+        averaging_info = {k: json.loads(metadata[k]) for k in ("averager", "hparams", "data")
                           if k in metadata}
         step = _int_step(metadata["step"], path) if "step" in metadata else _name_step(path)
     except (ValueError, TypeError) as e:
@@ -364,7 +366,7 @@ def _read_safetensors(path, tensors):
     return Checkpoint(path, "snapshot", _check_model_args(model_args, path), step,
                       tokens_seen=int(tokens) if tokens is not None else None, weights=weights,
                       averager=averaging_info.get("averager"),
-                      hparams=averaging_info.get("hparams"))
+                      hparams=averaging_info.get("hparams"), data=averaging_info.get("data"))
 
 
 def _header_size(size_bytes, path):
@@ -390,12 +392,15 @@ def _read_torch(path, tensors):
     weights = {k: v for k, v in weights.items() if not _MASK_BUFFER.search(k)}
     step = _int_step(ckpt["iter_num"], path) if "iter_num" in ckpt else _name_step(path)
     tokens = ckpt.get("tokens_seen")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    data = ckpt.get("data") or ({"dataset": config["dataset"], "data_dir": config.get("data_dir")}
+                                if isinstance(config.get("dataset"), str) else None)  # nanoGPT's
     return Checkpoint(path, "resume" if ckpt.get("format") == RESUME_FORMAT else "nanogpt",
                       _check_model_args(ckpt["model_args"], path), step,
                       tokens_seen=int(tokens) if tokens is not None else None,
                       weights=weights if tensors else None, optimizer=ckpt.get("optimizer"),
                       averaging=ckpt.get("averaging"), posthoc=ckpt.get("posthoc"),
-                      config=ckpt.get("config"))
+                      config=ckpt.get("config"), data=data)
 
 
 def _torch_load(path):

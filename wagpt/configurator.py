@@ -78,6 +78,18 @@ def load_config(config_cls, argv):
     return cfg
 
 
+def replace_config(cfg, **changes):
+    """dataclasses.replace that keeps the record of the keys the user gave (was_given)."""
+    given = getattr(cfg, "given_keys", None)
+    if given is None:
+        return dataclasses.replace(cfg, **changes)
+    new = type(cfg).__new__(type(cfg))
+    new.given_keys = given
+    new.__init__(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                       if f.init}, **changes})
+    return new
+
+
 def was_given(cfg, key):
     """Whether the user set `key` (in a config file or on the command line). For a config built
     in code, without that record, whether it differs from the class default."""

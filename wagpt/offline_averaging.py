@@ -36,7 +36,7 @@ from model import GPT, GPTConfig
 from wagpt import checkpoint
 from wagpt.atomic import atomic_write
 from wagpt.configurator import parse_choices
-from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_checkpoint_data
 from wagpt.embedding_metrics import count_tokens, embedding_metrics
 from wagpt.errors import CheckpointError, ConfigError
 from wagpt.flat_params import FlatParameters
@@ -82,7 +82,7 @@ class AverageConfig(SweepConfig):
                                    # from (None: all of them)
     # evaluation
     # The same val batches for the raw weights and every average: paired differences.
-    dataset: str = "shakespeare_char"  # a prepared folder under data/ ...
+    dataset: str | None = None     # a prepared folder under data/ (None: the checkpoints') ...
     data_dir: str | None = None    # ... or an explicit path
     eval_iters: int = 50           # val batches per evaluation
     batch_size: int = 12
@@ -688,7 +688,8 @@ def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entr
             directory, model, entry.step, record.tokens_seen or 0, model_args,
             extra={"averager": choice.method, "hparams": choice.hparams,
                    "source": str(cfg.ckpt_dir) if choice.source == "snapshots" else
-                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"})
+                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}",
+                   **({"data": record.data} if record.data else {})})
     return {"label": choice.label, "step": entry.step, "path": str(path),
             "val_loss": losses[choice.label]}
 
@@ -730,12 +731,12 @@ def average(cfg):
     check_save_choice(cfg, settings)
     with init_runtime(cfg.device, cfg.dtype) as runtime:
         plan = make_plan(cfg, settings, trajectory, stored, runtime)
-        data = open_dataset(cfg.dataset, cfg.data_dir)
+        data = open_checkpoint_data(trajectory.first()[1], cfg.dataset, cfg.data_dir)
         part = one_pass(cfg, runtime, data, trajectory, plan, stored)
         rows, saved, timing = gather_rows(part, runtime)
     summary = {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),
                "skipped": trajectory.skipped, "saved": saved, "timing": timing,
-               "averagers": part["averagers"],
+               "averagers": part["averagers"], "data_dir": str(data.dir),
                "files": [{"file": f.path.name, "step": f.step} for f in trajectory.files]}
     if not runtime.master:
         return summary
@@ -851,7 +852,7 @@ def plot(summary, path, cfg):
                       if r["setting"] == label and r[x] is not None]
               for label in shown}
     steps = [f["step"] for f in summary["files"]]
-    data = cfg.data_dir or f"data/{cfg.dataset}"
+    data = summary["data_dir"]
     title = (f"{cfg.ckpt_dir}: {len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}; val loss "
              f"on {data} ({cfg.eval_iters} batches)\nraw weights vs the best setting of each "
              f"method at the last step" +

@@ -29,8 +29,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, NAMED_SIZES, GPTConfig
 from wagpt import checkpoint, schedules
-from wagpt.configurator import check_finite_numbers, was_given
-from wagpt.dataloader import EvalBatches, evaluate_loss, get_batch, micro_batch_seed, to_device
+from wagpt.configurator import check_finite_numbers, replace_config, was_given
+from wagpt.dataloader import (EvalBatches, checkpoint_dataset, data_record, evaluate_loss,
+                              get_batch, micro_batch_seed, open_checkpoint_data, open_dataset,
+                              to_device)
 from wagpt.errors import CheckpointError, ConfigError, Problems, UserError, WriteError
 from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
@@ -251,9 +253,9 @@ def load_start(cfg):
     """(cfg, the Checkpoint to start from or None). Resuming or branching keeps the file's
     architecture: a key the user gave (model_size, n_layer, n_head, n_embd, block_size,
     vocab_size, bias) must equal the file's, else a ConfigError naming it (every such key at
-    once); the keys not given are
-    set to the file's values in the returned cfg, so config.json, the batches and the token count
-    describe the model that trains."""
+    once); the keys not given are set to the file's values in the returned cfg, so config.json,
+    the batches and the token count describe the model that trains. The data is the file's
+    unless dataset or data_dir is given (open_run_data checks it)."""
     if cfg.init_from == "resume":
         start = checkpoint.read_checkpoint(latest_resume_or_error(cfg.out_dir))
     elif cfg.init_from != "scratch":   # a checkpoint or snapshot (e.g. a cooldown's branch),
@@ -275,7 +277,20 @@ def load_start(cfg):
                          f"--{setting}, or start a new run from scratch")
     problems.raise_if_any()
     adopted = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
-    return dataclasses.replace(cfg, model_size=None, **adopted), start
+    dataset, data_dir, _ = checkpoint_dataset(
+        start.data, *(getattr(cfg, k) if was_given(cfg, k) else None
+                      for k in ("dataset", "data_dir")))
+    return replace_config(cfg, model_size=None, dataset=dataset, data_dir=data_dir,
+                          **adopted), start
+
+
+def open_run_data(cfg, start):
+    """The run's data (the cfg load_start returned): a run from a checkpoint must read the
+    checkpoint's vocabulary (dataloader.open_checkpoint_data)."""
+    if start is None:
+        return open_dataset(cfg.dataset, cfg.data_dir)
+    return open_checkpoint_data(start, *(getattr(cfg, k) if was_given(cfg, k) else None
+                                         for k in ("dataset", "data_dir")))
 
 
 def model_args_from_config(cfg, data):
@@ -308,6 +323,7 @@ class Training:
     posthoc: OnlineAveraging    # the post-hoc EMA profiles (phema averagers named 'sigma_rel=...')
     state: TrainState
     model_args: dict
+    data: dict | None = None    # what checkpoints record of the data (dataloader.data_record)
 
 
 def build(cfg, runtime, data):
@@ -327,7 +343,8 @@ def build(cfg, runtime, data):
     online = OnlineAveraging(flat, averager_hparams(cfg), runtime.rank, runtime.world_size)
     posthoc = OnlineAveraging(flat, posthoc_profiles(cfg), runtime.rank, runtime.world_size,
                               method="phema")
-    return Training(model, flat, optimizer, online, posthoc, TrainState(), model_args)
+    return Training(model, flat, optimizer, online, posthoc, TrainState(), model_args,
+                    data_record(cfg.dataset, cfg.data_dir, data))
 
 
 def start_averaging(run, cfg):
@@ -492,7 +509,8 @@ class Checkpointer:
                    "posthoc": run.posthoc.state_dict(),
                    **run.state.state_dict(),
                    "sampler": {"seed": self.cfg.seed, "next_step": step},
-                   "model_args": run.model_args, "config": dataclasses.asdict(self.cfg)}
+                   "model_args": run.model_args, "config": dataclasses.asdict(self.cfg),
+                   "data": run.data}
         path = checkpoint.resume_path(self.out_dir, step)
         if runtime.master:
             previous = checkpoint.latest_resume(self.out_dir)
@@ -513,7 +531,7 @@ class Checkpointer:
         self.check_finite(loss)
         if raw and master:
             checkpoint.save_snapshot(self.out_dir / "snapshots", run.model, state.iter_num,
-                                     state.tokens_seen, args)
+                                     state.tokens_seen, args, extra={"data": run.data})
         if raw and run.posthoc.names and all(a.step is not None and a.step > a.tau
                                              for a in run.posthoc.averagers.values()):
             profiles = []
@@ -532,7 +550,8 @@ class Checkpointer:
                     checkpoint.save_snapshot(
                         self.out_dir / "averaged" / name, run.model, state.iter_num,
                         state.tokens_seen, args,
-                        extra={"averager": name, "hparams": run.online.averagers[name].hparams})
+                        extra={"averager": name, "hparams": run.online.averagers[name].hparams,
+                               "data": run.data})
 
 
 def profile_info(name, averager):
