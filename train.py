@@ -22,8 +22,8 @@ from model import device_peak_flops
 from wagpt import schedules
 from wagpt.configurator import main
 from wagpt.report import format_duration
-from wagpt.run_dir import MetricsLog, refuse_to_overwrite, save_config
-from wagpt.runtime import StopSignal, all_reduce_mean, init_runtime
+from wagpt.run_dir import MetricsLog, check_disk, disk_plan, refuse_to_overwrite, save_config
+from wagpt.runtime import StopSignal, agree, all_reduce_mean, init_runtime
 from wagpt.trainer import (Checkpointer, TrainConfig, build, claimed_out_dir, eval_batches,
                            eval_record, evaluate, format_eval, load_start, micro_steps_per_rank,
                            non_finite_error, open_run_data, seed_step, start_averaging,
@@ -45,6 +45,8 @@ def train(cfg):
         checkpointer.load(start)              # every component's state, bit for bit
         start_averaging(run, cfg)             # the averages whose burn-in is this step
         state = run.state
+        disk = disk_plan(cfg, run.flat.buffer.numel(), state.iter_num)   # what it will write:
+        free = agree(runtime, lambda: check_disk(disk, cfg.out_dir))    # refused if too much
         log = MetricsLog(cfg, runtime.master)
         log.check()
 
@@ -65,6 +67,7 @@ def train(cfg):
                 if run.online.names:
                     print(f"averaging {', '.join(run.online.names)}: "
                           f"{run.online.memory_bytes() / 2**20:.1f} MiB of state per rank")
+                print(disk.describe(out_dir, free))
                 if run.posthoc.names:
                     print(f"post-hoc EMA profiles {', '.join(run.posthoc.names)} (from step "
                           f"{cfg.posthoc_update_after}, every {cfg.posthoc_update_freq} steps): "

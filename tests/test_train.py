@@ -2,12 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from wagpt import checkpoint, runtime
+from wagpt import checkpoint, run_dir, runtime
+from wagpt.run_dir import disk_plan
 from wagpt.trainer import NonFiniteLossError
 
 
@@ -183,3 +185,41 @@ def test_cuda_device_gets_an_index(monkeypatch, device, world_size, expected):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert chosen == [expected] and chosen_runtime.device == torch.device(expected)
+
+
+def test_the_disk_plan_printed_at_start_is_what_the_run_writes(make_config, capsys):
+    """Resume checkpoints kept, snapshots (θ_0's too), post-hoc profile files (not at their
+    burn-in) and averaged snapshots (at every snapshot from each burn-in on, and at the end)."""
+    cfg = make_config(max_iters=10, snapshot_interval=4, save_averaged=True, ckpt_interval=3,
+                      keep_last=2, posthoc_update_after=1, ema_update_after=5)
+    train.train(cfg)
+    printed = next(line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("disk: "))
+    out = Path(cfg.out_dir)
+    found = {"resume checkpoints": len(checkpoint.list_resume_checkpoints(out)),
+             "snapshots": len(list((out / "snapshots").iterdir())),
+             "post-hoc profile files": len(list((out / "posthoc").iterdir())),
+             "averaged snapshots": len(list((out / "averaged").rglob("*.safetensors")))}
+    assert found == {"resume checkpoints": 2, "snapshots": 3, "post-hoc profile files": 2,
+                     "averaged snapshots": 2 + 3 + 3}   # ema from step 5: 8 and 10
+    for what, files in found.items():
+        assert f"{what} {files} x " in printed, (what, printed)
+    written = sum(p.stat().st_size for p in out.rglob("*")
+                  if p.is_file() and p.suffix in (".pt", ".safetensors"))
+    numel = sum(t.numel() for t in checkpoint.read_checkpoint(
+        out / "snapshots/step_0000000.safetensors").weights.values())
+    planned = disk_plan(cfg, numel).total
+    assert abs(written - planned) < 0.05 * planned   # headers and metadata aside
+
+
+def test_a_run_that_does_not_fit_on_its_disk_is_refused_naming_the_keys(make_config,
+                                                                        monkeypatch):
+    monkeypatch.setattr(run_dir, "free_space", lambda path: 2**20)   # 1 MiB free
+    cfg = make_config(snapshot_interval=1)
+    with pytest.raises(run_dir.DiskError) as caught:
+        train.train(cfg)
+    message = str(caught.value)
+    assert "1.0 MiB free" in message and "snapshot_interval" in message
+    assert "posthoc_sigma_rel (None: off)" in message and "keep_last" in message
+    assert not Path(cfg.out_dir).exists()   # refused before anything is written
+
