@@ -38,13 +38,20 @@ def train(cfg):
         micro_steps_per_rank(cfg, runtime)
         cfg, start = load_start(cfg)          # the file to resume or branch from, or None
         data = open_run_data(cfg, start)      # the start file's data unless told otherwise
-        if cfg.init_from != "resume":
+        if cfg.init_from != "resume" and not cfg.eval_only:
             refuse_to_overwrite(cfg.out_dir)
         run = build(cfg, runtime, data)        # model, optimizer, averages, post-hoc profiles
         checkpointer = Checkpointer(run, cfg, runtime)
         checkpointer.load(start)              # every component's state, bit for bit
-        start_averaging(run, cfg)             # the averages whose burn-in is this step
         state = run.state
+        if cfg.eval_only:   # the start point: raw weights and the averages it holds; no writes
+            losses = evaluate(run.model, run.online, data, eval_batches(cfg), runtime)
+            if runtime.master:
+                print(format_eval(state.iter_num, losses))
+            return {"iter_num": state.iter_num, "stopped_by": "eval_only", "checkpoint": None,
+                    "val_loss": losses["val"], "train_loss": losses["train"],
+                    "val_loss_averaged": losses["averaged"]}
+        start_averaging(run, cfg)             # the averages whose burn-in is this step
         disk = disk_plan(cfg, run.flat.buffer.numel(), state.iter_num)   # what it will write:
         free = agree(runtime, lambda: check_disk(disk, cfg.out_dir))    # refused if too much
         log = MetricsLog(cfg, runtime.master)

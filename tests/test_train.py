@@ -10,7 +10,7 @@ import torch
 import train
 from wagpt import checkpoint, run_dir, runtime
 from wagpt.run_dir import disk_plan
-from wagpt.trainer import NonFiniteLossError
+from wagpt.trainer import Checkpointer, NonFiniteLossError, build, load_start, open_run_data
 
 
 def final_state(out_dir):
@@ -223,3 +223,43 @@ def test_a_run_that_does_not_fit_on_its_disk_is_refused_naming_the_keys(make_con
     assert "posthoc_sigma_rel (None: off)" in message and "keep_last" in message
     assert not Path(cfg.out_dir).exists()   # refused before anything is written
 
+
+def test_a_branch_may_crop_the_context_as_nanogpt_does(make_config, tmp_path):
+    train.train(make_config(out_dir=str(tmp_path / "a"), max_iters=4))
+    source = checkpoint.read_checkpoint(tmp_path / "a" / "ckpt_0000004.pt")
+    branch = make_config(out_dir=str(tmp_path / "b"), init_from=str(source.path), block_size=8,
+                         max_iters=6, averaging="")
+    # the first step trains on the cropped model with the moments of the positions kept
+    summary = train.train(branch)
+    assert summary["iter_num"] == 6
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["block_size"] == 8 and final_state(tmp_path / "b").model_args["block_size"] == 8
+    # the branch's first state is the file's, cropped: evaluate it without training
+    start = train.train(make_config(out_dir=str(tmp_path / "c"), init_from=str(source.path),
+                                    block_size=8, averaging="", eval_only=True))
+    assert start["iter_num"] == 4 and not (tmp_path / "c").exists()
+    cfg, start_file = load_start(branch)
+    run = build(cfg, runtime.init_runtime("cpu"), open_run_data(cfg, start_file))
+    Checkpointer(run, cfg, runtime.init_runtime("cpu")).load(start_file)
+    wpe = run.model.transformer.wpe.weight
+    assert torch.equal(wpe, source.weights["transformer.wpe.weight"][:8])
+    saved_moments = next(s for s in source.optimizer["state"].values()
+                         if s["exp_avg"].shape == (16, 32))
+    assert torch.equal(run.optimizer.state[wpe]["exp_avg"], saved_moments["exp_avg"][:8])
+    # a resume keeps the context; a branch cannot lengthen it
+    with pytest.raises(ValueError, match="block_size=8 but .* block_size=16"):
+        train.train(make_config(out_dir=str(tmp_path / "a"), init_from="resume", block_size=8))
+    with pytest.raises(ValueError, match="shorten the context, not lengthen it"):
+        train.train(make_config(out_dir=str(tmp_path / "d"), init_from=str(source.path),
+                                block_size=32))
+
+
+def test_eval_only_evaluates_the_start_point_and_writes_nothing(make_config):
+    cfg = make_config(max_iters=8)
+    done = train.train(cfg)
+    files = {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir).rglob("*")}
+    again = train.train(make_config(max_iters=8, init_from="resume", eval_only=True))
+    assert again["iter_num"] == 8 and again["stopped_by"] == "eval_only"
+    assert again["val_loss"] == done["val_loss"]
+    assert again["val_loss_averaged"] == done["val_loss_averaged"]   # the saved averages
+    assert {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir).rglob("*")} == files

@@ -56,6 +56,8 @@ class TrainConfig(AveragingConfig):
                                    # 'gpt2' ... 'gpt2-xl' | a transformers GPT-2 folder
     stop_iter: int | None = None   # end this invocation after this step, with a resume checkpoint;
                                    # the schedule still runs to max_iters (for time-limited jobs)
+    eval_only: bool = False        # evaluate the start point (init_from: its raw weights and the
+                                   # averages it holds) on the eval batches and exit; writes nothing
     # logging
     wandb_log: bool = False        # also log to Weights & Biases (WANDB_MODE=offline is honoured)
     wandb_project: str = "weight-averaging"  # W&B project
@@ -254,8 +256,9 @@ def load_start(cfg):
     architecture: a key the user gave (model_size, n_layer, n_head, n_embd, block_size,
     vocab_size, bias) must equal the file's, else a ConfigError naming it (every such key at
     once); the keys not given are set to the file's values in the returned cfg, so config.json,
-    the batches and the token count describe the model that trains. The data is the file's
-    unless dataset or data_dir is given (open_run_data checks it)."""
+    the batches and the token count describe the model that trains. A branch (not a resume) may
+    give a shorter block_size: the model's context is cropped to it, as nanoGPT crops GPT-2's.
+    The data is the file's unless dataset or data_dir is given (open_run_data checks it)."""
     if cfg.init_from == "resume":
         start = checkpoint.read_checkpoint(latest_resume_or_error(cfg.out_dir))
     elif cfg.init_from != "scratch":   # a checkpoint or snapshot (e.g. a cooldown's branch),
@@ -268,20 +271,38 @@ def load_start(cfg):
     for key in ARCHITECTURE_KEYS:
         if was_given(cfg, key) and getattr(cfg, key) is not None:
             given[key] = (getattr(cfg, key), key)
-    problems = Problems()   # every differing key at once
+    problems, crop = Problems(), None
     for key, (value, setting) in given.items():
-        if key in saved and saved[key] != value:
-            shown = f"{setting}={getattr(cfg, setting)!r}"
-            problems.add(f"{shown} but {start.path} holds a model with {key}={saved[key]!r}; "
-                         f"resuming or branching keeps the saved architecture: drop "
-                         f"--{setting}, or start a new run from scratch")
+        if key not in saved or saved[key] == value:
+            continue
+        if key == "block_size" and value < saved[key] and cfg.init_from != "resume":
+            crop = value
+            continue
+        shown = f"{setting}={getattr(cfg, setting)!r}"
+        longer = (" (a branch may shorten the context, not lengthen it)"
+                  if key == "block_size" and cfg.init_from != "resume" else "")
+        problems.add(f"{shown} but {start.path} holds a model with {key}={saved[key]!r}; "
+                     f"resuming or branching keeps the saved architecture{longer}: drop "
+                     f"--{setting}, or start a new run from scratch")
     problems.raise_if_any()
-    adopted = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+    if crop is not None:
+        start = crop_context(start, crop)
+    adopted = {key: start.model_args[key] for key in ARCHITECTURE_KEYS if key in start.model_args}
     dataset, data_dir, _ = checkpoint_dataset(
         start.data, *(getattr(cfg, k) if was_given(cfg, k) else None
                       for k in ("dataset", "data_dir")))
     return replace_config(cfg, model_size=None, dataset=dataset, data_dir=data_dir,
                           **adopted), start
+
+
+def crop_context(start, block_size):
+    """The Checkpoint `start` with its context cropped to `block_size` positions: the first
+    rows of the position embedding (and of their AdamW moments, Checkpointer.load); its averages
+    cover the longer model and do not continue."""
+    weights = dict(start.weights)
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
+    return dataclasses.replace(start, weights=weights, averaging=None, posthoc=None,
+                               model_args={**start.model_args, "block_size": block_size})
 
 
 def open_run_data(cfg, start):
@@ -472,6 +493,11 @@ class Checkpointer:
             except ValueError as e:
                 raise CheckpointError(f"{start.path}: cannot continue its optimizer state: "
                                       f"{e}") from None
+            wpe = run.model.transformer.wpe.weight   # a cropped context (crop_context): the
+            moments = run.optimizer.state.get(wpe, {})   # moments of the positions kept
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.dim() == 2 and len(value) > len(wpe):
+                    moments[key] = value[:len(wpe)].clone()
         elif master:
             print(f"{start.path} has no optimizer state: starting AdamW moments from zero")
         strict = self.cfg.init_from == "resume"
