@@ -10,7 +10,8 @@ weights.
 
 The settings are computed once from the config and the trajectory's first readable checkpoint,
 the plan once from the settings, then the pass reads each file once, in step order. Offline time
-(an averager acts at the snapshots it is given, with t = s − τ from the real step), post-hoc EMA
+(an averager acts at the snapshots it is given, with t = s − τ from the real step, and by
+default a snapshot stands for the training steps since the previous one), post-hoc EMA
 from stored profiles (posthoc.Reconstruction), state in host memory (host_state.py) and the
 split over torchrun ranks are described in average.py's docstring, which is its --help.
 """
@@ -62,6 +63,7 @@ SweepConfig = dataclasses.make_dataclass("SweepConfig", averager_fields(_sweepab
 
 PHEMA_SOURCES = ("auto", "profiles", "snapshots")
 STATE_DEVICES = ("auto", "device", "host")
+OFFLINE_TIMES = ("steps", "snapshots")
 
 
 @dataclass
@@ -70,6 +72,10 @@ class AverageConfig(SweepConfig):
     ckpt_dir: str = ""             # the trajectory: a run's snapshots/ (or any dir of checkpoints)
     out_dir: str = "out/average"   # results.csv/json, plot.png, saved/ (must not be in ckpt_dir)
     methods: str = "all"           # 'all' or a comma-separated subset of the methods
+    offline_time: str = "steps"    # 'steps': a snapshot stands for the training steps since the
+                                   # previous one, so a setting means what it does in train.py
+                                   # (an EMA's decay d per step: d^k over a k-step gap) |
+                                   # 'snapshots': one update per snapshot (docs/averaging.md)
     # post-hoc EMA
     # phema's widths (phema_sigma_rel or phema_gamma, lists sweep) reconstructed at every
     # evaluated step from the power-function EMA profiles train.py stored with the snapshots
@@ -119,6 +125,10 @@ class AverageConfig(SweepConfig):
         check_dtype(self.dtype)
         if self.plot_x not in ("step", "tokens"):
             raise ValueError(f"plot_x={self.plot_x!r}: use 'step' or 'tokens'")
+        if self.offline_time not in OFFLINE_TIMES:
+            raise ValueError(f"offline_time={self.offline_time!r}: use 'steps' (a snapshot "
+                             f"counts the training steps since the previous one) or "
+                             f"'snapshots' (one update per snapshot)")
         if self.state_device not in STATE_DEVICES:
             raise ValueError(f"state_device={self.state_device!r}: use 'auto', 'device' or "
                              f"'host'")
@@ -147,10 +157,12 @@ class Setting:
                                 # post-hoc 'profiles' (phema only)
     copies: int = 0             # float32 copies of the weights its state holds (for the plan)
     gamma: float | None = None  # phema: the power-function exponent γ of its width
+    fill_gaps: bool = True      # offline_time 'steps': a gap counts the acting steps it spans
 
     def build(self):
         """A fresh averager of this setting (offline: acting steps may have gaps)."""
-        return build_averager(self.method, allow_gaps=True, **self.hparams)
+        return build_averager(self.method, allow_gaps=True, fill_gaps=self.fill_gaps,
+                              **self.hparams)
 
 
 def parse_methods(spec):
@@ -216,7 +228,8 @@ def expand_settings(cfg, first_step, stored=None):
                     raise ConfigError(str(e)) from None
                 copies = 2 if source == "profiles" else averager.state_copies()
                 settings.append(Setting(label, method, hparams, swept, source, copies,
-                                        getattr(averager, "gamma", None)))
+                                        getattr(averager, "gamma", None),
+                                        fill_gaps=cfg.offline_time == "steps"))
     return settings
 
 
