@@ -16,12 +16,18 @@ Any averager key of averaging.py may be given a list; each method runs the carte
 its lists, every combination as its own averager, all fed the same snapshots. The snapshots are
 read in step order, each exactly once, one at a time (memory: the model + the averagers' state).
 
-Offline time: an averager acts at the snapshots it is given (averaging.py's allow_gaps mode), with
-t = s − τ from the real step s. The burn-in keys (bema_update_after, swa_start, lawa_start, ...)
-default to the first snapshot's step and the period keys (bema_update_freq, swa_freq,
-lawa_interval, wa_interval, ...) to 1, i.e. every snapshot; LAWA then averages the k latest
-snapshots. With a snapshot at every step this is exactly the online averager of train.py
-(tests/test_average.py checks it).
+Offline time is training steps (offline_time='steps', the default): an averager acts at the
+snapshots it is given, with t = s − τ from the real step s, and a snapshot stands for every
+acting step since the previous one, so a setting means what it means in train.py: --ema_decay=
+0.999 over snapshots every 50 steps applies 0.999^50 per snapshot and approximates the online
+EMA of 0.999 (exact where the weights do not move between snapshots; docs/averaging.md gives
+each method's bound). LAWA and windowed averages take each snapshot as one sample (their
+intervals and windows are in steps already); phema's decay spans the gap by definition.
+offline_time='snapshots' makes each snapshot one update instead (the EMA of 1000 snapshots for
+0.999). The burn-in keys (bema_update_after, swa_start, lawa_start, ...) default to the first
+snapshot's step and the period keys (bema_update_freq, swa_freq, lawa_interval, wa_interval,
+...) to 1, i.e. every snapshot; LAWA then averages the k latest snapshots. With a snapshot at
+every step this is exactly the online averager of train.py (tests/test_average.py checks it).
 
 Post-hoc EMA: when the run stored power-function EMA profiles beside its snapshots
 (train.py's posthoc_sigma_rel, out_dir/posthoc/), `phema` is by default reconstructed from them

@@ -31,6 +31,12 @@ Conventions (docs/averaging.md; pinned by tests/test_averaging.py):
   replay from silently computing a different average than the online run. The offline tool,
   which only has the saved snapshots, builds averagers with allow_gaps=True: acting steps may
   then be skipped (the average is over the snapshots there are), but still come in order.
+- Offline time. With fill_gaps=True (average.py's default, offline_time='steps') a snapshot
+  after a gap stands for every acting step since the previous one, each with the snapshot's θ:
+  the gap gets the updates the online averager would have made (an EMA's decay d becomes d^n
+  over n acting steps), in one pass where a method has the closed form (_update_gap). Exact when
+  θ is constant between snapshots; docs/averaging.md gives each method's bound. Without it
+  (offline_time='snapshots') each snapshot is one update.
 - average() is None before initialisation. Otherwise a float32 tensor that may be the averager's
   own buffer: read it, do not modify it; clone it to keep it past the next update().
 - state_dict() holds only tensors and python numbers (torch.load(weights_only=True) works);
@@ -188,8 +194,9 @@ class Averager(ABC):
     counters = ()       # names of int attributes that form the state
     optional_keys = {}  # key -> type T of the keys that take None besides values of type T
 
-    def __init__(self, allow_gaps=False, **hparams):
+    def __init__(self, allow_gaps=False, fill_gaps=False, **hparams):
         self.allow_gaps = allow_gaps
+        self.fill_gaps = fill_gaps   # offline: a gap counts the acting steps it spans
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not a hyperparameter of averager {self.name!r}; "
@@ -230,7 +237,11 @@ class Averager(ABC):
                 if theta.numel() != self.numel:
                     raise ValueError(f"{self.name}: theta has {theta.numel()} entries, the "
                                      f"state {self.numel}")
-                self._update(step - self.tau, theta.detach())
+                t, t_prev = step - self.tau, self.step - self.tau
+                if self.fill_gaps and t - t_prev > self.phi:
+                    self._update_gap(t_prev, t, theta.detach())
+                else:
+                    self._update(t, theta.detach())
         self.step = step
         return True
 
@@ -247,6 +258,18 @@ class Averager(ABC):
     def average(self):
         """The averaged weights (float32, read-only, valid until the next update), or None
         before initialisation."""
+
+    def _update_gap(self, t_prev, t, theta):
+        """Offline with fill_gaps: the online updates of every acting step in (t_prev, t], each
+        with θ (the snapshot stands for the steps since the previous one). By default one
+        _update per acting step; a method overrides it with its closed form (one pass over the
+        weights), or with one _update where a snapshot is one sample by definition (lawa, wa)
+        or its update already spans the gap (phema)."""
+        for u in self._acting(t_prev, t):
+            self._update(u, theta)
+
+    def _acting(self, t_prev, t):
+        return range(t_prev + self.phi, t + 1, self.phi)
 
     def state_dict(self):
         return {"method": self.name, "hparams": dict(self.hparams),
@@ -349,6 +372,10 @@ class EMA(Averager):
     def _update(self, t, theta):
         ema_update_(self.e, theta, 1.0 - self.decay_at(t))
 
+    def _update_gap(self, t_prev, t, theta):   # n updates of θ: the decays multiply
+        keep = math.prod(self.decay_at(u) for u in self._acting(t_prev, t))
+        ema_update_(self.e, theta, 1.0 - keep)
+
     def average(self):
         return self.e
 
@@ -365,6 +392,11 @@ class _PowerSchedule(Averager):
 
     def beta_at(self, t):
         return bema_beta(t, self.ema_power, self.lag, self.multiplier, self.min_ema_multiplier)
+
+    def keep_over(self, t_prev, t):
+        """Π (1 − β_u) over the acting steps u in (t_prev, t]: what is left of the EMA of
+        t_prev after n updates with one θ (the rest, 1 − Π, is θ's weight)."""
+        return math.prod(1.0 - self.beta_at(u) for u in self._acting(t_prev, t))
 
 
 @register
@@ -405,6 +437,13 @@ class BEMA(_PowerSchedule):
         else:
             bema_step_(self.e, theta, self.theta0, self.beta_at(t), self.alpha_at(t), self.out)
 
+    def _update_gap(self, t_prev, t, theta):   # the EMA's n steps at once, α_t at the end
+        beta = 1.0 - self.keep_over(t_prev, t)
+        if self.out is None:
+            ema_update_(self.e, theta, beta)
+        else:
+            bema_step_(self.e, theta, self.theta0, beta, self.alpha_at(t), self.out)
+
     def average(self):
         return self.e if self.out is None else self.out
 
@@ -432,6 +471,19 @@ class DEMA(_PowerSchedule):
 
     def _update(self, t, theta):
         dema_step_(self.e1, self.e2, theta, self.beta_at(t))
+
+    def _update_gap(self, t_prev, t, theta):
+        # n steps with one θ: e₁ ← p·e₁ + (1 − p)·θ and e₂ ← p·e₂ + r·e₁ + q·θ (old e₁;
+        # p + r + q = 1), composed step by step, then applied as two lerps of e₂ and one of e₁
+        p, q1, r, q = 1.0, 0.0, 0.0, 0.0
+        for u in self._acting(t_prev, t):
+            beta = self.beta_at(u)
+            p, q1 = (1 - beta) * p, (1 - beta) * q1 + beta
+            r, q = (1 - beta) * r + beta * p, (1 - beta) * q + beta * q1
+        if q < 1:
+            ema_update_(self.e2, self.e1, r / (1 - q))
+        ema_update_(self.e2, theta, q)
+        ema_update_(self.e1, theta, 1 - p)
 
     def average(self):   # computed on demand: no third buffer in the state
         return None if self.e1 is None else dema_output(self.e1, self.e2,
@@ -475,6 +527,16 @@ class OUEMA(_PowerSchedule):
         a = ouema_a(t, self.bias_power, self.lag, self.multiplier)
         ouema_update_(self.e, theta, self.theta0, a, self.beta_at(t))
 
+    def _update_gap(self, t_prev, t, theta):
+        # n steps with one θ: e ← keep·e + c·θ − c₀·θ₀ (c − c₀ = 1 − keep), which is one
+        # update with β = 1 − keep and a = c₀/c
+        keep, c, c0 = 1.0, 0.0, 0.0
+        for u in self._acting(t_prev, t):
+            beta, a = self.beta_at(u), ouema_a(u, self.bias_power, self.lag, self.multiplier)
+            keep, c, c0 = (1 - beta) * keep, (1 - beta) * c + beta / (1 - a), \
+                (1 - beta) * c0 + beta * a / (1 - a)
+        ouema_update_(self.e, theta, self.theta0, c0 / c, 1.0 - keep)
+
     def average(self):
         return self.e
 
@@ -498,6 +560,11 @@ class SWA(Averager):
     def _update(self, t, theta):
         self.n += 1
         running_mean_update_(self.m, theta, self.n)
+
+    def _update_gap(self, t_prev, t, theta):   # n samples of one θ: weight n / count
+        n = len(self._acting(t_prev, t))
+        self.n += n
+        ema_update_(self.m, theta, n / self.n)
 
     def average(self):
         return self.m
@@ -529,6 +596,9 @@ class LAWA(Averager):
     def _update(self, t, theta):
         self.ring[self.count % self.k].copy_(theta)   # overwrites the oldest snapshot
         self.count += 1
+
+    def _update_gap(self, t_prev, t, theta):   # a snapshot is one checkpoint of the window
+        self._update(t, theta)
 
     def average(self):
         if self.ring is None:
@@ -576,6 +646,9 @@ class WindowedAverage(Averager):
         if self.current_n and t // self.horizon != (self.step - self.tau) // self.horizon:
             self._finish_window()
         self._add(t, theta)
+
+    def _update_gap(self, t_prev, t, theta):   # a snapshot is one sample of its window
+        self._update(t, theta)
 
     def _add(self, t, theta):
         self.current_n += 1
@@ -700,6 +773,9 @@ class PHEMA(Averager):
         # self.step is still the previous acting step here: t_prev = 0 at the first update
         ema_update_(self.e, theta, 1.0 - phema_decay(t, self.step - self.tau, self.gamma))
 
+    def _update_gap(self, t_prev, t, theta):   # the decay spans the gap already (exact)
+        self._update(t, theta)
+
     def average(self):
         return self.e
 
@@ -722,8 +798,8 @@ def parse_method_list(spec, key, allow_empty):
     return names
 
 
-def build_averager(name, allow_gaps=False, **hparams):
+def build_averager(name, allow_gaps=False, fill_gaps=False, **hparams):
     """The averager registered under `name`, e.g. build_averager("bema", bema_lag=10.0)."""
     if name not in AVERAGERS:
         raise ValueError(f"averager {name!r} is unknown; use one of {', '.join(AVERAGERS)}")
-    return AVERAGERS[name](allow_gaps=allow_gaps, **hparams)
+    return AVERAGERS[name](allow_gaps=allow_gaps, fill_gaps=fill_gaps, **hparams)

@@ -8,9 +8,10 @@ token embeddings (embedding_metrics.py).
 
 Any checkpoint: a resume checkpoint (ckpt_*.pt), a snapshot (*.safetensors, also the averaged
 ones of train.py --save_averaged and average.py --save), or a nanoGPT-style .pt
-(checkpoint.load_model reads them all). The batches are dataloader.evaluate_loss's: with the same
-eval_iters, batch_size, block_size and seed they are the batches train.py and average.py report,
-so the numbers compare one to one.
+(checkpoint.load_model reads them all), on the data it records (this project's files, nanoGPT's
+config) unless --dataset or --data_dir says otherwise; data of another vocabulary is refused.
+The batches are dataloader.evaluate_loss's: with the same eval_iters, batch_size, block_size and
+seed they are the batches train.py and average.py report, so the numbers compare one to one.
 """
 
 import json
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from wagpt import checkpoint
 from wagpt.atomic import atomic_write
 from wagpt.configurator import main
-from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_checkpoint_data
 from wagpt.embedding_metrics import count_tokens, embedding_metrics
 from wagpt.errors import ConfigError
 from wagpt.report import Progress, markdown_table
@@ -30,7 +31,7 @@ from wagpt.runtime import check_dtype, init_runtime, teardown
 @dataclass
 class EvalConfig:
     ckpt: str = ""                 # the weights: ckpt_*.pt, *.safetensors or a nanoGPT .pt
-    dataset: str = "shakespeare_char"  # a prepared folder under data/ ...
+    dataset: str | None = None     # a prepared folder under data/ (None: the checkpoint's) ...
     data_dir: str | None = None    # ... or an explicit path
     eval_iters: int = 200          # batches per split (0: skip the losses, embeddings only)
     batch_size: int = 12
@@ -58,7 +59,7 @@ def evaluate(cfg):
     runtime = init_runtime(cfg.device, cfg.dtype)
     try:
         model, record = checkpoint.load_model(cfg.ckpt, runtime.device)
-        data = open_dataset(cfg.dataset, cfg.data_dir)
+        data = open_checkpoint_data(record, cfg.dataset, cfg.data_dir)   # its own unless given
         args = record.model_args
         block_size = cfg.block_size or args["block_size"]
         if block_size > args["block_size"]:

@@ -13,9 +13,10 @@ before saving.
 The tokenizer: for a GPT-2-sized vocabulary (>= 50257) the GPT-2 BPE tokenizer is written too
 (vocab.json + merges.txt rebuilt from tiktoken's ranks, see gpt2_vocab_and_merges), if the ranks
 are available (tiktoken's cache, or data/common.py's offline copy from the openai-whisper
-sdist); otherwise it is skipped with a note. A character-level model gets the dataset's chars
-as meta.json beside the weights: HF's tokenizers do not apply to it. Nothing is fetched from the
-Hugging Face hub.
+sdist); otherwise it is skipped with a note. A character-level model gets its characters (those
+the checkpoint records, or its dataset's) as a transformers tokenizer, one token per character
+(char_tokenizer: AutoTokenizer and lm-eval load it), and as meta.json, the layout sample.py
+reads. Nothing is fetched from the Hugging Face hub.
 """
 
 import json
@@ -27,7 +28,7 @@ from wagpt import checkpoint
 from wagpt.atomic import atomic_write
 from wagpt.configurator import main
 from wagpt.hf_gpt2 import max_logit_difference, to_hf_model
-from wagpt.tokenizer import GPT2_VOCAB_SIZE, data_meta
+from wagpt.tokenizer import GPT2_VOCAB_SIZE, model_chars
 
 _EOT = "<|endoftext|>"
 
@@ -36,8 +37,8 @@ _EOT = "<|endoftext|>"
 class ExportConfig:
     ckpt: str = ""                 # the weights: ckpt_*.pt, *.safetensors or a nanoGPT .pt
     out_dir: str = ""              # the HF folder to write (config.json, model.safetensors, ...)
-    dataset: str = "shakespeare_char"  # a char-level model's chars come from this meta.json ...
-    data_dir: str | None = None    # ... or this folder's
+    dataset: str | None = None     # a char-level model's characters: this dataset's meta.json
+    data_dir: str | None = None    # ... or this folder's (None: the checkpoint's own)
 
     def __post_init__(self):
         if not self.ckpt or not self.out_dir:
@@ -49,7 +50,9 @@ def export(cfg):
     vocab_size = record.model_args["vocab_size"]
     out_dir = Path(cfg.out_dir)
     gpt2_bpe = vocab_size >= GPT2_VOCAB_SIZE
-    hf = to_hf_model(model, eos_token_id=GPT2_VOCAB_SIZE - 1 if gpt2_bpe else None)
+    chars, source = model_chars(record, cfg.dataset, cfg.data_dir)   # character level: checked
+    eos = GPT2_VOCAB_SIZE - 1 if gpt2_bpe else chars.index("\n") if "\n" in chars else None
+    hf = to_hf_model(model, eos_token_id=eos)
     diff = max_logit_difference(model, hf)
     if not diff < 1e-3:   # a mapping mistake shows up as O(1) differences, never as rounding
         raise RuntimeError(f"the HF model's logits differ from ours by up to {diff:.3g}: the "
@@ -60,21 +63,34 @@ def export(cfg):
     if gpt2_bpe:
         write_gpt2_tokenizer(out_dir, model_max_length=record.model_args["block_size"])
     else:
-        write_char_vocab(out_dir, cfg, vocab_size)
+        write_char_vocab(out_dir, chars, source, record.model_args["block_size"])
     return out_dir
 
 
-def write_char_vocab(out_dir, cfg, vocab_size):
-    meta, path = data_meta(cfg.dataset, cfg.data_dir)
-    if meta is None or meta.get("tokenizer") != "char" or len(meta.get("chars", "")) > vocab_size:
-        print(f"no tokenizer written: the model is character level ({vocab_size} tokens) and "
-              f"{path} does not describe it; pass --dataset/--data_dir of its training data")
-        return
-    keep = {k: meta[k] for k in ("tokenizer", "vocab_size", "chars", "eot_token") if k in meta}
-    atomic_write(out_dir / "meta.json",
-                            json.dumps(keep, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {out_dir / 'meta.json'}: character-level vocabulary from {path} (id i = "
-          f"chars[i]); HF tokenizers do not apply, encode with it as sample.py does")
+def write_char_vocab(out_dir, chars, source, model_max_length):
+    """meta.json (the characters, id i = chars[i], as sample.py reads them) and a transformers
+    tokenizer of the same characters, so that lm-eval and AutoTokenizer take the folder."""
+    meta = {"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "eot_token": None}
+    atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    char_tokenizer(chars, model_max_length).save_pretrained(out_dir)
+    print(f"wrote the character-level tokenizer to {out_dir} (tokenizer.json, and meta.json: "
+          f"id i = chars[i]) from {source}")
+
+
+def char_tokenizer(chars, model_max_length=None):
+    """A transformers tokenizer whose id i is chars[i]: every character its own token (a
+    WordLevel vocabulary after a split into single characters), decoded by concatenation. A
+    character outside `chars` is an error, never a silent drop. Its end-of-text and padding
+    token is the newline (the line is the unit of the character-level corpora; lm-eval pads
+    with it and stops generating at it)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    special = {"eos_token": "\n", "pad_token": "\n"} if "\n" in chars else {}
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special, **extra)
 
 
 def write_gpt2_tokenizer(out_dir, model_max_length):

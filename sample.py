@@ -7,8 +7,8 @@ Sample text from any checkpoint (the files checkpoint.load_model reads).
 
 The tokenizer (tokenizer.py): a model with a GPT-2-sized vocabulary (>= 50257) uses GPT-2 BPE
 (tiktoken, with data/common.py's offline fallback); a smaller one is character level, its
-characters taken from the `chars` of the dataset's meta.json (--dataset / --data_dir, as
-train.py).
+characters those the checkpoint records of its training data, else the `chars` of the meta.json
+of the dataset it records; --dataset / --data_dir name another (with the same characters).
 """
 
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from wagpt.checkpoint import load_model
 from wagpt.configurator import main
 from wagpt.errors import ConfigError
 from wagpt.runtime import check_dtype, init_runtime, teardown
-from wagpt.tokenizer import load_tokenizer
+from wagpt.tokenizer import checkpoint_tokenizer
 
 
 @dataclass
@@ -33,8 +33,8 @@ class SampleConfig:
     temperature: float = 0.8       # < 1 sharpens the distribution, 0 = greedy
     top_k: int | None = 200        # sample among the k most likely tokens only (None: all)
     seed: int = 1337               # the same seed, checkpoint and device give the same text
-    dataset: str = "shakespeare_char"  # where a char-level model's meta.json lives ...
-    data_dir: str | None = None    # ... or an explicit path
+    dataset: str | None = None     # a char-level model's characters: this dataset's meta.json
+    data_dir: str | None = None    # ... or this folder's (None: the checkpoint's own)
     device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
     dtype: str = "auto"            # 'auto' = bf16 autocast on CUDA
 
@@ -61,7 +61,7 @@ def sample(cfg):
     runtime = init_runtime(cfg.device, cfg.dtype)
     try:
         model, record = load_model(cfg.ckpt, runtime.device)
-        tokenizer = load_tokenizer(record.model_args["vocab_size"], cfg.dataset, cfg.data_dir)
+        tokenizer = checkpoint_tokenizer(record, cfg.dataset, cfg.data_dir)
         prompt = cfg.prompt
         if prompt.startswith("FILE:"):
             path = Path(prompt[len("FILE:"):])

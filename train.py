@@ -21,14 +21,14 @@ from pathlib import Path
 from model import device_peak_flops
 from wagpt import schedules
 from wagpt.configurator import main
-from wagpt.dataloader import open_dataset
 from wagpt.report import format_duration
-from wagpt.run_dir import MetricsLog, refuse_to_overwrite, save_config
+from wagpt.run_dir import MetricsLog, check_disk, disk_plan, refuse_to_overwrite, save_config
 from wagpt.runtime import SAME_FILES, StopSignal, agree, all_reduce_mean, init_runtime
 from wagpt.trainer import (Checkpointer, TrainConfig, build, check_shared_out_dir, claimed_out_dir,
                            eval_batches, eval_record, evaluate, format_eval, load_start,
                            lost_contact_reported, micro_steps_per_rank, non_finite_error,
-                           seed_step, start_averaging, train_batches, train_step, wrap_model)
+                           open_run_data, seed_step, start_averaging, train_batches, train_step,
+                           wrap_model)
 
 
 def train(cfg):
@@ -38,17 +38,27 @@ def train(cfg):
             lost_contact_reported(cfg, runtime):
         # ---- setup: everything that can fail on bad input fails here, before anything is written
         # (on several nodes a file one node cannot see fails there alone: every rank agrees)
-        data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
         micro_steps_per_rank(cfg, runtime)
         check_shared_out_dir(cfg, runtime)
         cfg, start = agree(runtime, lambda: load_start(cfg), SAME_FILES)   # resume, branch or None
-        if cfg.init_from != "resume":
+        # the start file's data unless told otherwise
+        data = agree(runtime, lambda: open_run_data(cfg, start), SAME_FILES)
+        if cfg.init_from != "resume" and not cfg.eval_only:
             refuse_to_overwrite(cfg.out_dir)
         run = build(cfg, runtime, data)        # model, optimizer, averages, post-hoc profiles
         checkpointer = Checkpointer(run, cfg, runtime)
         checkpointer.load(start)              # every component's state, bit for bit
-        start_averaging(run, cfg)             # the averages whose burn-in is this step
         state = run.state
+        if cfg.eval_only:   # the start point: raw weights and the averages it holds; no writes
+            losses = evaluate(run.model, run.online, data, eval_batches(cfg), runtime)
+            if runtime.master:
+                print(format_eval(state.iter_num, losses))
+            return {"iter_num": state.iter_num, "stopped_by": "eval_only", "checkpoint": None,
+                    "val_loss": losses["val"], "train_loss": losses["train"],
+                    "val_loss_averaged": losses["averaged"]}
+        start_averaging(run, cfg)             # the averages whose burn-in is this step
+        disk = disk_plan(cfg, run.flat.buffer.numel(), state.iter_num)   # what it will write:
+        free = agree(runtime, lambda: check_disk(disk, cfg.out_dir))    # refused if too much
         log = MetricsLog(cfg, runtime.master)
         log.check()
 
@@ -70,6 +80,7 @@ def train(cfg):
                 if run.online.names:
                     print(f"averaging {', '.join(run.online.names)}: "
                           f"{run.online.memory_bytes() / 2**20:.1f} MiB of state per rank")
+                print(disk.describe(out_dir, free))
                 if run.posthoc.names:
                     print(f"post-hoc EMA profiles {', '.join(run.posthoc.names)} (from step "
                           f"{cfg.posthoc_update_after}, every {cfg.posthoc_update_freq} steps): "

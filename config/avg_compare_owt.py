@@ -1,11 +1,13 @@
 # Offline averaging over the GPT-2 124M OpenWebText run of `bash compare.sh owt` (LAWA's high-LR
-# recipe, config/train_small_lawa.py, a snapshot every 1000 steps, 71 in all). EMA decays are per
-# snapshot; BEMA/DEMA/OUEMA schedules use the real step.
+# recipe, config/train_small_lawa.py, a snapshot every 1000 steps, 71 in all). One update per
+# snapshot (offline_time below): EMA decays are per snapshot; BEMA/DEMA/OUEMA schedules use the
+# real step.
 #   python average.py config/avg_compare_owt.py
 ckpt_dir = "out/compare_owt/snapshots"
 out_dir = "out/compare_owt/averaging"
 dataset = "openwebtext"
 methods = "all"                     # every registered method
+offline_time = "snapshots"          # one update per snapshot (average.py's default: per step)
 eval_iters = 200
 batch_size = 8
 eval_every = 5000

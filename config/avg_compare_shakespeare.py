@@ -1,12 +1,14 @@
 # The averaging-baselines experiment on CPU, step 2 of 2 (`bash compare.sh` runs both): every
 # method over the snapshots of config/compare_shakespeare.py (one every 50 steps), a small sweep
-# for each, all from one pass. Offline an averager acts once per snapshot, so EMA decays are per
-# snapshot (0.9 per 50 steps ~ 0.998 per step); BEMA/DEMA/OUEMA schedules use the real step.
+# for each, all from one pass. Here an averager acts once per snapshot (offline_time below, as
+# docs/results.md measured it), so EMA decays are per snapshot (0.9 per 50 steps ~ 0.998 per
+# step); BEMA/DEMA/OUEMA schedules use the real step.
 #   python average.py config/avg_compare_shakespeare.py
 ckpt_dir = "out/compare_shakespeare/snapshots"
 out_dir = "out/compare_shakespeare/averaging"
 dataset = "shakespeare_char"
 methods = "all"                     # every registered method
+offline_time = "snapshots"          # one update per snapshot (average.py's default: per step)
 eval_iters = 50
 eval_every = 100
 

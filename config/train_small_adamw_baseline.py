@@ -26,4 +26,4 @@ beta2 = 0.95
 grad_clip = 1.0
 eval_interval = 5000
 ckpt_interval = 5000
-snapshot_interval = 5000
+snapshot_interval = 5000        # 11 snapshots with their profiles: disk: about 19 GiB

@@ -16,7 +16,7 @@ from pathlib import Path as _Path
 
 exec((_Path(__file__).parent / "train_small_lawa.py").read_text())
 
-out_dir = "out/small_bema"
+out_dir = "out/small_bema"            # disk: about 39 GiB (train_small_lawa.py's snapshots)
 averaging = "bema"
 bema_ema_power = 0.5
 bema_bias_power = 0.2

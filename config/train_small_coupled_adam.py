@@ -14,6 +14,6 @@ from pathlib import Path as _Path
 
 exec((_Path(__file__).parent / "train_small_adamw_baseline.py").read_text())
 
-out_dir = "out/small_coupled_adam"
+out_dir = "out/small_coupled_adam"   # disk: about 19 GiB (the baseline's snapshots)
 optimizer = "coupled_adam"
 coupled_adam_scale = 1.0

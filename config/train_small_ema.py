@@ -10,7 +10,7 @@ from pathlib import Path as _Path
 
 exec((_Path(__file__).parent / "train_small_lawa.py").read_text())
 
-out_dir = "out/small_ema"
+out_dir = "out/small_ema"             # disk: about 37 GiB (train_small_lawa.py's snapshots)
 averaging = "ema"
 ema_decay = 0.9
 ema_warmup = True

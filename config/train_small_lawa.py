@@ -29,6 +29,10 @@ warmup_iters = 2000
 eval_interval = 1000
 ckpt_interval = 1000
 snapshot_interval = 1000   # the same trajectory for offline LAWA/SWA/EMA/BEMA (average.py)
+# 71 snapshots of 0.46 GiB, without the post-hoc profiles (0.93 GiB more with every snapshot, 65
+# GiB in all); with LAWA's state in the resume checkpoints: disk: about 40 GiB
+# (_ema, _swa and _bema inherit the snapshots: about 37, 37 and 39 GiB)
+posthoc_sigma_rel = None
 
 averaging = "lawa"
 lawa_k = 5

@@ -11,7 +11,7 @@ from pathlib import Path as _Path
 
 exec((_Path(__file__).parent / "train_small_lawa.py").read_text())
 
-out_dir = "out/small_swa"
+out_dir = "out/small_swa"             # disk: about 37 GiB (train_small_lawa.py's snapshots)
 averaging = "swa"
 swa_start = 11
 swa_freq = 10

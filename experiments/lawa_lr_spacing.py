@@ -73,7 +73,7 @@ def plan(cfg):
                 *([f"--warmup_iters={cfg.steps // 20}"] if cfg.smoke else [])], cfg.steps))
             runs.append(common.Run(f"{run_name(lr, seed)}_average", [
                 "average.py", f"--ckpt_dir={d / 'snapshots'}", f"--out_dir={d / 'averages'}",
-                "--methods=lawa,ema", "--lawa_k=5",
+                "--methods=lawa,ema", "--lawa_k=5", "--offline_time=snapshots",
                 f"--lawa_interval={[s * cfg.snapshot_interval for s in cfg.spacings]}",
                 f"--ema_decay={[ema_decay(s) for s in cfg.spacings]}",
                 f"--eval_every={cfg.eval_every}", f"--eval_iters={cfg.eval_iters}",

@@ -107,7 +107,8 @@ def validate(cfg):
         ckpt_dir=str(run / "snapshots"), out_dir=str(out / "average"), methods="phema",
         phema_source="profiles,snapshots", phema_sigma_rel=list(cfg.targets),
         posthoc_dir=str(folder), posthoc_profiles=list(cfg.stored), eval_every=cfg.store_every,
-        eval_iters=cfg.eval_iters, device=cfg.device, overwrite=True)   # a rerun redoes it
+        eval_iters=cfg.eval_iters, device=cfg.device, dataset="shakespeare_char",
+        overwrite=True)   # a rerun redoes it
     summary = average(avg)
     losses = {(r["step"], r["setting"]): r["val_loss"] for r in summary["rows"]}
     errors = {(r["step"], r["setting"]): r["reconstruction_error"] for r in summary["rows"]}

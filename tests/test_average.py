@@ -617,3 +617,25 @@ def test_the_processes_of_one_host_share_its_memory(device, state, monkeypatch, 
             with pytest.raises(ConfigError, match="\\(shared by this host's 2 processes\\) "
                                                   "has .* more hosts"):
                 check()
+
+
+@pytest.mark.parametrize("offline_time, per_snapshot", [("steps", 0.8 ** 2), ("snapshots", 0.8)])
+def test_offline_time_is_training_steps_unless_told(run_dir, tiny_data_dir, tmp_path,
+                                                    offline_time, per_snapshot):
+    """Over snapshots every 2 steps, --ema_decay=0.8 decays by 0.8² per snapshot (the online
+    EMA's two steps), or with --offline_time=snapshots by 0.8 (one update per snapshot)."""
+    every_2 = copy_snapshots(run_dir, tmp_path / "every_2", steps=(0, 2, 4, 6, 8))
+    summary = average.average(config(run_dir, tiny_data_dir, tmp_path, ckpt_dir=every_2,
+                                     methods="ema", ema_decay=0.8, ema_warmup=False,
+                                     offline_time=offline_time))
+    model = GPT(GPTConfig(**{**checkpoint.read_checkpoint(
+        every_2 / "step_0000000.safetensors", tensors=False).model_args, "dropout": 0.0}))
+    flat = FlatParameters(model)
+    expected = None
+    for path in checkpoint.list_snapshots(every_2):
+        checkpoint.load_model_state(model, checkpoint.read_checkpoint(path).weights, path)
+        theta = flat.buffer.detach().double().clone()
+        expected = theta if expected is None else \
+            per_snapshot * expected + (1 - per_snapshot) * theta
+    got = summary["averagers"]["ema"].average().double()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -476,3 +476,101 @@ def test_swapped_in_puts_the_average_into_the_model_and_restores_it():
         assert torch.equal(flat.buffer, avg.average())
         assert torch.equal(model[0].weight.flatten(), avg.average()[:12])
     assert torch.equal(flat.buffer, live)
+
+
+# ------------------------------------------------------------ offline time in training steps
+# average.py's default (fill_gaps): a snapshot after a gap stands for every acting step since
+# the previous snapshot, each with the snapshot's θ. Where θ is constant between snapshots this
+# is exactly the online average; otherwise each offline weight sits on θ at the end of its gap
+# instead of θ along it, so |offline − online| <= C · max_s |θ_s − θ(next snapshot)| <=
+# C · (k − 1) · L over snapshots every k steps (L: the largest one-step move), with C = 1 where
+# the weights are non-negative and sum to at most 1 (ema, bema, swa, phema), 3 for dema's
+# 2e₁ − e₂, and 1/(1 − a_φ) for ouema's pull-back (θ enters divided by 1 − a_t).
+
+GAP_METHODS = [
+    ("ema", dict(ema_decay=0.99, ema_update_after=0)),
+    ("ema", dict(ema_decay=0.999, ema_warmup=True, ema_update_after=0)),
+    ("bema", {}),
+    ("bema", dict(bema_bias_power=-1.0)),
+    ("dema", {}),
+    ("ouema", {}),
+    ("swa", {}),
+    ("phema", dict(phema_sigma_rel=0.1)),
+]
+SPACINGS = (1, 2, 5, 10, 50)
+
+
+def gap_constant(name, avg):
+    if name == "dema":
+        return 3.0
+    if name == "ouema":
+        return 1.0 / (1.0 - averaging.ouema_a(avg.phi, avg.bias_power, avg.lag, avg.multiplier))
+    return 1.0
+
+
+def held(traj, k):
+    """The trajectory with θ held at the next multiple of k: what the offline average sees."""
+    return traj[[min(-(-s // k) * k, len(traj) - 1) for s in range(len(traj))]]
+
+
+def ema_float64(traj, decay):
+    """The online EMA from θ_0, every step, in float64, from the definition."""
+    e, out = traj[0].clone(), {0: traj[0].clone()}
+    for s in range(1, len(traj)):
+        e = decay * e + (1 - decay) * traj[s]
+        out[s] = e.clone()
+    return out
+
+
+@pytest.mark.parametrize("name, hparams", GAP_METHODS, ids=lambda x: str(x))
+def test_offline_time_in_steps_is_online_over_the_held_trajectory(name, hparams):
+    """Exact where it should be: with θ constant between snapshots k steps apart, the offline
+    average over the snapshots (one pass per snapshot) is the online one over every step."""
+    for k in (2, 7, 50):
+        snapshots = list(range(0, T, k))
+        offline = run(build_averager(name, allow_gaps=True, fill_gaps=True, **hparams),
+                      steps=snapshots)
+        online = run(build_averager(name, **hparams), traj=held(TRAJ, k))
+        assert_matches(offline, {s: online[s] for s in snapshots}, tol=5e-6)
+
+
+@pytest.mark.parametrize("name, hparams", GAP_METHODS, ids=lambda x: str(x))
+def test_offline_time_in_steps_approximates_online_within_a_bound_that_shrinks_with_k(
+        name, hparams):
+    """float64: the offline average over snapshots every k steps against the online average
+    over every step, within C · max |θ_s − θ(next snapshot)| <= C · (k − 1) · L."""
+    moves = (TRAJ[1:] - TRAJ[:-1]).abs().max().item()   # L
+    online = (ema_float64(TRAJ, hparams["ema_decay"])
+              if name == "ema" and not hparams.get("ema_warmup") else
+              run(build_averager(name, **hparams)))   # float64 references: the tests above
+    errors = []
+    for k in SPACINGS:
+        snapshots = list(range(0, T, k))
+        avg = build_averager(name, allow_gaps=True, fill_gaps=True, **hparams)
+        offline = run(avg, steps=snapshots)
+        deviation = (held(TRAJ, k) - TRAJ).abs().max().item()
+        assert deviation <= (k - 1) * moves + 1e-12
+        bound = gap_constant(name, avg) * deviation + 5e-6 * TRAJ.abs().max().item()
+        error = max((offline[s] - online[s]).abs().max().item() for s in snapshots[1:])
+        assert error <= bound, (k, error, bound)
+        errors.append(error)
+    assert errors[0] < 1e-5 and errors[-1] > errors[1]   # exact at k = 1, larger with k
+
+
+def test_one_update_per_snapshot_is_the_explicit_alternative():
+    """fill_gaps=False (average.py --offline_time=snapshots): an EMA's decay once per snapshot,
+    an average of 1000 snapshots for d = 0.999, far outside the bound of the online EMA."""
+    k, decay = 50, 0.999
+    snapshots = list(range(0, T, k))
+    per_snapshot = run(build_averager("ema", allow_gaps=True, ema_decay=decay,
+                                      ema_update_after=0), steps=snapshots)
+    reference = {0: TRAJ[0]}
+    for previous, s in zip(snapshots, snapshots[1:]):
+        reference[s] = decay * reference[previous] + (1 - decay) * TRAJ[s]
+    assert_matches(per_snapshot, reference)
+    online = ema_float64(TRAJ, decay)
+    in_steps = run(build_averager("ema", allow_gaps=True, fill_gaps=True, ema_decay=decay,
+                                  ema_update_after=0), steps=snapshots)
+    error = (per_snapshot[1000] - online[1000]).abs().max().item()
+    assert error > (held(TRAJ, k) - TRAJ).abs().max().item()   # outside the bound above
+    assert error > 20 * (in_steps[1000] - online[1000]).abs().max().item()

@@ -226,3 +226,29 @@ def test_wandb_missing_fails_before_anything_is_written(make_config, monkeypatch
     monkeypatch.undo()
     # the rerun needs nothing deleted (tests/test_reliability.py: the same after wandb.init fails)
     assert train.train(make_config(wandb_log=False))["iter_num"] == cfg.max_iters
+
+
+def test_every_problem_is_its_own_error_line(tmp_path):
+    result = run([sys.executable, "train.py", "--max_iters=100", "--n_head=5", "--device=tpu",
+                  "--lerning_rate=3", f"--out_dir={tmp_path / 'x'}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines), lines
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["config/train_small.py", "--n_layer=2", "--n_head=2", "--n_embd=64"],
+     "model_size='gpt2' (n_layer=12, n_head=12, n_embd=768) and n_layer=2, n_head=2, n_embd=64"),
+    (["--n_head=5"], "n_embd=128 is not a multiple of n_head=5"),
+    (["--device=mps", "--data_dir=DATA"], "no usable MPS device"),
+])
+def test_odd_settings_are_one_line_not_a_traceback(args, phrase, tmp_path, tiny_data_dir):
+    import torch
+    if "--device=mps" in args and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    args = [a.replace("DATA", str(tiny_data_dir)) for a in args]
+    result = run([sys.executable, "train.py", *args, f"--out_dir={tmp_path / 'x'}"])
+    assert result.returncode == 2
+    assert phrase in one_error_line(result)
+    assert not (tmp_path / "x").exists()

@@ -114,3 +114,53 @@ def test_every_shipped_train_config_loads(path):
     from wagpt.trainer import TrainConfig
     cfg = load_config(TrainConfig, [str(path)])
     assert cfg.max_iters > 0
+
+
+def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
+    """Unknown keys, bad values and every failed check of __post_init__, one line each."""
+    from wagpt.errors import ConfigErrors
+    from wagpt.trainer import TrainConfig
+    typo = tmp_path / "typo.py"
+    typo.write_text("max_iter = 10\nbatch_size = 'x'\n")
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(TrainConfig, [str(typo), "--lerning_rate=1", "--max_iters=100",
+                                  "--n_head=5", "--device=tpu", "--beta1=2"])
+    problems = caught.value.problems
+    assert len(problems) == 7, problems
+    for fragment in ("'max_iter'", "batch_size = 'x'", "did you mean 'learning_rate'",
+                     "beta1=2", "device='tpu'", "n_head=5", "warmup_iters=100"):
+        assert sum(fragment in p for p in problems) == 1, (fragment, problems)
+    # the schedule's problem says the fix: lower warmup_iters too
+    assert "lower warmup_iters too, e.g. --warmup_iters=10" in problems[-1]
+    # one problem alone stays a plain ConfigError
+    with pytest.raises(ConfigError) as single:
+        load_config(TrainConfig, ["--beta1=2"])
+    assert type(single.value) is ConfigError and "beta1=2" in str(single.value)
+
+
+def test_a_named_model_size_and_a_shape_key_conflict_and_config_json_says_what_runs(tmp_path):
+    from wagpt.trainer import TrainConfig
+    small = str(REPO / "config" / "train_small.py")
+    with pytest.raises(ConfigError) as caught:
+        load_config(TrainConfig, [small, "--n_layer=2", "--n_head=2", "--n_embd=64"])
+    message = str(caught.value)
+    assert "model_size='gpt2'" in message and "n_layer=2, n_head=2, n_embd=64" in message
+    assert "--model_size=None" in message and "\n" not in message   # one problem, one line
+    # the shape given alone (model_size dropped) or agreeing with the named size is fine
+    cfg = load_config(TrainConfig, [small, "--model_size=None", "--n_layer=2", "--n_head=2",
+                                    "--n_embd=64"])
+    assert (cfg.model_size, cfg.n_layer, cfg.n_embd) == (None, 2, 64)
+    cfg = load_config(TrainConfig, [small, "--n_layer=12"])
+    # the named size's shape is what the config records
+    save_config(cfg, tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["model_size"], saved["n_layer"], saved["n_head"], saved["n_embd"]) == \
+        ("gpt2", 12, 12, 768)
+
+
+def test_post_hoc_profiles_given_without_snapshots_is_a_conflict():
+    from wagpt.trainer import TrainConfig
+    with pytest.raises(ConfigError, match="posthoc_sigma_rel=.*snapshot_interval=0"):
+        load_config(TrainConfig, ["--posthoc_sigma_rel=[0.05]"])
+    assert load_config(TrainConfig, ["--posthoc_sigma_rel=[0.05]", "--snapshot_interval=10"])
+    assert load_config(TrainConfig, ["--posthoc_sigma_rel=None"])   # off: nothing to conflict

@@ -14,7 +14,7 @@ from export_hf import ExportConfig
 from model import GPT, GPTConfig
 from wagpt import checkpoint
 from wagpt.corpora import offline_gpt2_encoding
-from wagpt.errors import CheckpointError
+from wagpt.errors import CheckpointError, UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models
 
@@ -54,27 +54,35 @@ def test_snapshot_export_has_our_logits(bias, tiny_data_dir, tmp_path):
     config = hf.config
     assert (config.activation_function, config.layer_norm_epsilon) == ("gelu", 1e-5)
     assert (config.n_positions, config.vocab_size, config.n_layer) == (16, args["vocab_size"], 2)
-    assert config.tie_word_embeddings and config.eos_token_id is None
+    chars = json.loads((tiny_data_dir / "meta.json").read_text())["chars"]
+    assert config.tie_word_embeddings and config.eos_token_id == chars.index("\n")
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
     assert (out / "model.safetensors").is_file()
     if not bias:   # HF's GPT-2 always has biases: ours are zero
         assert not hf.transformer.h[0].attn.c_attn.bias.any()
         assert not hf.transformer.ln_f.bias.any()
-    # character level: our chars beside the weights, no HF tokenizer
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["chars"] == json.loads((tiny_data_dir / "meta.json").read_text())["chars"]
-    assert not (out / "tokenizer.json").exists()
+    # character level: our chars beside the weights, and a transformers tokenizer of them
+    assert json.loads((out / "meta.json").read_text())["chars"] == chars
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "to be or not\n  the king"
+    assert tokenizer(text)["input_ids"] == [chars.index(c) for c in text]
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.eos_token == tokenizer.pad_token == "\n" and tokenizer.model_max_length == 16
+    with pytest.raises(Exception, match="Missing"):   # a character outside: an error, no drop
+        tokenizer("to be? or not")
 
 
-def test_averaged_snapshot_and_pt_exports(tiny_data_dir, tmp_path, capsys):
+def test_averaged_snapshot_and_pt_exports(tiny_data_dir, tmp_path):
     """An averaged snapshot is a snapshot with averager metadata; a nanoGPT .pt works too."""
     model, args = random_model(True, vocab_size=40, seed=3)
     averaged = checkpoint.save_snapshot(tmp_path / "averaged" / "ema", model, 8, 512, args,
                                         extra={"averager": "ema", "hparams": {"ema_decay": 0.9}})
-    out = export_hf.export(ExportConfig(ckpt=str(averaged), out_dir=str(tmp_path / "hf_ema"),
-                                        data_dir=str(tmp_path / "no_data")))
-    exported_logits_match(model, out)
-    assert "no tokenizer written" in capsys.readouterr().out   # no chars known: said, not fatal
+    with pytest.raises(UserError, match="no_data"):   # a character-level model needs its chars
+        export_hf.export(ExportConfig(ckpt=str(averaged), out_dir=str(tmp_path / "hf_ema"),
+                                      data_dir=str(tmp_path / "no_data")))
+    assert not (tmp_path / "hf_ema").exists()   # refused before anything is written
+    exported_logits_match(model, export_hf.export(ExportConfig(
+        ckpt=str(averaged), out_dir=str(tmp_path / "hf_ema"), data_dir=str(tiny_data_dir))))
     nano = tmp_path / "ckpt.pt"
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in checkpoint.model_state(model).items()},
                 "model_args": args, "iter_num": 8}, nano)

@@ -2,13 +2,15 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from wagpt import checkpoint, runtime
-from wagpt.trainer import NonFiniteLossError
+from wagpt import checkpoint, run_dir, runtime
+from wagpt.run_dir import disk_plan
+from wagpt.trainer import Checkpointer, NonFiniteLossError, build, load_start, open_run_data
 
 
 def final_state(out_dir):
@@ -99,9 +101,14 @@ def test_branch_from_a_snapshot(make_config, tmp_path):
     snaps = checkpoint.list_snapshots(tmp_path / "a" / "snapshots")
     assert [p.name for p in snaps] == ["step_0000000.safetensors", "step_0000004.safetensors",
                                        "step_0000008.safetensors"]
-    # a snapshot carries no averager state: averaging in the branch starts where it starts
-    with pytest.raises(ValueError, match="--ema_update_after=4"):
-        train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1])))
+    # a snapshot carries no averager state: averaging in the branch starts where it starts;
+    # every averager's start key (and the post-hoc profiles') is named at once
+    with pytest.raises(ValueError) as caught:
+        train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1]),
+                                snapshot_interval=4))
+    assert [p.split(";")[1].split()[1] for p in caught.value.problems] == [
+        "--ema_update_after=4", "--bema_update_after=4", "--lawa_start=4",
+        "--posthoc_update_after=4"]
     assert not (tmp_path / "b").exists()
     summary = train.train(make_config(out_dir=str(tmp_path / "b"), init_from=str(snaps[1]),
                                       ema_update_after=4, bema_update_after=4, lawa_start=4))
@@ -178,3 +185,81 @@ def test_cuda_device_gets_an_index(monkeypatch, device, world_size, expected):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert chosen == [expected] and chosen_runtime.device == torch.device(expected)
+
+
+def test_the_disk_plan_printed_at_start_is_what_the_run_writes(make_config, capsys):
+    """Resume checkpoints kept, snapshots (θ_0's too), post-hoc profile files (not at their
+    burn-in) and averaged snapshots (at every snapshot from each burn-in on, and at the end)."""
+    cfg = make_config(max_iters=10, snapshot_interval=4, save_averaged=True, ckpt_interval=3,
+                      keep_last=2, posthoc_update_after=1, ema_update_after=5)
+    train.train(cfg)
+    printed = next(line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("disk: "))
+    out = Path(cfg.out_dir)
+    found = {"resume checkpoints": len(checkpoint.list_resume_checkpoints(out)),
+             "snapshots": len(list((out / "snapshots").iterdir())),
+             "post-hoc profile files": len(list((out / "posthoc").iterdir())),
+             "averaged snapshots": len(list((out / "averaged").rglob("*.safetensors")))}
+    assert found == {"resume checkpoints": 2, "snapshots": 3, "post-hoc profile files": 2,
+                     "averaged snapshots": 2 + 3 + 3}   # ema from step 5: 8 and 10
+    for what, files in found.items():
+        assert f"{what} {files} x " in printed, (what, printed)
+    written = sum(p.stat().st_size for p in out.rglob("*")
+                  if p.is_file() and p.suffix in (".pt", ".safetensors"))
+    numel = sum(t.numel() for t in checkpoint.read_checkpoint(
+        out / "snapshots/step_0000000.safetensors").weights.values())
+    planned = disk_plan(cfg, numel).total
+    assert abs(written - planned) < 0.05 * planned   # headers and metadata aside
+
+
+def test_a_run_that_does_not_fit_on_its_disk_is_refused_naming_the_keys(make_config,
+                                                                        monkeypatch):
+    monkeypatch.setattr(run_dir, "free_space", lambda path: 2**20)   # 1 MiB free
+    cfg = make_config(snapshot_interval=1)
+    with pytest.raises(run_dir.DiskError) as caught:
+        train.train(cfg)
+    message = str(caught.value)
+    assert "1.0 MiB free" in message and "snapshot_interval" in message
+    assert "posthoc_sigma_rel (None: off)" in message and "keep_last" in message
+    assert not Path(cfg.out_dir).exists()   # refused before anything is written
+
+
+def test_a_branch_may_crop_the_context_as_nanogpt_does(make_config, tmp_path):
+    train.train(make_config(out_dir=str(tmp_path / "a"), max_iters=4))
+    source = checkpoint.read_checkpoint(tmp_path / "a" / "ckpt_0000004.pt")
+    branch = make_config(out_dir=str(tmp_path / "b"), init_from=str(source.path), block_size=8,
+                         max_iters=6, averaging="")
+    # the first step trains on the cropped model with the moments of the positions kept
+    summary = train.train(branch)
+    assert summary["iter_num"] == 6
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["block_size"] == 8 and final_state(tmp_path / "b").model_args["block_size"] == 8
+    # the branch's first state is the file's, cropped: evaluate it without training
+    start = train.train(make_config(out_dir=str(tmp_path / "c"), init_from=str(source.path),
+                                    block_size=8, averaging="", eval_only=True))
+    assert start["iter_num"] == 4 and not (tmp_path / "c").exists()
+    cfg, start_file = load_start(branch)
+    run = build(cfg, runtime.init_runtime("cpu"), open_run_data(cfg, start_file))
+    Checkpointer(run, cfg, runtime.init_runtime("cpu")).load(start_file)
+    wpe = run.model.transformer.wpe.weight
+    assert torch.equal(wpe, source.weights["transformer.wpe.weight"][:8])
+    saved_moments = next(s for s in source.optimizer["state"].values()
+                         if s["exp_avg"].shape == (16, 32))
+    assert torch.equal(run.optimizer.state[wpe]["exp_avg"], saved_moments["exp_avg"][:8])
+    # a resume keeps the context; a branch cannot lengthen it
+    with pytest.raises(ValueError, match="block_size=8 but .* block_size=16"):
+        train.train(make_config(out_dir=str(tmp_path / "a"), init_from="resume", block_size=8))
+    with pytest.raises(ValueError, match="shorten the context, not lengthen it"):
+        train.train(make_config(out_dir=str(tmp_path / "d"), init_from=str(source.path),
+                                block_size=32))
+
+
+def test_eval_only_evaluates_the_start_point_and_writes_nothing(make_config):
+    cfg = make_config(max_iters=8)
+    done = train.train(cfg)
+    files = {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir).rglob("*")}
+    again = train.train(make_config(max_iters=8, init_from="resume", eval_only=True))
+    assert again["iter_num"] == 8 and again["stopped_by"] == "eval_only"
+    assert again["val_loss"] == done["val_loss"]
+    assert again["val_loss_averaged"] == done["val_loss_averaged"]   # the saved averages
+    assert {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir).rglob("*")} == files

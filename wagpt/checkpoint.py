@@ -328,6 +328,8 @@ class Checkpoint:
     config: dict | None = None      # resume checkpoints: the run's resolved config
     run: dict | None = None         # the run that wrote it: {"id", "parent"} (None: older or
                                     # nanoGPT files, pretrained models)
+    data: dict | None = None        # the data it trained on (dataloader.data_record: dataset,
+                                    # data_dir, vocab_size, tokenizer, chars), where recorded
 
     def tensors(self):
         """Every tensor the record holds: weights, optimizer, averager and post-hoc profile
@@ -422,7 +424,7 @@ def _read_safetensors(path, tensors):
     try:
         model_args = json.loads(metadata["model_args"])
         tokens = metadata.get("tokens_seen")
-        averaging_info = {k: json.loads(metadata[k]) for k in ("averager", "hparams")
+        averaging_info = {k: json.loads(metadata[k]) for k in ("averager", "hparams", "data")
                           if k in metadata}
         step = _int_step(metadata["step"], path) if "step" in metadata else _name_step(path)
         run = _run_identity(json.loads(metadata["run"]) if "run" in metadata else None)
@@ -432,7 +434,8 @@ def _read_safetensors(path, tensors):
     return Checkpoint(path, "snapshot", _check_model_args(model_args, path), step,
                       tokens_seen=int(tokens) if tokens is not None else None, weights=weights,
                       averager=averaging_info.get("averager"),
-                      hparams=averaging_info.get("hparams"), run=run)
+                      hparams=averaging_info.get("hparams"), run=run,
+                      data=averaging_info.get("data"))
 
 
 def _header_size(size_bytes, path):
@@ -467,12 +470,15 @@ def _read_torch(path, tensors):
         run = _run_identity(ckpt.get("run"))
     except ValueError as e:
         raise CheckpointError(f"{path} has a corrupt entry: {e}") from None
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    data = ckpt.get("data") or ({"dataset": config["dataset"], "data_dir": config.get("data_dir")}
+                                if isinstance(config.get("dataset"), str) else None)  # nanoGPT's
     return Checkpoint(path, "resume" if ckpt.get("format") == RESUME_FORMAT else "nanogpt",
                       _check_model_args(ckpt["model_args"], path), step,
                       tokens_seen=int(tokens) if tokens is not None else None,
                       weights=weights if tensors else None, optimizer=ckpt.get("optimizer"),
                       averaging=ckpt.get("averaging"), posthoc=ckpt.get("posthoc"),
-                      config=ckpt.get("config"), run=run)
+                      config=ckpt.get("config"), run=run, data=data)
 
 
 def _torch_load(path):

@@ -18,8 +18,10 @@ default and its trailing comment, so the help cannot drift from the code.
 
 A problem with the user's input (a config key or value, a data file, a checkpoint, a run
 directory) raises a UserError; `main()` prints it as one line `error: <message>` on stderr and
-exits with status 2, from rank 0 only under torchrun (a lost peer: once per node). Set
-WA_TRACEBACK=1 to see the traceback too. Any other exception is a bug and keeps its traceback.
+exits with status 2, from rank 0 only under torchrun (a lost peer: once per node). A config's
+problems are collected before any is reported (errors.Problems): unknown keys, bad values and
+every failed check of the config class's __post_init__ each get their line. Set WA_TRACEBACK=1
+to see the traceback too. Any other exception is a bug and keeps its traceback.
 """
 
 import ast
@@ -37,7 +39,7 @@ import types
 import typing
 from pathlib import Path
 
-from wagpt.errors import ConfigError, UserError
+from wagpt.errors import ConfigError, Problems, UserError
 
 TRACEBACK_ENV = "WA_TRACEBACK"   # =1: user errors show their traceback too
 
@@ -46,30 +48,47 @@ def load_config(config_cls, argv):
     """Build a `config_cls` dataclass from config files and --key=value overrides in `argv`."""
     hints = typing.get_type_hints(config_cls)
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    values = {}
+    values, problems = {}, Problems()   # every problem is reported, all at once
     for arg in argv:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")  # partition: the value may contain '='
-            if not sep:
-                raise ConfigError(f"argument {arg!r} has no value; write --{key}=VALUE "
-                                  f"(--help lists the keys)")
-            _check_known(key, fields, f"command-line argument {arg!r}")
-            values[key] = _coerce(key, _parse_literal(text, hints[key]), hints[key], arg)
+            with problems.check():
+                if not sep:
+                    raise ConfigError(f"argument {arg!r} has no value; write --{key}=VALUE "
+                                      f"(--help lists the keys)")
+                _check_known(key, fields, f"command-line argument {arg!r}")
+                values[key] = _coerce(key, _parse_literal(text, hints[key]), hints[key], arg)
         elif arg.endswith(".py"):
-            for key, value in _read_config_file(arg).items():
-                _check_known(key, fields, f"config file {arg}")
-                values[key] = _coerce(key, value, hints[key], arg)
+            with problems.check():
+                for key, value in _read_config_file(arg).items():
+                    with problems.check():
+                        _check_known(key, fields, f"config file {arg}")
+                        values[key] = _coerce(key, value, hints[key], arg)
         else:
-            raise ConfigError(
-                f"argument {arg!r} is neither a config file (*.py) nor --key=value")
-    try:
-        cfg = config_cls(**values)
-    except UserError:
-        raise
-    except (TypeError, ValueError) as e:  # __post_init__ checks of cross-key invariants
-        raise ConfigError(str(e)) from None
-    cfg.given_keys = frozenset(values)   # not a field: asdict, == and config.json ignore it
+            problems.add(f"argument {arg!r} is neither a config file (*.py) nor --key=value")
+    # the keys given are known to __post_init__ (was_given), so that it can tell a key the user
+    # set from a default; not a field: asdict, == and config.json ignore it
+    cfg = config_cls.__new__(config_cls)
+    cfg.given_keys = frozenset(values)
+    with problems.check():
+        try:
+            cfg.__init__(**values)
+        except TypeError as e:  # __post_init__ checks of cross-key invariants
+            raise ConfigError(str(e)) from None
+    problems.raise_if_any()
     return cfg
+
+
+def replace_config(cfg, **changes):
+    """dataclasses.replace that keeps the record of the keys the user gave (was_given)."""
+    given = getattr(cfg, "given_keys", None)
+    if given is None:
+        return dataclasses.replace(cfg, **changes)
+    new = type(cfg).__new__(type(cfg))
+    new.given_keys = given
+    new.__init__(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                       if f.init}, **changes})
+    return new
 
 
 def was_given(cfg, key):
@@ -124,7 +143,8 @@ def main(config_cls, run, doc, argv=None):
             traceback.print_exc()
         if int(os.environ.get("RANK", "0")) == 0 or (     # under torchrun: once, not per rank
                 e.every_node and int(os.environ.get("LOCAL_RANK", "0")) == 0):
-            print(f"error: {one_line(e)}", file=sys.stderr)
+            for problem in getattr(e, "problems", None) or [e]:   # several: one line each
+                print(f"error: {one_line(problem)}", file=sys.stderr)
         else:   # torchrun stops every worker once one exits: let rank 0 say why first
             time.sleep(2)
         sys.exit(2)

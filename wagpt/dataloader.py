@@ -116,6 +116,78 @@ def open_dataset(dataset, data_dir=None):
     return TokenDataset(dataset_dir(dataset, data_dir), prepare_hint=hint)
 
 
+# ---------------------------------------------------------------------------------------------
+# the data a checkpoint was trained on
+
+DEFAULT_DATASET = "shakespeare_char"
+GPT2_VOCAB_SIZE = 50257   # a model with this many tokens or more reads GPT-2 BPE
+
+
+def data_record(dataset, data_dir, data):
+    """What every checkpoint records of the data its model trained on (`data`, a TokenDataset,
+    opened from `dataset` / `data_dir`): where it was, and its vocabulary, whole for character
+    level, so that the tools take the data and the tokenizer from the checkpoint."""
+    record = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
+              "vocab_size": data.vocab_size, "tokenizer": data.meta.get("tokenizer")}
+    if isinstance(data.meta.get("chars"), str):
+        record["chars"] = data.meta["chars"]
+    return record
+
+
+def checkpoint_dataset(recorded, dataset=None, data_dir=None):
+    """(dataset, data_dir, where from) for a tool that reads a checkpoint: the ones the user
+    gave (`dataset` / `data_dir`, None when not given), else those the checkpoint records
+    (`recorded`, a Checkpoint's `data`, may be None), else DEFAULT_DATASET."""
+    if dataset is not None or data_dir is not None:
+        return dataset or DEFAULT_DATASET, data_dir, "given"
+    if recorded and (recorded.get("dataset") or recorded.get("data_dir")):
+        return recorded.get("dataset") or DEFAULT_DATASET, recorded.get("data_dir"), "checkpoint"
+    return DEFAULT_DATASET, None, "default"
+
+
+def open_checkpoint_data(record, dataset=None, data_dir=None):
+    """The TokenDataset to evaluate (or continue training) the checkpoint `record` on
+    (checkpoint_dataset), checked against its vocabulary (check_vocabulary)."""
+    dataset, data_dir, origin = checkpoint_dataset(record.data, dataset, data_dir)
+    try:
+        data = open_dataset(dataset, data_dir)
+    except DataError as e:
+        if origin == "given":
+            raise
+        where = "records" if origin == "checkpoint" else "records no dataset; the default is"
+        raise DataError(f"{e} ({record.path} {where} {data_dir or dataset}: pass the data to "
+                        f"use with --dataset=NAME or --data_dir=PATH)") from None
+    check_vocabulary(data, record.model_args["vocab_size"], record.data, record.path)
+    return data
+
+
+def check_vocabulary(data, model_vocab_size, recorded, source):
+    """DataError unless the model of `source` reads `data`'s tokens: the vocabulary the
+    checkpoint records (`recorded`: tokenizer, vocab_size, chars), or, without a record, one of
+    the model's kind (GPT-2 BPE for >= 50257 tokens, else character level) that fits in it."""
+    meta = data.meta
+    ours = {"tokenizer": meta.get("tokenizer"), "vocab_size": data.vocab_size,
+            "chars": meta.get("chars")}
+    if recorded and recorded.get("vocab_size") is not None:
+        keys = [k for k in ("tokenizer", "vocab_size", "chars")
+                if recorded.get(k) is not None and ours[k] is not None]
+        differ = [k for k in keys if recorded[k] != ours[k]]
+        what = ", ".join(f"{k} {_shown(ours[k])} vs {_shown(recorded[k])}" for k in differ)
+    else:
+        bpe_model, bpe_data = model_vocab_size >= GPT2_VOCAB_SIZE, data.vocab_size >= GPT2_VOCAB_SIZE
+        differ = bpe_model != bpe_data or data.vocab_size > model_vocab_size
+        what = (f"vocab_size {data.vocab_size} vs the model's {model_vocab_size} "
+                f"({'GPT-2 BPE' if bpe_model else 'character level'})")
+    if differ:
+        raise DataError(f"{data.dir} is not in the vocabulary of {source} ({what}); pass the "
+                        f"data it was trained on: --dataset=NAME or --data_dir=PATH")
+
+
+def _shown(value):
+    return repr(value) if not isinstance(value, str) or len(value) <= 12 else \
+        f"{len(value)} characters {value[:12]!r}..."
+
+
 def micro_batch_seed(seed, split, step, index):
     """The seed of one micro-batch: a pure function of where it sits in training."""
     return [seed, _STREAMS[split], step, index]

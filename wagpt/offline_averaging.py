@@ -10,7 +10,8 @@ weights.
 
 The settings are computed once from the config and the trajectory's first readable checkpoint,
 the plan once from the settings, then the pass reads each file once, in step order. Offline time
-(an averager acts at the snapshots it is given, with t = s − τ from the real step), post-hoc EMA
+(an averager acts at the snapshots it is given, with t = s − τ from the real step, and by
+default a snapshot stands for the training steps since the previous one), post-hoc EMA
 from stored profiles (posthoc.Reconstruction), state in host memory (host_state.py) and the
 split over torchrun ranks are described in average.py's docstring, which is its --help.
 """
@@ -36,7 +37,7 @@ from model import GPT, GPTConfig
 from wagpt import checkpoint, integrity
 from wagpt.atomic import atomic_write
 from wagpt.configurator import parse_choices
-from wagpt.dataloader import EvalBatches, evaluate_loss, open_dataset
+from wagpt.dataloader import EvalBatches, evaluate_loss, open_checkpoint_data
 from wagpt.embedding_metrics import count_tokens, embedding_metrics
 from wagpt.errors import CheckpointError, ConfigError
 from wagpt.flat_params import FlatParameters
@@ -63,6 +64,7 @@ SweepConfig = dataclasses.make_dataclass("SweepConfig", averager_fields(_sweepab
 
 PHEMA_SOURCES = ("auto", "profiles", "snapshots")
 STATE_DEVICES = ("auto", "device", "host")
+OFFLINE_TIMES = ("steps", "snapshots")
 
 
 @dataclass
@@ -75,6 +77,10 @@ class AverageConfig(SweepConfig):
     methods: str = "all"           # 'all' or a comma-separated subset of the methods
     mix_runs: bool = False         # average files of several runs anyway (by default only one
                                    # run's, or a run joined with its branches where they branched)
+    offline_time: str = "steps"    # 'steps': a snapshot stands for the training steps since the
+                                   # previous one, so a setting means what it does in train.py
+                                   # (an EMA's decay d per step: d^k over a k-step gap) |
+                                   # 'snapshots': one update per snapshot (docs/averaging.md)
     # post-hoc EMA
     # phema's widths (phema_sigma_rel or phema_gamma, lists sweep) reconstructed at every
     # evaluated step from the power-function EMA profiles train.py stored with the snapshots
@@ -87,7 +93,7 @@ class AverageConfig(SweepConfig):
                                    # from (None: all of them)
     # evaluation
     # The same val batches for the raw weights and every average: paired differences.
-    dataset: str = "shakespeare_char"  # a prepared folder under data/ ...
+    dataset: str | None = None     # a prepared folder under data/ (None: the checkpoints') ...
     data_dir: str | None = None    # ... or an explicit path
     eval_iters: int = 50           # val batches per evaluation
     batch_size: int = 12
@@ -124,6 +130,10 @@ class AverageConfig(SweepConfig):
         check_dtype(self.dtype)
         if self.plot_x not in ("step", "tokens"):
             raise ValueError(f"plot_x={self.plot_x!r}: use 'step' or 'tokens'")
+        if self.offline_time not in OFFLINE_TIMES:
+            raise ValueError(f"offline_time={self.offline_time!r}: use 'steps' (a snapshot "
+                             f"counts the training steps since the previous one) or "
+                             f"'snapshots' (one update per snapshot)")
         if self.state_device not in STATE_DEVICES:
             raise ValueError(f"state_device={self.state_device!r}: use 'auto', 'device' or "
                              f"'host'")
@@ -155,10 +165,12 @@ class Setting:
                                 # post-hoc 'profiles' (phema only)
     copies: int = 0             # float32 copies of the weights its state holds (for the plan)
     gamma: float | None = None  # phema: the power-function exponent γ of its width
+    fill_gaps: bool = True      # offline_time 'steps': a gap counts the acting steps it spans
 
     def build(self):
         """A fresh averager of this setting (offline: acting steps may have gaps)."""
-        return build_averager(self.method, allow_gaps=True, **self.hparams)
+        return build_averager(self.method, allow_gaps=True, fill_gaps=self.fill_gaps,
+                              **self.hparams)
 
 
 def parse_methods(spec):
@@ -224,7 +236,8 @@ def expand_settings(cfg, first_step, stored=None):
                     raise ConfigError(str(e)) from None
                 copies = 2 if source == "profiles" else averager.state_copies()
                 settings.append(Setting(label, method, hparams, swept, source, copies,
-                                        getattr(averager, "gamma", None)))
+                                        getattr(averager, "gamma", None),
+                                        fill_gaps=cfg.offline_time == "steps"))
     return settings
 
 
@@ -838,7 +851,8 @@ def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entr
             directory, model, entry.step, record.tokens_seen or 0, model_args,
             extra={"averager": choice.method, "hparams": choice.hparams,
                    "source": str(cfg.ckpt_dir) if choice.source == "snapshots" else
-                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}"}, run=record.run)
+                   f"post-hoc profiles in {cfg.posthoc_dir or 'posthoc/'}",
+                   **({"data": record.data} if record.data else {})}, run=record.run)
     return {"label": choice.label, "step": entry.step,
             "path": str(Path(cfg.out_dir) / relative / path.name),
             "val_loss": losses[choice.label]}
@@ -909,15 +923,17 @@ def average(cfg):
     # alone, and agree() stops every rank with its message instead of leaving the others waiting
     with init_runtime(cfg.device, cfg.dtype) as runtime:
         trajectory, stored, settings = agree(runtime, lambda: read_inputs(cfg), SAME_FILES)
+        # the data the checkpoints trained on unless told otherwise, of their vocabulary
+        data = agree(runtime, lambda: open_checkpoint_data(trajectory.first()[1], cfg.dataset,
+                                                           cfg.data_dir), SAME_FILES)
         with claimed_results(cfg, runtime) as results:
             plan = make_plan(cfg, settings, trajectory, stored, runtime)
             check_profile_coverage(cfg, settings, stored, plan.eval_steps, runtime)
-            data = agree(runtime, lambda: open_dataset(cfg.dataset, cfg.data_dir), SAME_FILES)
             part = one_pass(cfg, runtime, data, trajectory, plan, stored, results.staging)
             rows, saved, timing = gather_rows(part, runtime)
             summary = {"rows": rows, "best": best_settings(rows), "posthoc": posthoc_widths(rows),
                        "skipped": trajectory.skipped, "saved": saved, "timing": timing,
-                       "averagers": part["averagers"],
+                       "averagers": part["averagers"], "data_dir": str(data.dir),
                        "files": [{"file": f.path.name, "step": f.step} for f in trajectory.files]}
             if runtime.master:
                 if saved and "error" in saved:
@@ -1044,7 +1060,7 @@ def plot(summary, path, cfg):
                       if r["setting"] == label and r[x] is not None]
               for label in shown}
     steps = [f["step"] for f in summary["files"]]
-    data = cfg.data_dir or f"data/{cfg.dataset}"
+    data = summary["data_dir"]
     title = (f"{cfg.ckpt_dir}: {len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}; val loss "
              f"on {data} ({cfg.eval_iters} batches)\nraw weights vs the best setting of each "
              f"method at the last step" +

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from averaging import AVERAGERS, SIGMA_REL_MAX, build_averager, parse_method_list
 from wagpt.configurator import FieldGroup, dict_notes
-from wagpt.errors import ConfigError
+from wagpt.errors import ConfigError, Problems
 
 
 def key_type(cls, key):
@@ -103,8 +103,11 @@ def averager_hparams(cfg):
     (an impossible value raises here, naming the key, before any work is done)."""
     methods = {name: {key: getattr(cfg, key) for key in AVERAGERS[name].defaults}
                for name in parse_methods(cfg.averaging)}
+    problems = Problems()   # each method's problem, all reported together
     for name, hparams in methods.items():
-        build_averager(name, **hparams)
+        with problems.check():
+            build_averager(name, **hparams)
+    problems.raise_if_any()
     return methods
 
 
@@ -130,17 +133,19 @@ class OnlineAveraging:
 
     def start(self, step):
         """Initialise, at the run's first step, every averager without loaded state whose
-        burn-in is this step; refuse one whose burn-in has already passed."""
+        burn-in is this step; refuse those whose burn-in has already passed, all at once."""
+        problems = Problems()
         for name, averager in self.averagers.items():
-            if averager.step is not None:
-                continue
-            if averager.tau < step:
-                raise ConfigError(
+            if averager.step is None and averager.tau < step:
+                problems.add(
                     f"{name}: {averager.start_key}={averager.tau}, but this run starts at step "
                     f"{step} with no saved {name} state to continue from; set "
                     f"--{averager.start_key}={step} (or later) to start averaging here, or "
                     f"drop {name} from --averaging")
-            averager.update(step, self._theta())
+        problems.raise_if_any()
+        for averager in self.averagers.values():
+            if averager.step is None:
+                averager.update(step, self._theta())
 
     def update(self, step):
         """Call after the optimizer step that made `step` updates in total."""

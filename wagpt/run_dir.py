@@ -21,6 +21,10 @@ resume` continues the run that is there, and set_aside keeps one timeline. The t
 of writes that a crash interrupted (`.<name>.tmp<pid>`, see atomic_path) are removed when the
 next run takes the lock. An analysis (average.py) owns its out_dir the same way, and writes its
 results as one set (ResultsDir).
+
+Disk: before anything is written, train.py prints what the run will write (disk_plan: resume
+checkpoints kept, snapshots, post-hoc profiles, averaged snapshots) and stops, naming the keys,
+when that exceeds the free space of out_dir's file system (check_disk).
 """
 
 import dataclasses
@@ -34,12 +38,15 @@ import shutil
 import socket
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+from averaging import build_averager
 from wagpt import checkpoint
 from wagpt.atomic import atomic_write, write_failure
 from wagpt.configurator import one_line
 from wagpt.errors import UserError, WriteError
+from wagpt.online_averaging import averager_hparams, posthoc_profiles
 
 LOCK_NAME = ".lock"
 WANDB_ID_NAME = "wandb_run_id"
@@ -51,6 +58,10 @@ _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
 
 class OutDirError(UserError, FileExistsError):
     """out_dir holds another run or is in use; the message says how to continue or where to go."""
+
+
+class DiskError(UserError, OSError):
+    """The run would write more than out_dir's disk has free; the message names the keys."""
 
 
 class NoResumeCheckpoint(UserError, FileNotFoundError):
@@ -289,6 +300,84 @@ def new_run_id():
     """A fresh run id: 12 hex digits, random. A run takes one when it starts (from scratch or
     as a branch) and keeps it across resumes; every file it writes records it."""
     return uuid.uuid4().hex[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# the disk a run will write
+
+@dataclass
+class DiskPlan:
+    """What a run writes to out_dir from its start step to max_iters, in bytes, by kind."""
+    items: list          # [(what, files, bytes per file, the keys that set it)]
+
+    @property
+    def total(self):
+        return sum(files * size for _, files, size, _ in self.items)
+
+    def describe(self, out_dir, free=None):
+        parts = [f"{what} {files} x {_size(size)}" for what, files, size, _ in self.items
+                 if files]
+        room = f" ({_size(free)} free)" if free is not None else ""
+        return f"disk: {_size(self.total)} to write to {out_dir}{room}: {', '.join(parts)}"
+
+
+def disk_plan(cfg, numel, start_step=0):
+    """The DiskPlan of a training config for a model of `numel` float32 parameters: the resume
+    checkpoints kept (weights, AdamW's two moments, every average's and post-hoc profile's state),
+    the snapshots, the post-hoc profile files (one snapshot's size per profile, with every
+    snapshot once the profiles have acted) and, with save_averaged, each average at every
+    snapshot from its burn-in on and at the end."""
+    copy = 4 * numel
+    averagers = {name: build_averager(name, **hp) for name, hp in averager_hparams(cfg).items()}
+    profiles = posthoc_profiles(cfg)
+    state = sum(a.state_copies() for a in averagers.values()) + len(profiles)
+    end, every = cfg.max_iters, cfg.snapshot_interval
+    first = 0 if start_step == 0 else (start_step // every + 1) * every if every else 0
+    snapshots = range(first, end + 1, every) if every else range(0)   # θ_0's too, from scratch
+    every_ckpt = cfg.ckpt_interval   # at its multiples before max_iters, and at max_iters
+    checkpoints = max(0, (end - 1) // every_ckpt - start_step // every_ckpt) + 1
+    kept = min(checkpoints, cfg.keep_last) if cfg.keep_last else checkpoints
+    after = cfg.posthoc_update_after + cfg.posthoc_update_freq
+    averaged = 0
+    if cfg.save_averaged:
+        for a in averagers.values():
+            averaged += len([s for s in snapshots if s >= a.tau and s > start_step]) + \
+                (end not in snapshots)   # not with θ_0's snapshot; at the end in any case
+    return DiskPlan([
+        ("resume checkpoints", kept, copy * (3 + state), "keep_last, ckpt_interval"),
+        ("snapshots", len(snapshots), copy, "snapshot_interval"),
+        ("post-hoc profile files", len([s for s in snapshots if s >= after]) if profiles else 0,
+         copy * len(profiles), "posthoc_sigma_rel (None: off), snapshot_interval"),
+        ("averaged snapshots", averaged, copy, "save_averaged, snapshot_interval")])
+
+
+def check_disk(plan, out_dir):
+    """DiskError when `plan` does not fit in the free space of out_dir's file system."""
+    free = free_space(out_dir)
+    if free is not None and plan.total > free:
+        biggest = sorted((item for item in plan.items if item[1]),
+                         key=lambda item: -item[1] * item[2])
+        keys = "; ".join(f"{what} {files} x {_size(size)} ({how})"
+                         for what, files, size, how in biggest)
+        raise DiskError(f"this run would write {_size(plan.total)} to {out_dir} but its disk has "
+                        f"{_size(free)} free; change the keys of the largest items: {keys}")
+    return free
+
+
+def free_space(path):
+    """Free bytes on the file system that holds `path` (or would: its nearest existing parent);
+    None where unknown."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _size(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------

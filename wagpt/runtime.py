@@ -102,6 +102,9 @@ def init_runtime(device="auto", dtype="auto", timeout=None):
         torch.cuda.set_device(device_name)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
+    elif device_name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r} but this PyTorch has no usable MPS device (Apple "
+                          f"GPUs only); use --device=cpu")
     torch_device = torch.device(device_name)
     control_group = None
     if world_size > 1:

@@ -100,11 +100,11 @@ class LRSchedule:
                              f"use one of {COOLDOWN_SHAPES}")
 
         if self.name == "cosine" and self.warmup_iters >= self.decay_end:
-            end = ("lr_decay_iters" if self.lr_decay_iters is not None
-                   else "max_iters (lr_decay_iters=None)")
-            raise ValueError(f"warmup_iters={self.warmup_iters} must be < {end}={self.decay_end}: "
-                             f"the cosine needs at least one step to decay; lower --warmup_iters "
-                             f"or raise --{end.split()[0]}")
+            end = "lr_decay_iters" if self.lr_decay_iters is not None else "max_iters"
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be below {end}="
+                             f"{self.decay_end}: the cosine decays from the end of the warmup to "
+                             f"{end}; lower warmup_iters too, e.g. --warmup_iters="
+                             f"{self.decay_end // 10} (a tenth of the run), or raise --{end}")
         if self.name == "wsd":
             if self.cooldown_start is not None:
                 if not self.warmup_iters <= self.cooldown_start <= self.max_iters:

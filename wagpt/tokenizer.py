@@ -2,6 +2,7 @@
 The tokenizer of a model, from its vocabulary size and the dataset it was trained on.
 
     tokenizer = load_tokenizer(vocab_size, dataset="shakespeare_char")
+    tokenizer = checkpoint_tokenizer(record)     # a checkpoint's: the characters it records
     ids = tokenizer.encode("ROMEO:"); text = tokenizer.decode(ids)
 
 A vocabulary of GPT2_VOCAB_SIZE (50257) tokens or more is GPT-2 BPE (tiktoken, with data/common.py's
@@ -11,10 +12,9 @@ id i is the i-th character of the `chars` in the dataset's meta.json (data/commo
 
 import json
 
-from wagpt.dataloader import dataset_dir
+from wagpt.dataloader import (  # GPT-2 BPE: 50256 merges + bytes + <|endoftext|>
+    GPT2_VOCAB_SIZE, checkpoint_dataset, dataset_dir)
 from wagpt.errors import ConfigError
-
-GPT2_VOCAB_SIZE = 50257   # GPT-2 BPE's 50256 merges and bytes + <|endoftext|>
 
 
 class CharTokenizer:
@@ -59,6 +59,34 @@ def data_meta(dataset, data_dir=None):
     """(meta.json dict or None, its path) of a prepared dataset."""
     path = dataset_dir(dataset, data_dir) / "meta.json"
     return (json.loads(path.read_text()) if path.is_file() else None), path
+
+
+def checkpoint_tokenizer(record, dataset=None, data_dir=None):
+    """The tokenizer of the checkpoint `record` (checkpoint.Checkpoint): GPT-2 BPE for a
+    GPT-2-sized vocabulary; else the characters of the dataset given (`dataset` / `data_dir`,
+    None when not given), which must be those the checkpoint records, or else the characters
+    the checkpoint records, or else those of the dataset it records (or shakespeare_char)."""
+    vocab_size = record.model_args["vocab_size"]
+    chars, source = model_chars(record, dataset, data_dir)
+    return GPT2BPETokenizer() if vocab_size >= GPT2_VOCAB_SIZE else CharTokenizer(chars, source)
+
+
+def model_chars(record, dataset=None, data_dir=None):
+    """(chars, where they come from) of a character-level checkpoint (checkpoint_tokenizer);
+    (None, None) for a GPT-2 BPE one."""
+    vocab_size = record.model_args["vocab_size"]
+    if vocab_size >= GPT2_VOCAB_SIZE:
+        return None, None
+    recorded = (record.data or {}).get("chars")
+    if recorded and dataset is None and data_dir is None:
+        return recorded, f"{record.path} (its training data's {len(recorded)} characters)"
+    dataset, data_dir, _ = checkpoint_dataset(record.data, dataset, data_dir)
+    tokenizer = load_tokenizer(vocab_size, dataset, data_dir)
+    if recorded and tokenizer.chars != recorded:
+        raise ConfigError(f"{tokenizer.source} lists other characters than the data "
+                          f"{record.path} was trained on ({len(tokenizer.chars)} vs "
+                          f"{len(recorded)}); drop --dataset/--data_dir to use the checkpoint's")
+    return tokenizer.chars, tokenizer.source
 
 
 def load_tokenizer(vocab_size, dataset="shakespeare_char", data_dir=None):

@@ -31,9 +31,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, NAMED_SIZES, GPTConfig
 from wagpt import checkpoint, integrity, schedules
-from wagpt.configurator import check_finite_numbers, was_given
-from wagpt.dataloader import EvalBatches, evaluate_loss, get_batch, micro_batch_seed, to_device
-from wagpt.errors import CheckpointError, ConfigError, UserError, WriteError
+from wagpt.configurator import check_finite_numbers, replace_config, was_given
+from wagpt.dataloader import (EvalBatches, checkpoint_dataset, data_record, evaluate_loss,
+                              get_batch, micro_batch_seed, open_checkpoint_data, open_dataset,
+                              to_device)
+from wagpt.errors import CheckpointError, ConfigError, Problems, UserError, WriteError
 from wagpt.flat_params import FlatParameters
 from wagpt.online_averaging import (AveragingConfig, OnlineAveraging, averager_hparams,
                                     posthoc_profiles)
@@ -56,6 +58,8 @@ class TrainConfig(AveragingConfig):
                                    # 'gpt2' ... 'gpt2-xl' | a transformers GPT-2 folder
     stop_iter: int | None = None   # end this invocation after this step, with a resume checkpoint;
                                    # the schedule still runs to max_iters (for time-limited jobs)
+    eval_only: bool = False        # evaluate the start point (init_from: its raw weights and the
+                                   # averages it holds) on the eval batches and exit; writes nothing
     # logging
     wandb_log: bool = False        # also log to Weights & Biases (WANDB_MODE=offline is honoured)
     wandb_project: str = "weight-averaging"  # W&B project
@@ -132,51 +136,88 @@ class TrainConfig(AveragingConfig):
                                    # rank 0 takes to write a checkpoint
 
     def __post_init__(self):
+        problems = Problems()   # every problem of the config, reported together
         positive = ["eval_interval", "eval_iters", "log_interval", "ckpt_interval", "batch_size",
                     "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
                     "max_iters"]
         for key in positive:
             if getattr(self, key) <= 0:
-                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
+                problems.add(f"{key}={getattr(self, key)} must be > 0")
         for key in ("keep_last", "snapshot_interval", "warmup_iters", "grad_clip",
                     "weight_decay", "seed", "min_lr"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+                problems.add(f"{key}={getattr(self, key)} must be >= 0")
         if self.embedding_weight_decay is not None and not self.embedding_weight_decay >= 0:
-            raise ValueError(f"embedding_weight_decay={self.embedding_weight_decay} must be >= 0, "
-                             f"or None for each optimizer's default (adamw: weight_decay, "
-                             f"coupled_adam: 0)")
-        check_finite_numbers(self)
+            problems.add(f"embedding_weight_decay={self.embedding_weight_decay} must be >= 0, "
+                         f"or None for each optimizer's default (adamw: weight_decay, "
+                         f"coupled_adam: 0)")
+        with problems.check():
+            check_finite_numbers(self)
         if not self.out_dir.strip():
-            raise ValueError("out_dir is empty; give the run a folder, e.g. --out_dir=out/run")
+            problems.add("out_dir is empty; give the run a folder, e.g. --out_dir=out/run")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+                problems.add(f"{key}={getattr(self, key)} must be in [0, 1)")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+            problems.add(f"dropout={self.dropout} must be in [0, 1)")
         if not self.dist_timeout > 0:
-            raise ValueError(f"dist_timeout={self.dist_timeout} must be > 0 (seconds)")
+            problems.add(f"dist_timeout={self.dist_timeout} must be > 0 (seconds)")
         if self.peak_flops is not None and not self.peak_flops > 0:
-            raise ValueError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
-        check_device(self.device)
-        if self.model_size is None and self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}: "
-                             f"each head gets n_embd // n_head channels; change one of them")
+            problems.add(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s), or None")
+        with problems.check():
+            check_device(self.device)
         if self.model_size is not None and self.model_size not in NAMED_SIZES:
-            raise ValueError(f"model_size={self.model_size!r} is unknown; use one of "
-                             f"{sorted(NAMED_SIZES)} or None")
+            problems.add(f"model_size={self.model_size!r} is unknown; use one of "
+                         f"{sorted(NAMED_SIZES)} or None")
+        elif self.model_size is not None:
+            self._resolve_model_size(problems)
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            problems.add(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}: each "
+                         f"head gets n_embd / n_head channels; e.g. --n_head="
+                         f"{_divisor_near(self.n_embd, self.n_head)}")
         if self.optimizer not in ("adamw", "coupled_adam"):
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; use 'adamw' or "
-                             f"'coupled_adam'")
+            problems.add(f"optimizer={self.optimizer!r} is unknown; use 'adamw' or "
+                         f"'coupled_adam'")
         if not self.coupled_adam_scale > 0:
-            raise ValueError(f"coupled_adam_scale={self.coupled_adam_scale} must be > 0 "
-                             f"(1 = the paper's Coupled Adam)")
-        check_dtype(self.dtype)
+            problems.add(f"coupled_adam_scale={self.coupled_adam_scale} must be > 0 "
+                         f"(1 = the paper's Coupled Adam)")
+        with problems.check():
+            check_dtype(self.dtype)
         if self.stop_iter is not None and not 0 < self.stop_iter <= self.max_iters:
-            raise ValueError(f"stop_iter={self.stop_iter} must be in (0, max_iters={self.max_iters}]")
-        schedules.from_config(self)  # raises on an impossible schedule, naming the key
-        averager_hparams(self)       # raises on an unknown method or impossible hyperparameter
-        posthoc_profiles(self)       # raises on an impossible width, burn-in or period
+            problems.add(f"stop_iter={self.stop_iter} must be in (0, max_iters={self.max_iters}]")
+        if self.snapshot_interval == 0 and self.posthoc_sigma_rel and \
+                was_given(self, "posthoc_sigma_rel"):
+            problems.add(f"posthoc_sigma_rel={self.posthoc_sigma_rel} with snapshot_interval=0: "
+                         f"the post-hoc profiles are written with the snapshots, so none would "
+                         f"be kept; set --snapshot_interval=N, or drop --posthoc_sigma_rel")
+        with problems.check():
+            schedules.from_config(self)  # an impossible schedule, naming the key
+        with problems.check():
+            averager_hparams(self)       # an unknown method or impossible hyperparameter
+        with problems.check():
+            posthoc_profiles(self)       # an impossible width, burn-in or period
+        problems.raise_if_any()
+
+    def _resolve_model_size(self, problems):
+        """model_size sets n_layer/n_head/n_embd: one given too with another value is a
+        conflict, and the named size's values become the fields, so config.json records the
+        model that trains."""
+        shape = NAMED_SIZES[self.model_size]
+        clash = [f"{key}={getattr(self, key)}" for key in shape
+                 if was_given(self, key) and getattr(self, key) != shape[key]]
+        if clash:
+            problems.add(f"model_size={self.model_size!r} (n_layer={shape['n_layer']}, "
+                         f"n_head={shape['n_head']}, n_embd={shape['n_embd']}) and "
+                         f"{', '.join(clash)} both set the model's shape; give one: "
+                         f"--model_size=None to use {' '.join('--' + c for c in clash)}, or "
+                         f"drop {', '.join('--' + c.split('=')[0] for c in clash)}")
+        for key, value in shape.items():
+            setattr(self, key, value)
+
+
+def _divisor_near(n, k):
+    """The divisor of n closest to k (a head count that fits n channels)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +261,11 @@ ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", 
 def load_start(cfg):
     """(cfg, the Checkpoint to start from or None). Resuming or branching keeps the file's
     architecture: a key the user gave (model_size, n_layer, n_head, n_embd, block_size,
-    vocab_size, bias) must equal the file's, else a ConfigError naming it; the keys not given are
-    set to the file's values in the returned cfg, so config.json, the batches and the token count
-    describe the model that trains."""
+    vocab_size, bias) must equal the file's, else a ConfigError naming it (every such key at
+    once); the keys not given are set to the file's values in the returned cfg, so config.json,
+    the batches and the token count describe the model that trains. A branch (not a resume) may
+    give a shorter block_size: the model's context is cropped to it, as nanoGPT crops GPT-2's.
+    The data is the file's unless dataset or data_dir is given (open_run_data checks it)."""
     if cfg.init_from == "resume":
         start = checkpoint.read_checkpoint(latest_resume_or_error(cfg.out_dir))
     elif cfg.init_from != "scratch":   # a checkpoint or snapshot (e.g. a cooldown's branch),
@@ -235,16 +278,49 @@ def load_start(cfg):
     for key in ARCHITECTURE_KEYS:
         if was_given(cfg, key) and getattr(cfg, key) is not None:
             given[key] = (getattr(cfg, key), key)
+    problems, crop = Problems(), None
     for key, (value, setting) in given.items():
-        if key in saved and saved[key] != value:
-            shown = f"{setting}={getattr(cfg, setting)!r}"
-            raise ConfigError(f"{shown} but {start.path} holds a model with {key}="
-                              f"{saved[key]!r}; resuming or branching keeps the saved "
-                              f"architecture: drop --{setting}, or start a new run from scratch")
-    adopted = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+        if key not in saved or saved[key] == value:
+            continue
+        if key == "block_size" and value < saved[key] and cfg.init_from != "resume":
+            crop = value
+            continue
+        shown = f"{setting}={getattr(cfg, setting)!r}"
+        longer = (" (a branch may shorten the context, not lengthen it)"
+                  if key == "block_size" and cfg.init_from != "resume" else "")
+        problems.add(f"{shown} but {start.path} holds a model with {key}={saved[key]!r}; "
+                     f"resuming or branching keeps the saved architecture{longer}: drop "
+                     f"--{setting}, or start a new run from scratch")
+    problems.raise_if_any()
+    if crop is not None:
+        start = crop_context(start, crop)
+    adopted = {key: start.model_args[key] for key in ARCHITECTURE_KEYS if key in start.model_args}
     if cfg.init_from == "resume":
         adopted.update(resumed_data_order(cfg, start))
-    return dataclasses.replace(cfg, model_size=None, **adopted), start
+    dataset, data_dir, _ = checkpoint_dataset(
+        start.data, *(getattr(cfg, k) if was_given(cfg, k) else None
+                      for k in ("dataset", "data_dir")))
+    return replace_config(cfg, model_size=None, dataset=dataset, data_dir=data_dir,
+                          **adopted), start
+
+
+def crop_context(start, block_size):
+    """The Checkpoint `start` with its context cropped to `block_size` positions: the first
+    rows of the position embedding (and of their AdamW moments, Checkpointer.load); its averages
+    cover the longer model and do not continue."""
+    weights = dict(start.weights)
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
+    return dataclasses.replace(start, weights=weights, averaging=None, posthoc=None,
+                               model_args={**start.model_args, "block_size": block_size})
+
+
+def open_run_data(cfg, start):
+    """The run's data (the cfg load_start returned): a run from a checkpoint must read the
+    checkpoint's vocabulary (dataloader.open_checkpoint_data)."""
+    if start is None:
+        return open_dataset(cfg.dataset, cfg.data_dir)
+    return open_checkpoint_data(start, *(getattr(cfg, k) if was_given(cfg, k) else None
+                                         for k in ("dataset", "data_dir")))
 
 
 DATA_ORDER_KEYS = ("seed",)   # the batches, the eval batches and dropout are functions of it
@@ -298,6 +374,7 @@ class Training:
     posthoc: OnlineAveraging    # the post-hoc EMA profiles (phema averagers named 'sigma_rel=...')
     state: TrainState
     model_args: dict
+    data: dict | None = None    # what checkpoints record of the data (dataloader.data_record)
 
 
 def build(cfg, runtime, data):
@@ -317,21 +394,26 @@ def build(cfg, runtime, data):
     online = OnlineAveraging(flat, averager_hparams(cfg), runtime.rank, runtime.world_size)
     posthoc = OnlineAveraging(flat, posthoc_profiles(cfg), runtime.rank, runtime.world_size,
                               method="phema")
-    return Training(model, flat, optimizer, online, posthoc, TrainState(), model_args)
+    return Training(model, flat, optimizer, online, posthoc, TrainState(), model_args,
+                    data_record(cfg.dataset, cfg.data_dir, data))
 
 
 def start_averaging(run, cfg):
     """At the run's first step: initialise every average and post-hoc profile that has no saved
-    state and whose burn-in is this step; refuse one whose burn-in has passed, naming the key."""
+    state and whose burn-in is this step; refuse those whose burn-in has passed, naming every
+    key at once."""
     step = run.state.iter_num
     fresh = [name for name, a in run.posthoc.averagers.items() if a.step is None]
+    problems = Problems()
+    with problems.check():
+        run.online.start(step)
     if fresh and cfg.posthoc_update_after < step:
-        raise ConfigError(
+        problems.add(
             f"posthoc_update_after={cfg.posthoc_update_after}, but this run starts at step "
             f"{step} with no saved post-hoc profile {fresh[0]} to continue; set "
             f"--posthoc_update_after={step} (or later) to start the profiles here, or "
             f"turn them off with --posthoc_sigma_rel=None")
-    run.online.start(step)
+    problems.raise_if_any()
     run.posthoc.start(step)
     run.flat.check()
 
@@ -444,6 +526,11 @@ class Checkpointer:
             except ValueError as e:
                 raise CheckpointError(f"{start.path}: cannot continue its optimizer state: "
                                       f"{e}") from None
+            wpe = run.model.transformer.wpe.weight   # a cropped context (crop_context): the
+            moments = run.optimizer.state.get(wpe, {})   # moments of the positions kept
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.dim() == 2 and len(value) > len(wpe):
+                    moments[key] = value[:len(wpe)].clone()
         elif master:
             print(f"{start.path} has no optimizer state: starting AdamW moments from zero")
         strict = self.cfg.init_from == "resume"
@@ -482,7 +569,7 @@ class Checkpointer:
                    **run.state.state_dict(),
                    "sampler": {"seed": self.cfg.seed, "next_step": step},
                    "model_args": run.model_args, "config": dataclasses.asdict(self.cfg),
-                   "run": self.identity}
+                   "run": self.identity, "data": run.data}
         path = checkpoint.resume_path(self.out_dir, step)
         if runtime.master:
             previous = checkpoint.latest_resume(self.out_dir)
@@ -503,7 +590,8 @@ class Checkpointer:
         self.check_finite(loss)
         if raw and master:
             checkpoint.save_snapshot(self.out_dir / "snapshots", run.model, state.iter_num,
-                                     state.tokens_seen, args, run=self.identity)
+                                     state.tokens_seen, args, extra={"data": run.data},
+                                     run=self.identity)
         if raw and run.posthoc.names and all(a.step is not None and a.step > a.tau
                                              for a in run.posthoc.averagers.values()):
             profiles = []
@@ -522,7 +610,8 @@ class Checkpointer:
                     checkpoint.save_snapshot(
                         self.out_dir / "averaged" / name, run.model, state.iter_num,
                         state.tokens_seen, args,
-                        extra={"averager": name, "hparams": run.online.averagers[name].hparams},
+                        extra={"averager": name, "hparams": run.online.averagers[name].hparams,
+                               "data": run.data},
                         run=self.identity)
 
 
