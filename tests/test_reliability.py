@@ -887,8 +887,8 @@ def test_an_architecture_error_under_torchrun_is_one_line(tiny_data_dir, tmp_pat
                              f"--out_dir={tmp_path / 'out'}"],
                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if "n_embd=33" in line]
-    assert lines == ["error: n_embd=33 is not a multiple of n_head=2: each head gets n_embd // "
-                     "n_head channels; change one of them"], result.stderr[-3000:]
+    assert lines == ["error: n_embd=33 is not a multiple of n_head=2: each head gets n_embd / "
+                     "n_head channels; e.g. --n_head=1"], result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 

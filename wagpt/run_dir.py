@@ -366,11 +366,14 @@ def check_disk(plan, out_dir):
 
 def free_space(path):
     """Free bytes on the file system that holds `path` (or would: its nearest existing parent);
-    None where unknown."""
+    None where unknown, or where that file system is read-only (writing there fails first, with
+    its own error)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return None
         return shutil.disk_usage(path).free
     except OSError:
         return None
