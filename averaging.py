@@ -495,15 +495,25 @@ class SWA(Averager):
 
 @register
 class LAWA(Averager):
-    """LAWA (Sanyal et al. 2024): the mean of the k latest snapshots, Δ steps apart, a sliding
-    window kept as a ring of k copies."""
+    """LAWA (Sanyal et al. 2024): the mean of the k latest snapshots, Δ steps apart from
+    lawa_start (by default Δ: θ₀ never enters), a sliding window kept as a ring of k copies."""
     name = "lawa"
     defaults = {
         "lawa_k": 5,             # k: snapshots in the window
         "lawa_interval": 500,    # Δ (φ): steps between snapshots
-        "lawa_start": 0,         # τ: first snapshot step
+        "lawa_start": None,      # τ: first snapshot step; None: Δ, the first checkpoint after
+                                 # θ_0, so the initial weights never enter a window
     }
+    optional_keys = {"lawa_start": int}
     start_key, freq_key, buffers, counters = "lawa_start", "lawa_interval", ("ring",), ("count",)
+
+    def __init__(self, allow_gaps=False, **hparams):
+        # the default burn-in is the period: LAWA's windows hold checkpoints Δ, 2Δ, ... (its
+        # code averages checkpoint files, and nanoGPT saves none at step 0); resolved here so the
+        # state and its resume check carry the step itself
+        if hparams.get("lawa_start", self.defaults["lawa_start"]) is None:
+            hparams["lawa_start"] = hparams.get("lawa_interval", self.defaults["lawa_interval"])
+        super().__init__(allow_gaps=allow_gaps, **hparams)
 
     def _validate(self, hp):
         self.k = _int(hp, "lawa_k", 1)

@@ -50,7 +50,8 @@ def run_dir(tiny_data_dir, tmp_path_factory):
         block_size=16, batch_size=4, max_iters=STEPS, eval_interval=STEPS, eval_iters=2,
         log_interval=4, ckpt_interval=STEPS, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3,
         device="cpu", snapshot_interval=1, averaging=ALL, **SAME, **PERIODS,
-        ema_update_after=0, wa_start=0))   # offline burn-ins default to the first snapshot, 0
+        ema_update_after=0, wa_start=0, lawa_start=0))   # offline burn-ins default to the
+                                                         # first snapshot, 0
     return out
 
 

@@ -264,6 +264,22 @@ def test_lawa_sliding_window(k, interval, start):
     assert avg.memory_bytes() == k * P * 4
 
 
+def test_lawa_default_start_leaves_the_initial_weights_out():
+    """Without lawa_start the first snapshot is one interval in (LAWA's checkpoints Δ, 2Δ, ...):
+    θ_0, the random init in pretraining, never enters a window; the state carries the step."""
+    avg = build_averager("lawa", lawa_k=3, lawa_interval=4)
+    assert avg.tau == 4 and avg.hparams["lawa_start"] == 4
+    got = run(avg, steps=range(14))
+    assert all(got[s] is None for s in range(4))
+    ref = {s: TRAJ[[t for t in (4, 8, 12) if t <= s - s % 4][-3:]].mean(0) for s in range(4, 14)}
+    assert_matches({s: got[s] for s in range(4, 14)}, ref)
+    resumed = build_averager("lawa", lawa_k=3, lawa_interval=4, lawa_start=None)
+    resumed.load_state_dict(avg.state_dict())   # the same setting: the same resolved step
+    with pytest.raises(ValueError, match="lawa_start"):
+        build_averager("lawa", lawa_k=3, lawa_interval=4, lawa_start=0).load_state_dict(
+            avg.state_dict())
+
+
 @pytest.mark.parametrize("interval,horizon,windows,start", [(5, 50, 2, 3), (1, 40, 1, 0),
                                                             (7, 7, 3, 10)])
 def test_windowed_average(interval, horizon, windows, start):
