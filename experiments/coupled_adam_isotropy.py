@@ -7,14 +7,14 @@ val loss. Claims tested: Adam's second moment makes the embeddings anisotropic (
 of all rows, large for rare tokens) and Coupled Adam removes it; and, on large enough data,
 Coupled Adam also lowers the loss.
 
-    python experiments/coupled_adam_isotropy.py          # ~3 h on 2 cores
+    python experiments/coupled_adam_isotropy.py          # ~1.5 h on 2 cores
     python experiments/coupled_adam_isotropy.py --smoke=True --seeds=1 --out_dir=/tmp/x
 
 Per seed, data size and optimizer: the default 4-layer, 128-wide model with the GPT-2
 vocabulary (50,257 tokens; 6.4M of its 7.2M parameters are the tied embedding) on Shakespeare
 in GPT-2 BPE (data/shakespeare: 1.41M train tokens, about 11k distinct), 8 x 32 tokens per
-step, peak LR 1e-3 with 100 warmup steps and a cosine to 1e-4, for 800, 1600 or 3200 steps
-(0.2M, 0.4M, 0.8M tokens; each its own run, as the paper's runs of each size);
+step, peak LR 1e-3 with 100 warmup steps and a cosine to 1e-4, for 400, 800 or 1600 steps
+(0.1M, 0.2M, 0.4M tokens; each its own run, as the paper's runs of each size);
 `--optimizer=adamw` or `coupled_adam`, `--embedding_weight_decay=0` in both (the paper's pair,
 config/train_small_coupled_adam.py and train_small_adamw_baseline.py, differ only in the
 optimizer). eval_ckpt.py measures the final model: val loss on 200 batches of 12 x 32 tokens
@@ -63,7 +63,7 @@ class CoupledAdamConfig(common.ExperimentConfig):
     out_dir: str = "out/experiments/coupled_adam_isotropy"
     figure: str = "docs/img/coupled_adam_isotropy.png"
     # regime
-    sizes: list[int] = field(default_factory=lambda: [800, 1600, 3200])  # training steps of
+    sizes: list[int] = field(default_factory=lambda: [400, 800, 1600])  # training steps of
                                    # each run: its data is steps x batch_size x block_size tokens
     batch_size: int = 8            # sequences per step ...
     block_size: int = 32           # ... of this many tokens
