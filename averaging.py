@@ -368,7 +368,9 @@ class BEMA(_PowerSchedule):
         "bema_multiplier": 1.0,           # γ, b_t = ρ + γ·t
         "bema_min_ema_multiplier": 0.0,   # β_min
         "bema_update_after": 0,           # τ: burn-in step, θ₀ = e = θ_τ
-        "bema_update_freq": 1,            # φ: acts every φ steps
+        "bema_update_freq": 400,          # φ: acts every φ steps, t still counted in steps
+                                          # (the authors' and TRL's default; part of the
+                                          # estimator: the EMA's window grows ~φ-fold)
     }
     start_key, freq_key = "bema_update_after", "bema_update_freq"
     buffers = ("theta0", "e", "out")

@@ -79,7 +79,7 @@ def bema_ref(traj, tau=0, phi=1, kappa=0.5, eta=0.2, rho=10.0, gamma=1.0, beta_m
 
 def test_bema_with_burn_in_matches_reference_and_theta0_is_a_copy():
     tau = 37
-    avg = build_averager("bema", bema_update_after=tau)
+    avg = build_averager("bema", bema_update_after=tau, bema_update_freq=1)
     got = run(avg)
     assert_matches(got, bema_ref(TRAJ, tau=tau))
     # θ₀ is θ_τ although the tensor passed at step τ now holds θ_T−1 (the published tool's bug:
@@ -128,7 +128,7 @@ def full_correction(t, b, e, th, th0):       # bias_power = 0: α = 1
 ])
 def test_bema_disable_conventions(hp, kappa, output):
     tau = 9
-    avg = build_averager("bema", bema_update_after=tau, **hp)
+    avg = build_averager("bema", bema_update_after=tau, bema_update_freq=1, **hp)
     ref = ref_power_ema(TRAJ, tau, 1, output, kappa=kappa)
     assert_matches(run(avg), ref)
     if kappa < 0:   # e = θ_s exactly
@@ -407,7 +407,7 @@ def test_update_must_see_initialisation_and_every_acting_step():
     ("ouema", dict(ouema_lag=0.0), "ouema_lag"),             # b_1 = 1: a_1 = 1 divides by 0
     ("bema", dict(bema_update_freq=0), "bema_update_freq"),
     ("bema", dict(bema_update_after=-1), "bema_update_after"),
-    ("bema", dict(bema_lag=0.5, bema_multiplier=0.2), "bema_lag"),
+    ("bema", dict(bema_lag=0.5, bema_multiplier=0.2, bema_update_freq=1), "bema_lag"),
     ("bema", dict(bema_multiplier=-1.0), "bema_multiplier"),
     ("bema", dict(bema_min_ema_multiplier=1.5), "bema_min_ema_multiplier"),
     ("bema", dict(bema_ema_power=float("nan")), "bema_ema_power"),
@@ -441,7 +441,8 @@ def test_pure_bema_step_with_bf16_theta():
 def test_allow_gaps_averages_the_steps_it_is_given_in_order():
     """The offline tool's mode: snapshots at some acting steps only; t is still s − τ."""
     tau, steps = 4, [4, 5, 9, 10, 30]
-    avg = build_averager("bema", allow_gaps=True, bema_update_after=tau)
+    avg = build_averager("bema", allow_gaps=True, bema_update_after=tau,
+                         bema_update_freq=1)
     got = run(avg, steps=steps)
     th0 = e = TRAJ[tau]
     for s in steps[1:]:
