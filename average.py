@@ -25,9 +25,12 @@ each method's bound). LAWA and windowed averages take each snapshot as one sampl
 intervals and windows are in steps already); phema's decay spans the gap by definition.
 offline_time='snapshots' makes each snapshot one update instead (the EMA of 1000 snapshots for
 0.999). The burn-in keys (bema_update_after, swa_start, lawa_start, ...) default to the first
-snapshot's step and the period keys (bema_update_freq, swa_freq, lawa_interval, wa_interval,
-...) to 1, i.e. every snapshot; LAWA then averages the k latest snapshots. With a snapshot at
-every step this is exactly the online averager of train.py (tests/test_average.py checks it).
+snapshot's step and the period keys (swa_freq, lawa_interval, wa_interval, ...) to 1, i.e. every
+snapshot; LAWA then averages the k latest snapshots. BEMA's period is part of its estimate (its
+schedules count steps: docs/averaging.md), so with time in steps bema_update_freq keeps train.py's
+default, 400; a snapshot between acting steps stands for the latest one before it. With a
+snapshot at every step and the same keys this is exactly the online averager of train.py
+(tests/test_average.py checks it).
 
 Post-hoc EMA: when the run stored power-function EMA profiles beside its snapshots
 (train.py's posthoc_sigma_rel, out_dir/posthoc/), `phema` is by default reconstructed from them

@@ -193,6 +193,8 @@ class Averager(ABC):
     buffers = ()        # names of float32 tensor attributes that form the state
     counters = ()       # names of int attributes that form the state
     optional_keys = {}  # key -> type T of the keys that take None besides values of type T
+    period_is_part_of_estimate = False   # True: the period changes the average, not only how
+    # often it is read (BEMA: its schedules count steps); average.py then keeps its default
 
     def __init__(self, allow_gaps=False, fill_gaps=False, **hparams):
         self.allow_gaps = allow_gaps
@@ -214,34 +216,45 @@ class Averager(ABC):
 
     def update(self, step, theta):
         """Call after every optimizer step s with θ_s (flat, float32 or bf16). Returns whether it
-        acted (s = τ + jφ). θ is only read during the call: training may mutate it afterwards."""
-        if step < self.tau or (step - self.tau) % self.phi:
+        acted (s = τ + jφ). θ is only read during the call: training may mutate it afterwards.
+        Offline with fill_gaps, a snapshot between acting steps stands for the acting steps since
+        the previous snapshot, τ included (θ held since then), so snapshots need not fall on
+        acting steps."""
+        if step < self.tau:
             return False
+        if (step - self.tau) % self.phi:
+            if not self.fill_gaps:
+                return False
+            step = self.tau + (step - self.tau) // self.phi * self.phi
+            if self.step is not None and step <= self.step:
+                return False
         if theta.dim() != 1 or theta.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"{self.name}: theta must be a flat float32/bfloat16 tensor, got "
                              f"shape {tuple(theta.shape)} dtype {theta.dtype}")
         with torch.no_grad():
             if self.step is None:
-                if step != self.tau:
+                if step != self.tau and not self.fill_gaps:
                     raise RuntimeError(
                         f"{self.name}: first update at step {step}, but it initialises at "
                         f"{self.start_key}={self.tau}; load its state_dict to continue a run, or "
                         f"set {self.start_key}={step}")
                 self.numel = theta.numel()
-                self._init(theta.detach())
+                self._init(theta.detach())   # at τ (offline: θ held since τ)
+                self.step = self.tau
+                if step == self.tau:
+                    return True
+            elif step <= self.step if self.allow_gaps else step != self.step + self.phi:
+                raise RuntimeError(f"{self.name}: update at step {step} after step "
+                                   f"{self.step}; expected step {self.step + self.phi} "
+                                   f"({self.freq_key}={self.phi})")
+            if theta.numel() != self.numel:
+                raise ValueError(f"{self.name}: theta has {theta.numel()} entries, the "
+                                 f"state {self.numel}")
+            t, t_prev = step - self.tau, self.step - self.tau
+            if self.fill_gaps and t - t_prev > self.phi:
+                self._update_gap(t_prev, t, theta.detach())
             else:
-                if step <= self.step if self.allow_gaps else step != self.step + self.phi:
-                    raise RuntimeError(f"{self.name}: update at step {step} after step "
-                                       f"{self.step}; expected step {self.step + self.phi} "
-                                       f"({self.freq_key}={self.phi})")
-                if theta.numel() != self.numel:
-                    raise ValueError(f"{self.name}: theta has {theta.numel()} entries, the "
-                                     f"state {self.numel}")
-                t, t_prev = step - self.tau, self.step - self.tau
-                if self.fill_gaps and t - t_prev > self.phi:
-                    self._update_gap(t_prev, t, theta.detach())
-                else:
-                    self._update(t, theta.detach())
+                self._update(t, theta.detach())
         self.step = step
         return True
 
@@ -404,15 +417,18 @@ class BEMA(_PowerSchedule):
     """Bias-corrected EMA (Block & Zhang 2025): a power-schedule EMA plus α_t·(θ − θ₀)."""
     name = "bema"
     defaults = {
-        "bema_ema_power": 0.5,            # κ: EMA weight β_t = max((ρ + γt)^(−κ), β_min); < 0: no EMA
+        "bema_ema_power": 0.5,            # κ: β_t = max((ρ + γt)^(−κ), β_min); < 0: no EMA
         "bema_bias_power": 0.2,           # η: correction α_t = (ρ + γt)^(−η); < 0: off (0 is full)
         "bema_lag": 10.0,                 # ρ
         "bema_multiplier": 1.0,           # γ, b_t = ρ + γ·t
         "bema_min_ema_multiplier": 0.0,   # β_min
         "bema_update_after": 0,           # τ: burn-in step, θ₀ = e = θ_τ
-        "bema_update_freq": 1,            # φ: acts every φ steps
+        "bema_update_freq": 400,          # φ: acts every φ steps, t still counted in steps
+                                          # (the authors' and TRL's default; part of the
+                                          # estimator: the EMA's window grows ~φ-fold)
     }
     start_key, freq_key = "bema_update_after", "bema_update_freq"
+    period_is_part_of_estimate = True
     buffers = ("theta0", "e", "out")
 
     def _validate(self, hp):
@@ -572,15 +588,25 @@ class SWA(Averager):
 
 @register
 class LAWA(Averager):
-    """LAWA (Sanyal et al. 2024): the mean of the k latest snapshots, Δ steps apart, a sliding
-    window kept as a ring of k copies."""
+    """LAWA (Sanyal et al. 2024): the mean of the k latest snapshots, Δ steps apart from
+    lawa_start (by default Δ: θ₀ never enters), a sliding window kept as a ring of k copies."""
     name = "lawa"
     defaults = {
         "lawa_k": 5,             # k: snapshots in the window
         "lawa_interval": 500,    # Δ (φ): steps between snapshots
-        "lawa_start": 0,         # τ: first snapshot step
+        "lawa_start": None,      # τ: first snapshot step; None: Δ, the first checkpoint after
+                                 # θ_0, so the initial weights never enter a window
     }
+    optional_keys = {"lawa_start": int}
     start_key, freq_key, buffers, counters = "lawa_start", "lawa_interval", ("ring",), ("count",)
+
+    def __init__(self, allow_gaps=False, **hparams):
+        # the default burn-in is the period: LAWA's windows hold checkpoints Δ, 2Δ, ... (its
+        # code averages checkpoint files, and nanoGPT saves none at step 0); resolved here so the
+        # state and its resume check carry the step itself
+        if hparams.get("lawa_start", self.defaults["lawa_start"]) is None:
+            hparams["lawa_start"] = hparams.get("lawa_interval", self.defaults["lawa_interval"])
+        super().__init__(allow_gaps=allow_gaps, **hparams)
 
     def _validate(self, hp):
         self.k = _int(hp, "lawa_k", 1)

@@ -28,8 +28,9 @@ beta2 = 0.99
 # weight averaging during training (averaging.py has every method's keys and defaults)
 averaging = "ema,bema,lawa"
 ema_decay = 0.995        # EMA half-life ~140 steps
-bema_ema_power = 0.5     # BEMA with the paper's defaults, from step 0 (in pretraining
-                         # from init its correction hurts: README, docs/results.md)
+bema_ema_power = 0.5     # BEMA with the paper's defaults (every 400 steps, the library's
+                         # bema_update_freq), from step 0: in pretraining from init its
+                         # correction hurts (README, docs/results.md)
 bema_bias_power = 0.2
 bema_lag = 10.0
 lawa_k = 5               # LAWA: the mean of the 5 latest checkpoints, 100 steps apart

@@ -92,6 +92,8 @@ class Run:
     done: Path
     after: tuple = ()              # names of runs that must have finished first
     train_dir: Path | None = None
+    prepare: object = field(default=None, compare=False)   # called just before the command
+                                   # starts, once its `after` runs are done (e.g. link_files)
     wall_s: float | None = field(default=None, compare=False)
 
     def command(self):
@@ -163,6 +165,8 @@ def run_all(runs, cfg):
 
 
 def _start(run, exp_dir, env):
+    if run.prepare is not None:
+        run.prepare()
     argv = list(run.argv)
     if run.train_dir is not None and checkpoint.latest_resume(run.train_dir) is not None:
         argv.append("--init_from=resume")   # an interrupted run continues exactly where it was
@@ -176,6 +180,20 @@ def _start(run, exp_dir, env):
     process = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
     return process, log, time.perf_counter()
+
+
+def link_files(directory, files):
+    """`directory` holding a relative symbolic link to each of `files` (replacing what it held):
+    a trajectory for average.py made of snapshots that live in several runs, e.g. the pretrained
+    θ₀ and the fine-tuning run's snapshots after it."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    for f in files:
+        f = Path(f).resolve()
+        (directory / f.name).symlink_to(os.path.relpath(f, directory.resolve()))
+    return directory
 
 
 def _remove_inside(path, exp_dir):
@@ -225,6 +243,37 @@ def pm(values, digits=4, signed=False):
         return "n/a"
     text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def t_two_sided(t, df):
+    """P(|T| <= t) for Student's t with df (a positive integer) degrees of freedom, in closed
+    form (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, total, term = math.cos(theta) ** 2, 0.0, 1.0
+    if df % 2:   # odd: (2/π)(θ + sin θ cos θ (1 + 2/3 cos²θ + ... ))
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    for k in range(1, df // 2 + 1):   # even: sin θ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ...)
+        total += term
+        term *= c2 * (2 * k - 1) / (2 * k)
+    return math.sin(theta) * total
+
+
+def t_critical(alpha, df):
+    """The t with P(|T| > t) = alpha (two-sided), df degrees of freedom: the half-width of a
+    (1 − alpha) interval of a mean is t_critical(alpha, n − 1) · std / sqrt(n). For m
+    simultaneous intervals (Bonferroni) use alpha / m."""
+    if not (0 < alpha < 1 and df >= 1):
+        raise ValueError(f"alpha={alpha}, df={df}: need 0 < alpha < 1 and df >= 1")
+    lo, hi = 0.0, 1.0
+    while 1 - t_two_sided(hi, df) > alpha:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 1 - t_two_sided(mid, df) > alpha else (lo, mid)
+    return (lo + hi) / 2
 
 
 def paired(a, b):

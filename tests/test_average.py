@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 STEPS = 8
 # every method; online and offline get the same hyperparameters (period 1 = every snapshot)
-SAME = dict(ema_decay=0.8, ema_warmup=True, bema_lag=2.0, dema_lag=3.0, ouema_lag=1.0,
+SAME = dict(ema_decay=0.8, ema_warmup=True, bema_lag=2.0, bema_update_freq=1, dema_lag=3.0,
+            ouema_lag=1.0,
             lawa_k=3, wa_horizon=3, wa_windows=2)
 PERIODS = dict(lawa_interval=1, wa_interval=1)
 ALL = ",".join(AVERAGERS)   # every registered method
@@ -50,7 +51,8 @@ def run_dir(tiny_data_dir, tmp_path_factory):
         block_size=16, batch_size=4, max_iters=STEPS, eval_interval=STEPS, eval_iters=2,
         log_interval=4, ckpt_interval=STEPS, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3,
         device="cpu", snapshot_interval=1, averaging=ALL, **SAME, **PERIODS,
-        ema_update_after=0, wa_start=0))   # offline burn-ins default to the first snapshot, 0
+        ema_update_after=0, wa_start=0, lawa_start=0))   # offline burn-ins default to the
+                                                         # first snapshot, 0
     return out
 
 
@@ -95,7 +97,8 @@ def test_one_pass_reads_each_snapshot_once_and_serves_a_sweep(run_dir, tiny_data
     cfg = load_config(AverageConfig, [
         f"--ckpt_dir={run_dir / 'snapshots'}", f"--out_dir={tmp_path / 'sweep'}",
         f"--data_dir={tiny_data_dir}", "--eval_iters=2", "--batch_size=4", "--device=cpu",
-        "--methods=bema,lawa", "--bema_ema_power=[0.2,0.5]", "--bema_bias_power=[-1,0.2,0.4]",
+        "--methods=bema,lawa", "--bema_update_freq=1", "--bema_ema_power=[0.2,0.5]",
+        "--bema_bias_power=[-1,0.2,0.4]",
         "--lawa_k=[2,4]", "--eval_every=4"])
     summary = average.average(cfg)
     assert sorted(reads) == sorted(f"step_{s:07d}.safetensors" for s in range(STEPS + 1))
@@ -639,3 +642,15 @@ def test_offline_time_is_training_steps_unless_told(run_dir, tiny_data_dir, tmp_
             per_snapshot * expected + (1 - per_snapshot) * theta
     got = summary["averagers"]["ema"].average().double()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("offline_time, phi", [("steps", 400), ("snapshots", 1)])
+def test_periods_not_given_are_every_snapshot_but_bemas(offline_time, phi):
+    """BEMA's period is part of its estimate: with time in steps it keeps train.py's default; the
+    others (and BEMA with one update per snapshot) act at every snapshot."""
+    cfg = AverageConfig(ckpt_dir="x", methods="bema,ema,lawa,swa", offline_time=offline_time)
+    hparams = {s.method: s.hparams for s in offline_averaging.expand_settings(cfg, first_step=3)}
+    assert hparams["bema"]["bema_update_freq"] == phi
+    assert hparams["bema"]["bema_update_after"] == 3 == hparams["lawa"]["lawa_start"]
+    assert hparams["ema"]["ema_update_freq"] == hparams["lawa"]["lawa_interval"] == \
+        hparams["swa"]["swa_freq"] == 1

@@ -79,7 +79,7 @@ def bema_ref(traj, tau=0, phi=1, kappa=0.5, eta=0.2, rho=10.0, gamma=1.0, beta_m
 
 def test_bema_with_burn_in_matches_reference_and_theta0_is_a_copy():
     tau = 37
-    avg = build_averager("bema", bema_update_after=tau)
+    avg = build_averager("bema", bema_update_after=tau, bema_update_freq=1)
     got = run(avg)
     assert_matches(got, bema_ref(TRAJ, tau=tau))
     # θ₀ is θ_τ although the tensor passed at step τ now holds θ_T−1 (the published tool's bug:
@@ -128,7 +128,7 @@ def full_correction(t, b, e, th, th0):       # bias_power = 0: α = 1
 ])
 def test_bema_disable_conventions(hp, kappa, output):
     tau = 9
-    avg = build_averager("bema", bema_update_after=tau, **hp)
+    avg = build_averager("bema", bema_update_after=tau, bema_update_freq=1, **hp)
     ref = ref_power_ema(TRAJ, tau, 1, output, kappa=kappa)
     assert_matches(run(avg), ref)
     if kappa < 0:   # e = θ_s exactly
@@ -264,6 +264,22 @@ def test_lawa_sliding_window(k, interval, start):
     assert avg.memory_bytes() == k * P * 4
 
 
+def test_lawa_default_start_leaves_the_initial_weights_out():
+    """Without lawa_start the first snapshot is one interval in (LAWA's checkpoints Δ, 2Δ, ...):
+    θ_0, the random init in pretraining, never enters a window; the state carries the step."""
+    avg = build_averager("lawa", lawa_k=3, lawa_interval=4)
+    assert avg.tau == 4 and avg.hparams["lawa_start"] == 4
+    got = run(avg, steps=range(14))
+    assert all(got[s] is None for s in range(4))
+    ref = {s: TRAJ[[t for t in (4, 8, 12) if t <= s - s % 4][-3:]].mean(0) for s in range(4, 14)}
+    assert_matches({s: got[s] for s in range(4, 14)}, ref)
+    resumed = build_averager("lawa", lawa_k=3, lawa_interval=4, lawa_start=None)
+    resumed.load_state_dict(avg.state_dict())   # the same setting: the same resolved step
+    with pytest.raises(ValueError, match="lawa_start"):
+        build_averager("lawa", lawa_k=3, lawa_interval=4, lawa_start=0).load_state_dict(
+            avg.state_dict())
+
+
 @pytest.mark.parametrize("interval,horizon,windows,start", [(5, 50, 2, 3), (1, 40, 1, 0),
                                                             (7, 7, 3, 10)])
 def test_windowed_average(interval, horizon, windows, start):
@@ -391,7 +407,7 @@ def test_update_must_see_initialisation_and_every_acting_step():
     ("ouema", dict(ouema_lag=0.0), "ouema_lag"),             # b_1 = 1: a_1 = 1 divides by 0
     ("bema", dict(bema_update_freq=0), "bema_update_freq"),
     ("bema", dict(bema_update_after=-1), "bema_update_after"),
-    ("bema", dict(bema_lag=0.5, bema_multiplier=0.2), "bema_lag"),
+    ("bema", dict(bema_lag=0.5, bema_multiplier=0.2, bema_update_freq=1), "bema_lag"),
     ("bema", dict(bema_multiplier=-1.0), "bema_multiplier"),
     ("bema", dict(bema_min_ema_multiplier=1.5), "bema_min_ema_multiplier"),
     ("bema", dict(bema_ema_power=float("nan")), "bema_ema_power"),
@@ -425,7 +441,8 @@ def test_pure_bema_step_with_bf16_theta():
 def test_allow_gaps_averages_the_steps_it_is_given_in_order():
     """The offline tool's mode: snapshots at some acting steps only; t is still s − τ."""
     tau, steps = 4, [4, 5, 9, 10, 30]
-    avg = build_averager("bema", allow_gaps=True, bema_update_after=tau)
+    avg = build_averager("bema", allow_gaps=True, bema_update_after=tau,
+                         bema_update_freq=1)
     got = run(avg, steps=steps)
     th0 = e = TRAJ[tau]
     for s in steps[1:]:
@@ -490,8 +507,8 @@ def test_swapped_in_puts_the_average_into_the_model_and_restores_it():
 GAP_METHODS = [
     ("ema", dict(ema_decay=0.99, ema_update_after=0)),
     ("ema", dict(ema_decay=0.999, ema_warmup=True, ema_update_after=0)),
-    ("bema", {}),
-    ("bema", dict(bema_bias_power=-1.0)),
+    ("bema", dict(bema_update_freq=1)),
+    ("bema", dict(bema_bias_power=-1.0, bema_update_freq=1)),
     ("dema", {}),
     ("ouema", {}),
     ("swa", {}),
@@ -527,6 +544,25 @@ def test_offline_time_in_steps_is_online_over_the_held_trajectory(name, hparams)
     """Exact where it should be: with θ constant between snapshots k steps apart, the offline
     average over the snapshots (one pass per snapshot) is the online one over every step."""
     for k in (2, 7, 50):
+        snapshots = list(range(0, T, k))
+        offline = run(build_averager(name, allow_gaps=True, fill_gaps=True, **hparams),
+                      steps=snapshots)
+        online = run(build_averager(name, **hparams), traj=held(TRAJ, k))
+        assert_matches(offline, {s: online[s] for s in snapshots}, tol=5e-6)
+
+
+@pytest.mark.parametrize("name, hparams", [
+    ("bema", {}),                                      # φ = 400
+    ("bema", dict(bema_update_freq=40)),
+    ("ema", dict(ema_update_freq=30, ema_update_after=0)),
+    ("dema", dict(dema_update_freq=40)),
+    ("lawa", dict(lawa_interval=40, lawa_k=3)),
+], ids=lambda x: str(x))
+def test_snapshots_between_acting_steps_stand_for_the_last_one(name, hparams):
+    """Snapshots need not fall on acting steps: the first snapshot after an acting step stands for
+    it (θ held since then), as in the online run over the held trajectory (LAWA: while snapshots
+    are closer than its interval; farther apart, a snapshot is one checkpoint of its window)."""
+    for k in (7, 30) if name == "lawa" else (7, 50, 150):
         snapshots = list(range(0, T, k))
         offline = run(build_averager(name, allow_gaps=True, fill_gaps=True, **hparams),
                       steps=snapshots)

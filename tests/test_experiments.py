@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from experiments import bema_finetune, coupled_adam_isotropy, lawa_lr_spacing, wsd_cooldown
+from experiments import (bema_finetune, common, coupled_adam_isotropy, lawa_lr_spacing,
+                         wsd_cooldown)
 from wagpt.configurator import load_config
 
 
@@ -28,20 +29,46 @@ def test_bema_finetune(tiny_data_dir, tmp_path):
     results, cfg = smoke(bema_finetune, bema_finetune.BemaFinetuneConfig, tmp_path,
                          f"--data_dir={tiny_data_dir}", f"--finetune_data_dir={tiny_data_dir}")
     assert results["raw_identical"]   # the EMA twin run trains bitwise the same weights
-    assert set(results["methods"]) == set(bema_finetune.METHODS)
+    assert set(results["methods"]) == set(bema_finetune.labels(cfg))
+    assert {"BEMA φ=1", "EMA φ=1", "BEMA φ=2", "EMA φ=4"} <= set(results["methods"])
+    # the offline φ > 1 are read over θ₀ and the fine-tuning snapshots, on the same val batches
+    assert results["offline_vs_online_raw_max_abs_diff"] < 1e-5
+    curves = results["methods"]
+    # an EMA acting every 4 steps holds still in between: equal at steps 4k and 4k + 2
+    ema4 = curves["EMA φ=4"]["curves"][0]
+    assert ema4[4] == ema4[6] and ema4[4] != ema4[2]
     # a second call finds every run done and only redoes the analysis
     again = bema_finetune.run(cfg)
-    assert again["methods"]["BEMA"]["final"] == results["methods"]["BEMA"]["final"]
+    assert again["methods"]["BEMA φ=2"]["final"] == results["methods"]["BEMA φ=2"]["final"]
 
 
 def test_wsd_cooldown(tiny_data_dir, tmp_path):
-    results, _ = smoke(wsd_cooldown, wsd_cooldown.WsdCooldownConfig, tmp_path,
-                       f"--data_dir={tiny_data_dir}", "--lengths=[1000,2000]",
-                       "--shapes=['1-sqrt','linear']", "--fractions=[0.2,0.4]")
+    results, cfg = smoke(wsd_cooldown, wsd_cooldown.WsdCooldownConfig, tmp_path,
+                         f"--data_dir={tiny_data_dir}", "--lengths=[1000,2000]",
+                         "--shapes=['1-sqrt','linear']", "--fractions=[0.2,0.4]",
+                         "--learning_rates=[0.001,0.01]", f"--sweep_figure={tmp_path / 's.png'}")
     # average.py's raw weights on the same batches are train.py's numbers
     assert results["average_vs_train_raw_max_abs_diff"] < 1e-5
     assert results["compute"] == {"branched_family_steps": 16 + 2 + 4,
                                   "cosine_runs_steps": 30}
+    # every schedule and length swept over every LR; the shape runs at the best WSD LR of T=20
+    assert set(results["sweep"]) == {f"{s}/T={t}" for s in ("cosine", "WSD") for t in (10, 20)}
+    assert all(set(v) == {"0.001", "0.01"} for v in results["sweep"].values())
+    wsd = results["sweep"]["WSD/T=20"]
+    assert results["shape_lr"] == min((0.001, 0.01), key=lambda lr: sum(wsd[f"{lr:g}"]))
+    assert results["best_lr_at_grid_edge"]["WSD/T=20"]   # two LRs: the best is at an edge
+    assert [r["shape"] for r in results["shapes"]] == ["1-sqrt", "linear", "1-sqrt"]
+    low, high = results["shapes"][1]["interval"]
+    assert low <= sum(results["shapes"][1]["diff"]) / 2 <= high
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the shape runs' 2 seeds: the sweep's seed 1337 at that LR and one more
+    assert results["shape_seeds"] == [1337, 1338]
+
+
+@pytest.mark.parametrize("alpha, df, t", [(0.05, 1, 12.706), (0.05, 2, 4.303), (0.05, 4, 2.776),
+                                          (0.01, 4, 4.604), (0.05, 30, 2.042)])
+def test_t_critical_matches_the_table(alpha, df, t):
+    assert abs(common.t_critical(alpha, df) - t) < 5e-4
 
 
 def test_lawa_lr_spacing(tiny_data_dir, tmp_path):
@@ -54,8 +81,17 @@ def test_lawa_lr_spacing(tiny_data_dir, tmp_path):
 def test_coupled_adam_isotropy(tiny_data_dir, tmp_path):
     results, _ = smoke(coupled_adam_isotropy, coupled_adam_isotropy.CoupledAdamConfig, tmp_path,
                        f"--data_dir={tiny_data_dir}")
-    rows = {r["key"]: r for r in results["rows"]}
-    assert {"val_loss", "isotropy", "isotropy_solver_sign_all_rows", "norm_ratio"} <= set(rows)
+    sizes = [r["steps"] for r in results["loss_by_size"]]
+    assert sizes == [10, 20]
+    # the tokens seen grow with the data and are part of the vocabulary
+    seen = [r["seen"][0] for r in results["loss_by_size"]]
+    assert 0 < seen[0] <= seen[1] <= results["vocab_size"]
+    final = results["along"]["adamw/T=20"][0][20]
+    assert final["seen_tokens"] == seen[1]
+    assert {"isotropy", "isotropy_seen", "norm_ratio", "norm_ratio_seen"} <= set(final)
+    subsets = {(r["metric"], r["rows"]) for r in results["embedding_rows"]}
+    assert ("isotropy I(E)", "rows of seen tokens") in subsets
+    assert ("isotropy I(E)", "all token rows") in subsets
 
 
 @pytest.mark.parametrize("module", [bema_finetune, wsd_cooldown, lawa_lr_spacing,

@@ -36,8 +36,8 @@ from wagpt import kernels
 
 OPS = kernels.triton_ops()
 if not OPS.INTERPRETED:
-    raise RuntimeError("wagpt/kernels/averaging_triton.py was imported before TRITON_INTERPRET=1 was "
-                       "set (something called kernels.triton_ops() at import time), so its kernels "
+    raise RuntimeError("wagpt/kernels/averaging_triton.py was imported before TRITON_INTERPRET=1 "
+                       "was set (something called kernels.triton_ops() at import time), so its kernels "
                        "are compiled for a GPU and these CPU tests cannot run them")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -331,7 +331,7 @@ def kernel_calls(monkeypatch):
 @pytest.mark.parametrize("method,hparams,kernel", [
     ("ema", dict(ema_decay=0.9, ema_update_after=2), "ema_update_"),
     ("bema", dict(bema_update_after=3, bema_update_freq=2), "bema_step_"),
-    ("bema", dict(bema_bias_power=-1.0), "ema_update_"),
+    ("bema", dict(bema_bias_power=-1.0, bema_update_freq=1), "ema_update_"),
     ("dema", dict(dema_lag=2.0), "dema_step_"),
     ("ouema", dict(), "ouema_update_"),
     ("swa", dict(swa_start=4), "running_mean_update_"),

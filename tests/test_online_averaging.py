@@ -50,7 +50,8 @@ def test_every_averager_key_is_a_train_config_key():
     (["--averaging=lawa", "--lawa_k=0"], "lawa_k=0"),
     (["--averaging=dema", "--dema_ema_power=1.5"], "dema_ema_power=1.5"),
     (["--averaging=ouema", "--ouema_bias_power=0"], "ouema_bias_power=0"),
-    (["--averaging=bema", "--bema_lag=0", "--bema_multiplier=0.5"], "bema_lag"),
+    (["--averaging=bema", "--bema_lag=0", "--bema_multiplier=0.5", "--bema_update_freq=1"],
+     "bema_lag"),
     (["--averaging=wa", "--wa_horizon=7", "--wa_interval=2"], "wa_horizon=7"),
     (["--bema_lagg=3"], "did you mean 'bema_lag'"),
 ])

@@ -195,8 +195,9 @@ def tool_switches(kappa, eta=None):
 def test_bema_authors_offline_tool(kappa, eta, rho_ref, beta_min):
     ref = offline_bema(TRAJ, CHECKPOINTS, kappa, eta, rho_ref, beta_min=beta_min)
     ema_power, bias_power = tool_switches(kappa, eta)
-    got = ours("bema", steps=CHECKPOINTS, allow_gaps=True, bema_lag=rho_ref + 1.0,
-               bema_ema_power=ema_power, bema_bias_power=bias_power,
+    # average.py's period: every snapshot given (the tool's update_freq chose the checkpoints)
+    got = ours("bema", steps=CHECKPOINTS, allow_gaps=True, bema_update_freq=1,
+               bema_lag=rho_ref + 1.0, bema_ema_power=ema_power, bema_bias_power=bias_power,
                bema_min_ema_multiplier=beta_min)
     assert_equal_at(got, ref, CHECKPOINTS)
 
@@ -212,8 +213,8 @@ def test_bema_authors_offline_tool_with_gamma_not_1_has_no_mapping():
     later = CHECKPOINTS[1:]
 
     def error(lag, multiplier):
-        got = ours("bema", steps=CHECKPOINTS, allow_gaps=True, bema_lag=lag,
-                   bema_multiplier=multiplier)
+        got = ours("bema", steps=CHECKPOINTS, allow_gaps=True, bema_update_freq=1,
+                   bema_lag=lag, bema_multiplier=multiplier)
         return worst_error(got, ref, later)
 
     assert 2e-2 < error(1 + gamma * rho_ref, gamma) < 5e-2      # β exact
@@ -281,8 +282,8 @@ def test_bema_authors_hf_callback(phi, rho_ref, tau_ref, kappa, eta):
     from θ_0 (τ = 0) with allow_gaps, as average.py runs over snapshots taken at those steps."""
     ref = authors_hf_callback(TRAJ, phi, kappa, eta, tau_ref, rho_ref, 1.0, 0.0)
     steps = [0] + sorted(ref)
-    got = ours("bema", steps=steps, allow_gaps=True, bema_lag=1.0 - rho_ref,
-               bema_ema_power=kappa if kappa > 0 else -1.0,
+    got = ours("bema", steps=steps, allow_gaps=True, bema_update_freq=1,
+               bema_lag=1.0 - rho_ref, bema_ema_power=kappa if kappa > 0 else -1.0,
                bema_bias_power=eta if eta > 0 else -1.0)
     assert_equal_at(got, ref, sorted(ref))
 
@@ -293,8 +294,8 @@ def test_bema_authors_hf_callback_default_lag_has_no_mapping():
     Pinned on this toy run: every lag, multiplier and burn-in tried stays 4e-2 or more of max|θ|
     away (the same schedule from step 10 anchored at θ_10 instead of θ_0: 1e-1)."""
     ref = authors_hf_callback(TRAJ, 1, 0.5, 0.2, 0, 10, 1.0, 0.0)
-    errors = [worst_error(ours("bema", bema_update_after=tau, bema_lag=lag,
-                               bema_multiplier=m), ref, range(11, T))
+    errors = [worst_error(ours("bema", bema_update_after=tau, bema_update_freq=1,
+                               bema_lag=lag, bema_multiplier=m), ref, range(11, T))
               for tau in (0, 10) for lag in (0.0, 1.0, 2.0, 4.0, 8.0, 10.0) for m in (0.5, 1.0)
               if lag + m >= 1]
     assert 4e-2 < min(errors) < 1e-1

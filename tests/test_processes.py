@@ -35,8 +35,9 @@ def test_torchrun_ddp_matches_single_process(tiny_data_dir, tmp_path):
     common = TINY + [f"--data_dir={tiny_data_dir}", "--gradient_accumulation_steps=2",
                      "--max_iters=6", "--eval_interval=3", "--log_interval=3",
                      "--ckpt_interval=3", "--dropout=0.0", "--averaging=ema,bema,lawa,swa",
-                     "--lawa_interval=2", "--lawa_k=2",
-                     "--ema_update_after=0",   # every average already at the step-0 eval
+                     "--lawa_interval=2", "--lawa_k=2", "--bema_update_freq=1",
+                     "--ema_update_after=0", "--lawa_start=0",   # every average already at
+                                                                 # the step-0 eval
                      "--snapshot_interval=3"]  # and the post-hoc profiles, sharded too
     single = run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *common])
     assert single.returncode == 0, single.stderr

@@ -1,5 +1,5 @@
-"""wagpt/report.py: tables, progress lines that reach non-interactive logs, and curve plots that hide
-nothing."""
+"""wagpt/report.py: tables, progress lines that reach non-interactive logs, and curve plots that
+hide nothing."""
 
 import io
 
@@ -32,11 +32,11 @@ def test_progress_writes_lines_where_there_is_no_terminal(monkeypatch):
 
 
 def test_plot_marks_every_curve_and_says_what_is_outside(tmp_path, monkeypatch):
-    texts = []
+    texts, positions = [], []
     import matplotlib.axes
     real_text = matplotlib.axes.Axes.text
-    monkeypatch.setattr(matplotlib.axes.Axes, "text",
-                        lambda self, *a, **k: texts.append(a[2]) or real_text(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, *a, **k: (
+        texts.append(a[2]), positions.append(a[:3]), real_text(self, *a, **k))[-1])
     steps = range(0, 500, 50)
     curves = {"raw": [(s, 3 - s / 500) for s in steps],
               "swa": [(s, 3.01 - s / 500) for s in steps],
@@ -45,10 +45,38 @@ def test_plot_marks_every_curve_and_says_what_is_outside(tmp_path, monkeypatch):
     path = report.plot_curves(curves, tmp_path / "p.png", title="run on data")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("partly outside: ouema" in t for t in texts)   # never clipped silently
+    assert all(y > 1 for _, y, t in positions if "partly outside" in t)   # above the axes,
+                                                                          # not over the data
     before = len(texts)
     report.plot_curves({k: v for k, v in curves.items() if k != "ouema"}, tmp_path / "q.png",
                        title="t")
     assert not any("partly outside" in t for t in texts[before:])
+
+
+def test_small_multiples_keep_each_curve_in_its_style(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    real = plt.figure
+    monkeypatch.setattr(plt, "figure", lambda *a, **k: figures.append(real(*a, **k)) or
+                        figures[-1])
+    steps = range(0, 400, 50)
+    curves = {"raw": [(s, 3 - s / 500) for s in steps],
+              "a": [(s, 2.9 - s / 500) for s in steps[:4]],
+              "b": [(s, 2.95 - s / 500) for s in steps]}
+    report.plot_curves(curves, tmp_path / "g.png", "t", unit="nats/char",
+                       groups={"first": ["raw", "a"], "second": ["raw", "a", "b"]})
+    (fig,) = figures
+    tops = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left") for ax in tops] == ["first", "second"]
+    assert "nats/char" in tops[0].get_ylabel()
+    color = {ax.get_title(loc="left"): {line.get_label(): line.get_color() for line in ax.lines}
+             for ax in tops}
+    assert color["first"]["a"] == color["second"]["a"] != color["second"]["b"]
+    # the reference is drawn over the x of the curves compared with it: "a" ends at 150
+    assert max(tops[0].lines[0].get_xdata()) == 150
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not plotted"):
+        report.plot_curves(curves, tmp_path / "h.png", "t", groups={"x": ["raw", "c"]})
 
 
 def test_a_long_clipping_note_is_wrapped_and_counts_many_curves():

@@ -51,7 +51,7 @@ from wagpt.runtime import SAME_FILES, agree, check_dtype, init_runtime
 
 def _sweepable(cls, key, default):
     """Every averager key takes a value or a list; burn-in/period keys default to None = "the
-    first snapshot" / "every snapshot"."""
+    first snapshot" / "every snapshot" (BEMA's period: train.py's, see expand_settings)."""
     if key in (cls.start_key, cls.freq_key):
         return int | list[int] | None, None
     if key in cls.optional_keys:   # T | None: a value, None, or a list of values
@@ -212,9 +212,13 @@ def expand_settings(cfg, first_step, stored=None):
                 value = getattr(cfg, key)
                 if source == "profiles" and key in (cls.start_key, cls.freq_key):
                     value = _stored_value(key, value, stored)
-                elif value is None and key in (cls.start_key, cls.freq_key):
-                    # burn-in / period not given: from the trajectory
-                    value = first_step if key == cls.start_key else 1
+                elif value is None and key == cls.start_key:   # not given: the first snapshot
+                    value = first_step
+                elif value is None and key == cls.freq_key:
+                    # not given: every snapshot, or train.py's period where it is part of the
+                    # estimate and time counts in steps (BEMA's φ)
+                    value = (cls.defaults[key] if cls.period_is_part_of_estimate
+                             and cfg.offline_time == "steps" else 1)
                 grid[key] = value if isinstance(value, list) else [value]
                 if not grid[key]:
                     raise ConfigError(f"{key}=[]: give at least one value")

@@ -105,7 +105,8 @@ LINESTYLES = ("-", "--", "-.", ":")
 
 
 def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference=None,
-                spread=None, gain_spread=None, panels=()):
+                spread=None, gain_spread=None, panels=(), unit="nats/token", groups=None,
+                xscale="linear"):
     """Val loss vs x, one line per curve ({label: [(x, y), ...]}), and below it the gain of each
     curve over its reference curve at the x they share. `reference` is a label (default: the
     first, the raw weights) or {label: its reference label} (curves compared with different
@@ -114,9 +115,14 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
     `gain_spread` the same around its gain (the std of the paired differences).
     `panels` [(ylabel, {label: [(x, y), ...]}, spread or None), ...] adds panels of other
     quantities of the same curves (same labels, colors and markers) between the two.
+    `unit` is the loss's (nats/token; nats/char for a character-level model), shown on the
+    loss and gain axes. `groups` {title: [labels]} draws small multiples instead of one panel:
+    a column per group (three to a row) with its own axes, each curve in the same style
+    wherever it appears. `xscale` is matplotlib's ("log" for learning rates).
     Every curve has its own marker and line style, so curves that coincide stay visible; the
-    legend sits outside the axes; the y axis leaves out curves far above the others only with a
-    note saying which (no silent clipping). Written as a PNG, atomically."""
+    legend sits outside the axes and the figure grows to hold it; the y axis leaves out curves
+    far above the others only with a note above the axes saying which (no silent clipping).
+    Written as a PNG, atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,60 +131,107 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
         reference = dict.fromkeys(labels, labels[0] if reference is None else reference)
     references = list(dict.fromkeys(reference.values()))
     spread, gain_spread = spread or {}, gain_spread or {}
-    fig, axes = plt.subplots(2 + len(panels), 1, figsize=(10, 7.5 + 2 * len(panels)),
-                             sharex=True, gridspec_kw={"height_ratios": [3, *[2] * len(panels),
-                                                                         2]})
-    top, middle, bottom = axes[0], axes[1:-1], axes[-1]
-    gains = {}
-    for i, label in enumerate(labels):
-        x, y = zip(*sorted(curves[label]))
-        if label in references:
-            style = dict(color=("black", "dimgray", "gray")[references.index(label) % 3],
-                         linewidth=2.5, marker="o", markersize=4, zorder=5,
-                         linestyle=LINESTYLES[references.index(label) % len(LINESTYLES)])
-        else:
-            style = dict(marker=MARKERS[(i - 1) % len(MARKERS)], markersize=5,
-                         linestyle=LINESTYLES[(i - 1) // len(MARKERS) % len(LINESTYLES)],
-                         markerfacecolor="none", linewidth=1.3)
-        line, = top.plot(x, y, label=label, **style)
-        _band(top, curves[label], spread.get(label), line.get_color())
-        for ax, (_, values, bands) in zip(middle, panels):
-            if values.get(label):
-                ax.plot(*zip(*sorted(values[label])), color=line.get_color(),
-                        **{k: v for k, v in style.items() if k != "color"})
-                _band(ax, values[label], (bands or {}).get(label), line.get_color())
-        base = dict(curves[reference[label]]) if reference.get(label) in curves else {}
-        if label != reference.get(label) and base:
-            gains[label] = sorted((xi, base[xi] - yi) for xi, yi in zip(x, y) if xi in base)
-        if gains.get(label):
-            bottom.plot(*zip(*gains[label]), color=line.get_color(),
-                        **{k: v for k, v in style.items() if k != "color"})
-            _band(bottom, gains[label], gain_spread.get(label), line.get_color())
-    bottom.axhline(0.0, color="black", linewidth=1.5)
-    top.set_ylabel(ylabel)
-    top.set_title(title, fontsize=10)
-    over = references[0] if len(references) == 1 else "its reference"
-    bottom.set_ylabel(f"gain over {over}\n(reference − curve, > 0 is better)")
-    bottom.set_xlabel(xlabel)
-    for ax, (panel_label, _, _) in zip(middle, panels):
-        ax.set_ylabel(panel_label)
-    for ax, values in ((top, curves), *((ax, p[1]) for ax, p in zip(middle, panels)),
-                       (bottom, gains)):
-        ax.grid(alpha=0.3)
-        clipped = _limit_y(ax, values)
-        if clipped:   # said on the plot, never silent
-            lo, hi = ax.get_ylim()
-            ax.text(0.99, 0.97, _clip_note(lo, hi, clipped), transform=ax.transAxes,
-                    fontsize=7, va="top",
-                    ha="right", color="dimgray", zorder=10,
-                    bbox=dict(facecolor="white", edgecolor="lightgray", alpha=0.9))
-    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    grouped = groups is not None
+    groups = groups if grouped else {None: labels}
+    unknown = [label for members in groups.values() for label in members if label not in curves]
+    if unknown:
+        raise ValueError(f"groups name curves that are not plotted: {unknown}")
+    styles = {label: _style(i, label, references) for i, label in enumerate(labels)}
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    others = [label for label in labels if label not in references]
+    colors = {label: cycle[i % len(cycle)] for i, label in enumerate(others)}
+    group_rows = -(-len(groups) // 3)             # at most three groups to a row,
+    per_row = -(-len(groups) // group_rows)        # as evenly as that allows
+    rows_per_group = 2 + len(panels)
+    fig = plt.figure(figsize=(10 if not grouped else 5.2 * per_row,
+                              (7.5 + 2 * len(panels)) * (1 if not grouped else 0.8) * group_rows))
+    grid = fig.add_gridspec(rows_per_group * group_rows, per_row,
+                            height_ratios=[3, *[2] * len(panels), 2] * group_rows)
+    handles = {}
+    for g, (group_title, members) in enumerate(groups.items()):
+        row0, col = rows_per_group * (g // per_row), g % per_row
+        top = fig.add_subplot(grid[row0, col])
+        axes = [top] + [fig.add_subplot(grid[row0 + r, col], sharex=top)
+                        for r in range(1, rows_per_group)]
+        middle, bottom = axes[1:-1], axes[-1]
+        gains = {}
+        # in a group, a reference curve is drawn over the x of the curves compared with it
+        compared = [x for label in members if label not in references for x, _ in curves[label]]
+        x_min, x_max = ((min(compared), max(compared)) if grouped and compared
+                        else (-math.inf, math.inf))
+        shown = {label: sorted(p for p in curves[label] if x_min <= p[0] <= x_max)
+                 for label in members}
+        for label in members:
+            style = {"color": colors.get(label), **styles[label]}
+            x, y = zip(*shown[label])
+            line, = top.plot(x, y, label=label, **style)
+            colors[label] = line.get_color()
+            handles.setdefault(label, line)
+            rest = {k: v for k, v in style.items() if k != "color"}
+            _band(top, shown[label], spread.get(label), colors[label])
+            for ax, (_, values, bands) in zip(middle, panels):
+                if values.get(label):
+                    ax.plot(*zip(*sorted(values[label])), color=colors[label], **rest)
+                    _band(ax, values[label], (bands or {}).get(label), colors[label])
+            base = dict(curves[reference[label]]) if reference.get(label) in curves else {}
+            if label != reference.get(label) and base:
+                gains[label] = sorted((xi, base[xi] - yi) for xi, yi in zip(x, y) if xi in base)
+            if gains.get(label):
+                bottom.plot(*zip(*gains[label]), color=colors[label], **rest)
+                _band(bottom, gains[label], gain_spread.get(label), colors[label])
+        bottom.axhline(0.0, color="black", linewidth=1.5)
+        if group_title is not None:
+            top.set_title(group_title, fontsize=10, loc="left")
+        if col == 0:
+            top.set_ylabel(f"{ylabel} ({unit})" if unit else ylabel)
+            over = references[0] if len(references) == 1 else "its reference"
+            bottom.set_ylabel(f"gain over {over}" + (f" ({unit})" if unit else "") +
+                              "\n(reference − curve, > 0 is better)")
+            for ax, (panel_label, _, _) in zip(middle, panels):
+                ax.set_ylabel(panel_label)
+        bottom.set_xlabel(xlabel)
+        top.set_xscale(xscale)
+        for ax in axes[:-1]:
+            ax.tick_params(labelbottom=False)
+        member_set = set(members)
+        for ax, values in ((top, shown),
+                           *((ax, {k: v for k, v in p[1].items() if k in member_set})
+                             for ax, p in zip(middle, panels)),
+                           (bottom, gains)):
+            ax.grid(alpha=0.3)
+            clipped = _limit_y(ax, values)
+            if clipped:   # said above the axes, never silent, never over the data
+                lo, hi = ax.get_ylim()
+                ax.text(1.0, 1.01, _clip_note(lo, hi, clipped, width=60 if grouped else 90),
+                        transform=ax.transAxes, fontsize=7, va="bottom", ha="right",
+                        color="dimgray", clip_on=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    if grouped:   # one legend for every panel, below them, as wide as the figure needs
+        legend = fig.legend(list(handles.values()), list(handles), loc="upper center",
+                            bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)), fontsize=8,
+                            frameon=False)
+    else:         # beside the top axes; the figure grows instead of the axes shrinking
+        legend = fig.axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                                    frameon=False)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight",   # the legend included
+                bbox_extra_artists=[*fig.get_default_bbox_extra_artists(), legend])
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
     return Path(path)
+
+
+def _style(i, label, references):
+    """Line style of curve i: the reference curves thick, black to gray with markers; every
+    other curve its own marker and line style."""
+    if label in references:
+        k = references.index(label)
+        return dict(color=("black", "dimgray", "gray")[k % 3], linewidth=2.5, marker="o",
+                    markersize=4, zorder=5, linestyle=LINESTYLES[k % len(LINESTYLES)])
+    return dict(marker=MARKERS[(i - 1) % len(MARKERS)], markersize=5,
+                linestyle=LINESTYLES[(i - 1) // len(MARKERS) % len(LINESTYLES)],
+                markerfacecolor="none", linewidth=1.3)
 
 
 def _band(ax, points, spread, color):
