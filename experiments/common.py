@@ -24,6 +24,7 @@ from pathlib import Path
 
 from wagpt import checkpoint
 from wagpt.atomic import atomic_write
+from wagpt.errors import ConfigError
 from wagpt.report import append_jsonl, format_duration
 from wagpt.run_dir import read_metrics
 
@@ -36,7 +37,10 @@ FIRST_SEED = 1337   # train.py's default: seed 1 of every experiment is the defa
 class ExperimentConfig:
     # experiment
     out_dir: str = "out/experiments/x"  # runs, logs, table.md, results.json
-    figure: str = "docs/img/x.png"  # the figure (also written to out_dir)
+    figure: str = "docs/img/x.png"  # where --publish puts the figure (docs/ shows it); without
+                                   # --publish it goes to out_dir under the same name
+    publish: bool = False          # write the figures to their places in docs/img (not with
+                                   # --smoke=True); a figure key given explicitly is kept
     seeds: int = 3                 # seeds 1337, 1338, ...: init, batches, eval batches of a run
     parallel: int = 2              # runs at a time ...
     threads: int = 1               # ... each with this many threads (small models: 1 is fastest)
@@ -52,13 +56,33 @@ SMOKE_MODEL = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "-
                "--eval_iters=2", "--log_interval=1"]
 
 
-def resolve_paths(cfg):
-    """cfg with out_dir, figure and every *data_dir made absolute (against the current folder):
-    the runs start in the repository root, wherever the experiment was started."""
+def is_figure_key(key):
+    return key == "figure" or key.endswith("_figure")
+
+
+def figure_paths(cfg):
+    """Where the figures go: into out_dir under their published names unless --publish (docs/img)
+    or the key was given explicitly. A smoke test is never published."""
+    if getattr(cfg, "publish", False) and getattr(cfg, "smoke", False):
+        raise ConfigError("publish=True with smoke=True: a smoke test's figure would replace the "
+                         "published one; drop --publish")
+    given = getattr(cfg, "given_keys", frozenset())
     for key, value in vars(cfg).items():
-        if isinstance(value, str) and (key in ("out_dir", "figure") or key.endswith("data_dir")):
-            setattr(cfg, key, str(Path(value).resolve()))
+        if is_figure_key(key) and isinstance(value, str) and key not in given \
+                and not getattr(cfg, "publish", False):
+            setattr(cfg, key, str(Path(cfg.out_dir) / Path(value).name))
     return cfg
+
+
+def resolve_paths(cfg):
+    """cfg with out_dir, the figures (figure_paths) and every *data_dir made absolute (against
+    the current folder): the runs start in the repository root, wherever the experiment was
+    started."""
+    for key, value in vars(cfg).items():
+        if isinstance(value, str) and (key == "out_dir" or is_figure_key(key)
+                                       or key.endswith("data_dir")):
+            setattr(cfg, key, str(Path(value).resolve()))
+    return figure_paths(cfg)
 
 
 def run_experiment(cfg, plan, analyze, smoke_settings):

@@ -22,7 +22,7 @@ phema replayed over raw snapshots kept at the same storage cost. docs/results.md
    phema averager over the snapshots); the script checks that its losses are average.py's.
 
 Outputs in out_dir: the run, average.py's results, validation.json, and the table (markdown)
-and figure (docs/img/posthoc_validation.png unless --figure says otherwise).
+and figure (out_dir/posthoc_validation.png; with --publish docs/img/posthoc_validation.png).
 """
 
 import dataclasses
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from averaging import build_averager
+from experiments import common
 from model import GPT, GPTConfig
 from wagpt import checkpoint
 from wagpt.atomic import atomic_write
@@ -52,7 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class ValidationConfig:
     out_dir: str = "out/posthoc_validation"   # the run, average.py's outputs, validation.json
-    figure: str = "docs/img/posthoc_validation.png"   # the figure
+    figure: str = "docs/img/posthoc_validation.png"   # where --publish puts the figure;
+                                   # without it, out_dir under the same name
+    publish: bool = False          # write the figure to docs/img (a given --figure is kept)
     max_iters: int = 2000          # the training run: config/train_shakespeare_char.py's length
     store_every: int = 100         # Δ: the stored pair every Δ steps; raw snapshots every Δ/2
     stored: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.1])  # the pair
@@ -99,6 +102,7 @@ def stored_pair_files(cfg, run):
 
 
 def validate(cfg):
+    cfg = common.resolve_paths(cfg)
     out = Path(cfg.out_dir)
     run = out / "run"
     run_training(cfg, run)
@@ -214,8 +218,7 @@ def figure(cfg, results):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    atomic_write(REPO / cfg.figure if not Path(cfg.figure).is_absolute()
-                            else cfg.figure, buffer.getvalue())
+    atomic_write(cfg.figure, buffer.getvalue())
 
 
 if __name__ == "__main__":

@@ -654,3 +654,53 @@ def test_periods_not_given_are_every_snapshot_but_bemas(offline_time, phi):
     assert hparams["bema"]["bema_update_after"] == 3 == hparams["lawa"]["lawa_start"]
     assert hparams["ema"]["ema_update_freq"] == hparams["lawa"]["lawa_interval"] == \
         hparams["swa"]["swa_freq"] == 1
+
+
+def test_settings_are_chosen_on_held_out_batches_and_reported_on_others(run_dir, tiny_data_dir,
+                                                                        tmp_path):
+    """Each method's best setting and --save=best's choice go by the loss on select_iters other
+    val batches (seed + 1), measured at the last step and save_step; the reported losses are
+    those of the eval batches, so a choice is never judged on the batches that made it."""
+    sweep = dict(methods="ema", ema_decay=[0.3, 0.6, 0.9], eval_every=4, save="best",
+                 save_step=4, select_iters=3)
+    summary = average.average(config(run_dir, tiny_data_dir, tmp_path, **sweep))
+    rows = summary["rows"]
+    assert {r["step"] for r in rows if r["select_loss"] is not None} == {4, STEPS}
+    # the held-out loss is the loss on the batches of seed + 1
+    data = open_dataset("x", str(tiny_data_dir))
+    model = checkpoint.load_model(checkpoint.snapshot_path(run_dir / "snapshots", STEPS))[0]
+    raw = next(r for r in rows if r["step"] == STEPS and r["method"] == "raw")
+    held_out = evaluate_loss(model, data, EvalBatches(3, 4, 16, 1337 + 1), Runtime(
+        torch.device("cpu")), splits=("val",))["val"]
+    assert raw["select_loss"] == pytest.approx(held_out, rel=1e-6) != raw["val_loss"]
+    last = [r for r in rows if r["step"] == STEPS and r["method"] == "ema"]
+    best = next(b for b in summary["best"] if b["method"] == "ema")
+    chosen = min(last, key=lambda r: r["select_loss"])
+    assert best["setting"] == chosen["setting"] and best["chosen_on"] == "held-out batches"
+    assert best["val_loss"] == chosen["val_loss"]   # reported on the eval batches
+    at_save = [r for r in rows if r["step"] == 4 and r["method"] == "ema"]
+    saved = min(at_save, key=lambda r: r["select_loss"])
+    assert summary["saved"]["label"] == saved["setting"]
+    assert summary["saved"]["select_loss"] == saved["select_loss"]
+    # off: the choice goes by the reported batches, as before
+    summary = average.average(config(run_dir, tiny_data_dir, tmp_path, **{
+        **sweep, "select_iters": 0}, out_dir=str(tmp_path / "in_sample")))
+    assert all(r["select_loss"] is None for r in summary["rows"])
+    best = next(b for b in summary["best"] if b["method"] == "ema")
+    assert best["chosen_on"] == "reported batches" and best["setting"] == min(
+        last, key=lambda r: r["val_loss"])["setting"]
+
+
+def test_best_settings_goes_by_the_held_out_loss():
+    """A setting better on the held-out batches wins though it is worse on the reported ones."""
+    rows = [dict(step=8, method="raw", setting="raw", source="snapshots", val_loss=2.0,
+                 select_loss=2.1),
+            dict(step=8, method="ema", setting="ema[a]", source="snapshots", val_loss=1.5,
+                 select_loss=1.9),
+            dict(step=8, method="ema", setting="ema[b]", source="snapshots", val_loss=1.6,
+                 select_loss=1.8)]
+    best = {b["method"]: b for b in offline_averaging.best_settings(rows)}
+    assert best["ema"]["setting"] == "ema[b]" and best["ema"]["gain"] == pytest.approx(0.4)
+    for r in rows:
+        r["select_loss"] = None
+    assert offline_averaging.best_settings(rows)[1]["setting"] == "ema[a]"

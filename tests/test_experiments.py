@@ -3,12 +3,17 @@ runs, the analysis, table.md, results.json and the figure. The experiments thems
 docs/results.md; these only check that each command still runs."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from experiments import (bema_finetune, common, coupled_adam_isotropy, lawa_lr_spacing,
-                         wsd_cooldown)
+from experiments import (bema_finetune, common, compare_averaging, coupled_adam_isotropy,
+                         lawa_lr_spacing, wsd_cooldown)
 from wagpt.configurator import load_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def smoke(module, config_cls, tmp_path, *args):
@@ -16,7 +21,7 @@ def smoke(module, config_cls, tmp_path, *args):
                                    f"--figure={tmp_path / 'figure.png'}", *args])
     results = module.run(cfg)
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "exp" / "table.md").read_text().startswith(("|", "Val", "WSD"))
+    assert (tmp_path / "exp" / "table.md").read_text().startswith(("|", "Val", "WSD", "Every"))
     assert json.loads((tmp_path / "exp" / "results.json").read_text())["wall_s"] > 0
     runs = [json.loads(line) for line in (tmp_path / "exp" / "runs.jsonl").read_text()
             .splitlines()]
@@ -94,8 +99,60 @@ def test_coupled_adam_isotropy(tiny_data_dir, tmp_path):
     assert ("isotropy I(E)", "all token rows") in subsets
 
 
+def test_compare_averaging_chooses_on_held_out_batches(tiny_data_dir, tmp_path):
+    results, _ = smoke(compare_averaging, compare_averaging.CompareConfig, tmp_path,
+                       f"--data_dir={tiny_data_dir}", "--seeds=2")
+    methods = [r["method"] for r in results["table"]]
+    assert methods == ["raw", "ema", "lawa"] and results["seeds"] == [1337, 1338]
+    for seed in ("1337", "1338"):
+        best = results["best"][seed]
+        assert best["ema"]["chosen_on"] == "held-out batches" and best["ema"]["select_loss"]
+        # the reported gain is over the raw weights of the same seed, on the eval batches
+        assert best["ema"]["gain"] == pytest.approx(best["raw"]["val_loss"] -
+                                                    best["ema"]["val_loss"])
+
+
+def git_state():
+    return subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all",
+                           "docs", "config", "experiments"], cwd=REPO, capture_output=True,
+                          text=True).stdout
+
+
+def test_a_smoke_experiment_leaves_the_work_tree_unchanged(tiny_data_dir, tmp_path):
+    """The figures go to out_dir unless --publish=True (never with --smoke=True): the committed
+    docs/img/*.png are not touched by a run that did not ask to publish."""
+    before = git_state()
+    mtimes = {p: p.stat().st_mtime_ns for p in (REPO / "docs" / "img").glob("*.png")}
+    result = subprocess.run([sys.executable, "-m", "experiments.lawa_lr_spacing", "--smoke=True",
+                             "--seeds=1", "--spacings=[1,2]", f"--data_dir={tiny_data_dir}",
+                             f"--out_dir={tmp_path / 'exp'}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "exp" / "lawa_lr_spacing.png").read_bytes()[:4] == b"\x89PNG"
+    assert git_state() == before
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (REPO / "docs" / "img").glob("*.png")}
+    refused = subprocess.run([sys.executable, "-m", "experiments.lawa_lr_spacing",
+                              "--smoke=True", "--publish=True", f"--out_dir={tmp_path / 'x'}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: publish=True with smoke=True: a smoke test's figure would replace the published "
+        "one; drop --publish"]
+
+
+def test_publish_puts_the_figures_in_docs(tmp_path):
+    cfg = load_config(wsd_cooldown.WsdCooldownConfig, ["--publish=True",
+                                                       f"--out_dir={tmp_path}"])
+    cfg = common.resolve_paths(cfg)
+    assert cfg.figure == str(REPO / "docs" / "img" / "wsd_cooldown.png")
+    assert cfg.sweep_figure == str(REPO / "docs" / "img" / "wsd_lr_sweep.png")
+    cfg = common.resolve_paths(load_config(wsd_cooldown.WsdCooldownConfig,
+                                           [f"--out_dir={tmp_path}"]))
+    assert cfg.figure == str(tmp_path / "wsd_cooldown.png")
+    assert cfg.sweep_figure == str(tmp_path / "wsd_lr_sweep.png")
+
+
 @pytest.mark.parametrize("module", [bema_finetune, wsd_cooldown, lawa_lr_spacing,
-                                    coupled_adam_isotropy])
+                                    coupled_adam_isotropy, compare_averaging])
 def test_help_lists_the_keys(module, capsys):
     from wagpt.configurator import help_text
     cls = next(v for k, v in vars(module).items() if k.endswith("Config")

@@ -892,16 +892,21 @@ def test_an_architecture_error_under_torchrun_is_one_line(tiny_data_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A read-only tmpfs where the test may mount one (root on Linux), else None."""
-    mount = tmp_path / "ro"
+def mounted_tmpfs(mount, options):
+    """A 1 MiB tmpfs at `mount` with mount `options` where the test may mount one (root on
+    Linux), else None; unmounted when the test ends."""
     mount.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size=1m", "tmpfs", str(mount)],
                         capture_output=True).returncode == 0 if os.geteuid() == 0 else False
     yield mount if ok else None
     if ok:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs where the test may mount one, else None."""
+    yield from mounted_tmpfs(tmp_path / "ro", "ro,")
 
 
 OUT_DIR_CASES = [
@@ -971,14 +976,8 @@ def test_a_checkpoint_with_a_negative_step_is_one_line(make_config, tiny_data_di
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs where the test may mount one (root on Linux), else None."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                        capture_output=True).returncode == 0 if os.geteuid() == 0 else False
-    yield mount if ok else None
-    if ok:
-        subprocess.run(["umount", str(mount)], capture_output=True)
+    """A 1 MiB tmpfs where the test may mount one, else None."""
+    yield from mounted_tmpfs(tmp_path / "disk", "")
 
 
 def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_survives(

@@ -99,6 +99,10 @@ class AverageConfig(SweepConfig):
     batch_size: int = 12
     block_size: int | None = None  # None: the model's context length
     seed: int = 1337               # picks the val batches
+    select_iters: int | None = None  # held-out val batches (drawn with seed + 1, not the
+                                   # reported ones) that choose each method's best setting and
+                                   # --save=best's, evaluated at the last step and save_step;
+                                   # None: eval_iters | 0: choose on the reported batches
     eval_every: int = 0            # 0: evaluate at every snapshot; N: at steps divisible by N
                                    # (and the last)
     device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
@@ -125,6 +129,9 @@ class AverageConfig(SweepConfig):
         for key in ("eval_iters", "batch_size", "state_chunk"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
+        if self.select_iters is not None and self.select_iters < 0:
+            raise ValueError(f"select_iters={self.select_iters} must be >= 0 (0: choose on the "
+                             f"reported batches)")
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every} must be >= 0")
         check_dtype(self.dtype)
@@ -752,6 +759,8 @@ def one_pass(cfg, runtime, data, trajectory, plan, stored=None, staging=None):
     block = cfg.block_size or trajectory.model_args["block_size"]
     data.check_fits(block, trajectory.model_args["vocab_size"])
     batches = EvalBatches(cfg.eval_iters, cfg.batch_size, block, cfg.seed)
+    select = select_batches(cfg, block)
+    select_steps = {plan.eval_steps[-1], plan.save_step} if select else set()
     token_counts = count_tokens(data.splits["train"], data.vocab_size) if cfg.embeddings else None
     local = dataclasses.replace(runtime, rank=0, world_size=1)   # evaluations are not split
     times = PhaseTimes(runtime.device)
@@ -772,7 +781,9 @@ def one_pass(cfg, runtime, data, trajectory, plan, stored=None, staging=None):
         row = {"step": entry.step, "tokens": record.tokens_seen, "method": method,
                "setting": label, "source": setting.source if setting else "snapshots",
                "hparams": json.dumps(setting.hparams if setting else {}, sort_keys=True),
-               "val_loss": loss, "reconstruction_error": error}
+               "val_loss": loss, "reconstruction_error": error,
+               "select_loss": evaluate_loss(model, data, select, local, splits=("val",))["val"]
+               if entry.step in select_steps else None}
         if cfg.embeddings:
             metrics = embedding_metrics(model.transformer.wte.weight, token_counts,
                                         vocab_size=data.vocab_size)
@@ -826,11 +837,13 @@ def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entr
     are committed; every rank takes part in choosing). Settings whose loss is not finite are
     never chosen, and weights that are not finite never written (the returned record then
     holds the error, raised once the ranks have met)."""
-    losses = {r["setting"]: r["val_loss"] for r in step_rows}
+    losses = {r["setting"]: _choice_loss(r) for r in step_rows}   # held-out where measured
+    reported = {r["setting"]: r["val_loss"] for r in step_rows}
     if runtime.ddp:
         every = [None] * runtime.world_size
-        dist.all_gather_object(every, losses, group=runtime.control_group)
-        losses = {k: v for part in every for k, v in part.items()}
+        dist.all_gather_object(every, (losses, reported), group=runtime.control_group)
+        losses = {k: v for part, _ in every for k, v in part.items()}
+        reported = {k: v for _, part in every for k, v in part.items()}
     named = [s for s in plan.settings if s.label in losses and
              cfg.save in ("best", s.method, s.label)]
     if not named:
@@ -859,7 +872,8 @@ def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entr
                    **({"data": record.data} if record.data else {})}, run=record.run)
     return {"label": choice.label, "step": entry.step,
             "path": str(Path(cfg.out_dir) / relative / path.name),
-            "val_loss": losses[choice.label]}
+            "val_loss": reported[choice.label], "select_loss": losses[choice.label]
+            if losses[choice.label] != reported[choice.label] else None}
 
 
 @contextmanager
@@ -962,10 +976,23 @@ def average(cfg):
 # ---------------------------------------------------------------------------------------------
 # results
 
+def select_batches(cfg, block_size):
+    """The held-out val batches that choose among settings (None: choose on the reported ones):
+    drawn with seed + 1, so a choice is never judged on the batches that choose it."""
+    n = cfg.eval_iters if cfg.select_iters is None else cfg.select_iters
+    return EvalBatches(n, cfg.batch_size, block_size, cfg.seed + 1) if n else None
+
+
+def _choice_loss(row):
+    """The loss a choice among settings goes by: the held-out one where it was measured."""
+    return row["val_loss"] if row.get("select_loss") is None else row["select_loss"]
+
+
 def best_settings(rows):
     """Per method (and source: a phema from the stored profiles is its own entry), the setting
-    with the lowest val loss at the last evaluated step, its gain over the raw weights there,
-    and the lowest loss it reaches at any step."""
+    chosen at the last evaluated step (the lowest loss on the held-out batches where they were
+    evaluated, else on the reported ones), its val loss and gain over the raw weights there on
+    the reported batches, and the lowest reported loss it reaches at any step."""
     last = max(r["step"] for r in rows)
     raw = {r["step"]: r["val_loss"] for r in rows if r["method"] == "raw"}
     best = []
@@ -974,19 +1001,22 @@ def best_settings(rows):
                    and r["step"] == last]
         if not at_last:
             continue
-        top = min(at_last, key=_loss_order)
+        top = min(at_last, key=lambda r: _loss_order(r, _choice_loss(r)))
         curve = [r for r in rows if r["setting"] == top["setting"]]
         lowest = min(curve, key=_loss_order)
         best.append({"method": method, "source": source, "setting": top["setting"],
                      "step": last, "val_loss": top["val_loss"],
+                     "chosen_on": "reported batches" if top.get("select_loss") is None
+                     else "held-out batches", "select_loss": top.get("select_loss"),
                      "gain": raw[last] - top["val_loss"] if last in raw else None,
                      "lowest": lowest["val_loss"], "lowest_step": lowest["step"]})
     return best
 
 
-def _loss_order(row):
-    """Lowest loss first, non-finite losses last."""
-    return (not math.isfinite(row["val_loss"]), row["val_loss"])
+def _loss_order(row, loss=None):
+    """Lowest loss first (the row's val loss unless `loss` is given), non-finite losses last."""
+    loss = row["val_loss"] if loss is None else loss
+    return (not math.isfinite(loss), loss)
 
 
 def posthoc_widths(rows):
@@ -1005,12 +1035,16 @@ def _method_cell(b):
 
 
 def format_table(best):
-    return markdown_table(best, [
+    table = markdown_table(best, [
         ("method", _method_cell), ("best setting", "setting"),
         ("val loss", lambda b: f"{b['val_loss']:.4f}"),
         ("gain over raw", lambda b: "" if b["method"] == "raw" or b["gain"] is None
          else f"{b['gain']:+.4f}"),
         ("lowest (step)", lambda b: f"{b['lowest']:.4f} ({b['lowest_step']})")])
+    held_out = any(b.get("chosen_on") == "held-out batches" for b in best)
+    return table + ("\nbest setting: chosen on held-out val batches (select_iters, seed + 1); "
+                    "the losses are on the reported batches" if held_out else
+                    "\nbest setting: chosen on the reported batches themselves (select_iters=0)")
 
 
 def format_posthoc_table(widths):
@@ -1030,7 +1064,7 @@ def format_times(timing):
 
 
 CSV_COLUMNS = ["step", "tokens", "method", "setting", "source", "hparams", "val_loss",
-               "reconstruction_error"]
+               "reconstruction_error", "select_loss"]
 
 
 def write_results(cfg, summary, directory=None):
