@@ -44,11 +44,12 @@ bema_lag = 10.0                   # ρ
 bema_multiplier = 1.0             # γ
 bema_min_ema_multiplier = 0.0     # β_min (the paper's 1e-4 never binds here: β_t >= 210^-1/2)
 bema_update_after = 0             # τ: θ₀ = the pretrained weights
-# φ: the paper's code applies BEMA every φ = 400 steps, to checkpoints saved every 100 steps,
-# each then evaluated; its β_t and α_t count steps, so φ spaces reads and evaluations, it is not
-# part of the estimator. At 400 this run would get no update; here an update costs < 1% of a step
-# (docs/benchmarks.md), so every step, and every 5-step eval sees an up-to-date average.
-bema_update_freq = 1
+# φ: the paper's code applies BEMA every φ = 400 steps with β_t and α_t counted in steps, so φ is
+# part of the estimate (the EMA's hold on θ₀, which the correction removes; docs/averaging.md),
+# not only a spacing of reads. At 400 this 200-step run would get one update; 10 is 5% of the
+# run, as φ = 20 of the 400 steps where it was the best BEMA in docs/results.md (section 1;
+# every step, the correction only extrapolates).
+bema_update_freq = 10
 # The paper's "EMA" baseline is BEMA without the correction (bema_bias_power = -1): β_t =
 # (ρ + t)^-1/2. One run holds one BEMA setting, so the baseline here is `ema` with the same power
 # schedule, 1 - d_t = (1 + t)^-1/2, i.e. lag 1 instead of 10 (within 5% of it after 100 steps).
@@ -59,4 +60,4 @@ ema_warmup_power = 0.5
 ema_warmup_gamma = 1.0
 ema_decay = 0.9999                # the cap of the schedule, unreached in 200 steps
 ema_update_after = 0
-ema_update_freq = 1
+ema_update_freq = 10              # the same period as BEMA: the paper compares the two at one φ

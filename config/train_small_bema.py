@@ -7,8 +7,9 @@
 #   - burn-in tau = the 2000 warmup steps, so theta_0 (the anchor of the bias correction) is a
 #     trained model, not the random init; t counts from there (TRL's callback keeps the
 #     absolute step: with this burn-in its b = 10 + s is ours with lag 2010, docs/averaging.md);
-#   - update every step (the paper's fine-tuning used 400): the fused kernel makes that cheap,
-#     see docs/benchmarks.md.
+#   - update every 400 steps, the authors' and TRL's period, with t counted in steps as theirs:
+#     the period is part of the estimate, not a spacing of reads (docs/averaging.md; every step
+#     the EMA forgets theta_0 at once and the correction only extrapolates, docs/results.md).
 # The paper's "EMA" is this with --bema_bias_power=-1.
 #   python -m data.openwebtext.prepare
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_small_bema.py
@@ -24,4 +25,4 @@ bema_lag = 10.0
 bema_multiplier = 1.0
 bema_min_ema_multiplier = 0.0
 bema_update_after = 2000
-bema_update_freq = 1
+bema_update_freq = 400

@@ -125,7 +125,8 @@ def test_default_config_smoke_run(tmp_path):
         assert prep.returncode == 0, prep.stderr
     result = run([sys.executable, "train.py", "config/train_shakespeare_char.py",
                   f"--out_dir={tmp_path / 'smoke'}", "--max_iters=20", "--eval_iters=2",
-                  "--eval_interval=10", "--log_interval=10", "--warmup_iters=5"])
+                  "--eval_interval=10", "--log_interval=10", "--warmup_iters=5",
+                  "--lawa_interval=5"])   # LAWA's first window ends at its interval
     assert result.returncode == 0, result.stderr
     assert "step 20: train loss" in result.stdout and "val loss" in result.stdout
     # the comparison the default config exists to print

@@ -618,7 +618,9 @@ def test_save_best_ignores_non_finite_losses_and_nothing_non_finite_is_written(
         losses = real(*args, **kwargs)
         return {**losses, "val": math.nan} if calls["n"] % 3 == 2 else losses
     monkeypatch.setattr(offline_averaging, "evaluate_loss", ema_05_diverges)
-    cfg = avg_config(snapshots, tiny_data_dir, tmp_path, ema_decay=[0.5, 0.9], save="best")
+    # one evaluation per setting and step (no held-out batches), so the calls go in threes
+    cfg = avg_config(snapshots, tiny_data_dir, tmp_path, ema_decay=[0.5, 0.9], save="best",
+                     select_iters=0)
     summary = average.average(cfg)
     assert summary["saved"]["label"] == "ema[ema_decay=0.9]"
     assert [b["setting"] for b in summary["best"]] == ["raw", "ema[ema_decay=0.9]"]
