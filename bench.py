@@ -1,7 +1,7 @@
 """
 Training throughput of a config: ms/iter, tokens/s and MFU, after warm-up, no eval or checkpoints.
 
-    python bench.py                                   # the default Shakespeare config on this machine
+    python bench.py                     # the default Shakespeare config on this machine
     python bench.py config/train_small.py --compile=True --bench_iters=50
     torchrun --standalone --nproc_per_node=8 bench.py config/train_small.py
 

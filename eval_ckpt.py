@@ -141,7 +141,8 @@ def format_table(results):
             notes.append(f"the correlation leaves out {m['unseen_tokens_excluded']} tokens that "
                          f"never occur in train.bin")
         notes.append("the Coupled Adam code's convention: every row of E, padding and unseen "
-                     "tokens included, one solver-chosen sign per eigenvector (embedding_metrics.py)")
+                     "tokens included, one solver-chosen sign per eigenvector "
+                     "(embedding_metrics.py)")
         lines += ["", "embeddings: " + "; ".join(notes)]
     return "\n".join(lines)
 

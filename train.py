@@ -1,7 +1,7 @@
 """
 Train a GPT on one CPU, one GPU, or many GPUs with DDP, with weight averages kept alongside.
 
-    python train.py                                   # default: small char model on Shakespeare, CPU ok
+    python train.py                     # default: small char model on Shakespeare, CPU ok
     python train.py config/train_shakespeare_char.py --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py
     python train.py --help                            # every key, its default and what it does

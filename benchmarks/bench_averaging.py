@@ -8,11 +8,12 @@ Time one averaging update (EMA, BEMA) over all of a model's parameters, three wa
            torch.optim.swa_utils.AveragedModel with a multi-avg fn)
   loop     one tensor per parameter, a Python loop of mul_/add_/copy_ (TRL's BEMACallback)
 
-    python -m benchmarks.bench_averaging                          # the default Shakespeare model, CPU
+    python -m benchmarks.bench_averaging              # the default Shakespeare model, CPU
     python -m benchmarks.bench_averaging --model_size=gpt2 --vocab_size=50304 --block_size=1024 \
         --step_bench=False --bench_iters=5                # GPT-2 124M's shapes on a CPU
-    python -m benchmarks.bench_averaging config/train_small.py --device=cuda --dataset=shakespeare_char \
-        --gradient_accumulation_steps=5 --bench_out=averaging.jsonl      # GPT-2 124M on one GPU
+    python -m benchmarks.bench_averaging config/train_small.py --device=cuda \
+        --dataset=shakespeare_char --gradient_accumulation_steps=5 \
+        --bench_out=averaging.jsonl                      # GPT-2 124M on one GPU
 
 The parameter shapes are those of the GPT that the (train.py) config describes, the tied
 embedding/head counted once; the tensors hold random values. Every approach does the same update

@@ -241,7 +241,8 @@ def run(cfg):
     if cfg.check:
         worst = check(cfg, check_sizes)
         result["check_worst_rel_err"] = worst
-        print(f"check: every kernel matches float64 at sizes {check_sizes(kernels.triton_ops().BLOCK)}"
+        sizes = check_sizes(kernels.triton_ops().BLOCK)
+        print(f"check: every kernel matches float64 at sizes {sizes}"
               f", theta {cfg.theta_dtypes}; worst relative error {worst:.2e} (bar {TOL:g})")
     if cfg.time:
         copy_bw, copy_ms = copy_gbps(cfg)

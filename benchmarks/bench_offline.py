@@ -3,7 +3,7 @@ Offline averaging: ONE pass of average.py serving M settings over K snapshots, a
 single-setting passes (how the published tools run a sweep: one method and setting per
 invocation, every snapshot re-read each time).
 
-    python -m benchmarks.bench_offline                                  # M = 12, K = 50, the default model
+    python -m benchmarks.bench_offline              # M = 12, K = 50, the default model
     python -m benchmarks.bench_offline --ckpt_dir=out/run/snapshots     # an existing trajectory
     python -m benchmarks.bench_offline --n_layer=8 --n_embd=512 --out_dir=out/bench_offline_25m
 

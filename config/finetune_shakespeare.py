@@ -5,8 +5,8 @@
 #   python -m data.shakespeare.prepare
 #   python train.py config/finetune_shakespeare.py                      # one GPU
 #   python train.py config/finetune_shakespeare.py --init_from=./gpt2   # a local copy, no hub
-# 'gpt2' comes from the Hugging Face hub through transformers (wagpt/hf_gpt2.py); where the hub is not
-# reachable, `hf download openai-community/gpt2 config.json model.safetensors --local-dir gpt2`
+# 'gpt2' comes from the Hugging Face hub through transformers (wagpt/hf_gpt2.py); where the hub is
+# not reachable, `hf download openai-community/gpt2 config.json model.safetensors --local-dir gpt2`
 # elsewhere and pass the folder. gpt2-medium / -large / -xl work the same (nanoGPT uses gpt2-xl).
 out_dir = "out/finetune_shakespeare"
 init_from = "gpt2"

@@ -10,8 +10,9 @@ Files this project writes (every one atomically, wagpt/atomic.py):
                                              model/model_args/iter_num are nanoGPT's, so nanoGPT
                                              tools read it. The last `keep_last` are kept.
     out_dir/snapshots/step_0001000.safetensors
-                                             model-only snapshot of the trajectory, never pruned: the
-                                             float32 weights (tied lm_head stored once) plus metadata
+                                             model-only snapshot of the trajectory, never pruned:
+                                             the float32 weights (tied lm_head stored once) plus
+                                             metadata
                                              {format, step, tokens_seen, model_args (JSON), run
                                              (JSON), checksum}. This is what offline averaging
                                              reads.

@@ -391,7 +391,7 @@ def _convert(value, base):
         (item,) = typing.get_args(base)[:1] or (typing.Any,)
         items = [_convert(v, item) for v in value]
         return _REJECT if any(i is _REJECT for i in items) else origin(items)
-    if origin in (typing.Union, types.UnionType):  # e.g. float | list[float] (sweepable hyperparameters)
+    if origin in (typing.Union, types.UnionType):  # e.g. float | list[float] (sweepable keys)
         for option in typing.get_args(base):
             converted = _convert(value, option)
             if converted is not _REJECT:

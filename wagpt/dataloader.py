@@ -174,7 +174,8 @@ def check_vocabulary(data, model_vocab_size, recorded, source):
         differ = [k for k in keys if recorded[k] != ours[k]]
         what = ", ".join(f"{k} {_shown(ours[k])} vs {_shown(recorded[k])}" for k in differ)
     else:
-        bpe_model, bpe_data = model_vocab_size >= GPT2_VOCAB_SIZE, data.vocab_size >= GPT2_VOCAB_SIZE
+        bpe_model = model_vocab_size >= GPT2_VOCAB_SIZE
+        bpe_data = data.vocab_size >= GPT2_VOCAB_SIZE
         differ = bpe_model != bpe_data or data.vocab_size > model_vocab_size
         what = (f"vocab_size {data.vocab_size} vs the model's {model_vocab_size} "
                 f"({'GPT-2 BPE' if bpe_model else 'character level'})")

@@ -91,8 +91,9 @@ class OutDirLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise OutDirError(f"{self.path.parent} is in use by another run ({holder}); wait for "
-                              f"it to end, or write this run elsewhere with --out_dir=...") from None
+            raise OutDirError(f"{self.path.parent} is in use by another run ({holder}); wait "
+                              f"for it to end, or write this run elsewhere with --out_dir=...") \
+                from None
         except OSError as e:   # ENOSYS, ENOLCK: e.g. Lustre mounted without -o flock
             os.close(fd)
             raise OutDirError(f"cannot lock {self.path}: {e.strerror}; the file system of out_dir "

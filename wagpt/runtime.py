@@ -100,7 +100,7 @@ def init_runtime(device="auto", dtype="auto", timeout=None):
             # averagers and the checkpoints compare devices, where cuda != cuda:0
             device_name = f"cuda:{torch.cuda.current_device()}"
         torch.cuda.set_device(device_name)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32: fp32 matmuls left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     elif device_name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={device!r} but this PyTorch has no usable MPS device (Apple "

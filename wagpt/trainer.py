@@ -51,9 +51,9 @@ class TrainConfig(AveragingConfig):
     eval_interval: int = 250       # evaluate train/val loss every this many steps (and at the end)
     eval_iters: int = 100          # batches per split per evaluation (a fixed set: same every time)
     log_interval: int = 10         # print/log the training loss every this many steps
-    ckpt_interval: int = 250       # write a resume checkpoint every this many steps (and at the end)
-    keep_last: int = 2             # resume checkpoints to keep (0 = all); snapshots are never pruned
-    snapshot_interval: int = 0     # model-only snapshot to out_dir/snapshots every N steps (0 = off)
+    ckpt_interval: int = 250       # a resume checkpoint every this many steps (and at the end)
+    keep_last: int = 2             # resume checkpoints to keep (0 = all); snapshots: never pruned
+    snapshot_interval: int = 0     # model-only snapshot to out_dir/snapshots every N steps (0: off)
     init_from: str = "scratch"     # 'scratch' | 'resume' (latest in out_dir) | a .pt/.safetensors |
                                    # 'gpt2' ... 'gpt2-xl' | a transformers GPT-2 folder
     stop_iter: int | None = None   # end this invocation after this step, with a resume checkpoint;
@@ -127,10 +127,12 @@ class TrainConfig(AveragingConfig):
     posthoc_update_freq: int = 1   # φ: the profiles act every φ steps
     # system
     device: str = "auto"           # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
-    dtype: str = "auto"            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16'
+    dtype: str = "auto"            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) |
+                                   # 'float32' | 'bfloat16'
     compile: bool = False          # torch.compile the model
     seed: int = 1337               # initial weights, batches and dropout are functions of it
-    peak_flops: float | None = None  # device peak FLOP/s for MFU (None: looked up for A100/H100/H200)
+    peak_flops: float | None = None  # device peak FLOP/s for MFU (None: looked up for
+                                     # A100/H100/H200)
     dist_timeout: float = 600      # under torchrun: seconds a rank waits for the others before the
                                    # run stops with an error (a node died or froze); more than
                                    # rank 0 takes to write a checkpoint
@@ -423,7 +425,8 @@ def wrap_model(model, cfg, runtime):
     if cfg.compile:
         model = torch.compile(model)
     if runtime.ddp:
-        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+        model = DDP(model,
+                    device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
     return model
 
 

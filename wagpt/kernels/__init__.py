@@ -3,8 +3,8 @@ Fused Triton kernels for the averaging updates, and the switch that decides when
 
 averaging.py's five update rules (`ema_update_`, `bema_step_`, `dema_step_`, `ouema_update_`,
 `running_mean_update_`) ask `use_triton(state)` first and, if true, call the function of the same
-name and signature in `triton_ops()` (wagpt/kernels/averaging_triton.py); otherwise they run their torch
-code, which is the CPU path and the reference the kernels are tested against.
+name and signature in `triton_ops()` (wagpt/kernels/averaging_triton.py); otherwise they run
+their torch code, which is the CPU path and the reference the kernels are tested against.
 
 Backends (`set_backend`, the `backend(...)` context manager, or the environment variable
 AVERAGING_BACKEND read once at import):

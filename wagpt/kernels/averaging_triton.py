@@ -1,6 +1,7 @@
 """
 Triton kernels for averaging.py's update rules: the same functions, names and signatures, each
-one pass over flat buffers. Imported lazily by wagpt.kernels.triton_ops(); averaging.py dispatches to it.
+one pass over flat buffers. Imported lazily by wagpt.kernels.triton_ops(); averaging.py
+dispatches to it.
 
 An averaging update is pure memory traffic (a few flops per element), so what a kernel can win is
 bytes: the torch BEMA step reads θ twice and makes a temporary, the fused one reads θ, θ₀ and e
