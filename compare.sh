@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The averaging-baselines experiment in one command: train with snapshots, then run every
 # averaging method over them offline (one pass), print the table and write the plot.
-#   bash compare.sh                  # the default Shakespeare model on CPU, 3 seeds (~75 min on
+#   bash compare.sh                  # the default Shakespeare model on CPU, 3 seeds (~50 min on
 #                                    # 2 cores): experiments/compare_averaging.py, results and
 #                                    # figure in out/experiments/compare_averaging/
 #   bash compare.sh shakespeare --seeds=5 --publish=True   # its keys; --publish=True updates

@@ -6,7 +6,7 @@ peak 1e-2, cosine to 1e-3, 2000 steps, a snapshot every 50 steps), then average.
 chosen per seed on held-out val batches (average.py's select_iters, drawn with seed + 1) and
 reported on the eval batches, so no gain is measured on the batches that picked its setting.
 
-    python -m experiments.compare_averaging                 # 3 seeds, ~75 min on 2 cores
+    python -m experiments.compare_averaging                 # 3 seeds, ~50 min on 2 cores
     python -m experiments.compare_averaging --smoke=True --seeds=1 --out_dir=/tmp/x
 
 Per method: the chosen setting of each seed, the val loss at the last step and the gain over
@@ -85,9 +85,9 @@ def analyze(cfg, started):
             per_seed.append({row["step"]: row["val_loss"] for row in r["rows"]
                              if row["setting"] == setting})
         curves[method] = per_seed
-    steps = sorted(set.intersection(*(set(c) for per in curves.values() for c in per)))
     means, spreads, gain_spreads = {}, {}, {}
-    for method, per_seed in curves.items():
+    for method, per_seed in curves.items():   # each from the steps every seed's choice has
+        steps = sorted(set.intersection(*(set(c) for c in per_seed)))
         means[method], spreads[method] = common.curve_stats(
             [{s: c[s] for s in steps} for c in per_seed])
         if method != "raw":
