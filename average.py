@@ -15,6 +15,8 @@ served from ONE pass over the checkpoints, each evaluated next to the raw weight
 Any averager key of averaging.py may be given a list; each method runs the cartesian product of
 its lists, every combination as its own averager, all fed the same snapshots. The snapshots are
 read in step order, each exactly once, one at a time (memory: the model + the averagers' state).
+Each method's best setting (and --save=best's) is chosen on held-out val batches (select_iters,
+drawn with seed + 1, at the last step and save_step) and reported on the eval batches.
 
 Offline time is training steps (offline_time='steps', the default): an averager acts at the
 snapshots it is given, with t = s − τ from the real step s, and a snapshot stands for every
