@@ -4,7 +4,7 @@ with small, noisy batches. Claim tested: BEMA converges faster than EMA and than
 iterate, and ends at least as good; here at the update period φ (bema_update_freq) the authors
 use as well as every step.
 
-    python -m experiments.bema_finetune                  # ~1 h on 2 cores
+    python -m experiments.bema_finetune                  # ~45 min on 2 cores
     python -m experiments.bema_finetune --seeds=3 --smoke=True --out_dir=/tmp/x
 
 1. Pretrain the default character-level model on Shakespeare's plays (2000 steps, the default

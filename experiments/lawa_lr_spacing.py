@@ -4,7 +4,7 @@ the raw weights at the default and at a 10x higher peak LR, with the spacing Δ 
 checkpoints varied at fixed k = 5; EMAs of the same mean age alongside. Claims tested: the gain
 is larger at high LR, and grows with the spacing.
 
-    python -m experiments.lawa_lr_spacing                # ~1 h on 2 cores
+    python -m experiments.lawa_lr_spacing                # ~25 min on 2 cores
     python -m experiments.lawa_lr_spacing --smoke=True --seeds=1 --out_dir=/tmp/x
 
 Per seed and peak LR (1e-3, the default recipe, and 1e-2 as `bash compare.sh`; cosine to LR/10,
