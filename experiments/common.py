@@ -63,13 +63,15 @@ def is_figure_key(key):
 def figure_paths(cfg):
     """Where the figures go: into out_dir under their published names unless --publish (docs/img)
     or the key was given explicitly. A smoke test is never published."""
-    if getattr(cfg, "publish", False) and getattr(cfg, "smoke", False):
+    publish = getattr(cfg, "publish", False)
+    if publish and getattr(cfg, "smoke", False):
         raise ConfigError("publish=True with smoke=True: a smoke test's figure would replace the "
                          "published one; drop --publish")
+    if publish:
+        return cfg
     given = getattr(cfg, "given_keys", frozenset())
     for key, value in vars(cfg).items():
-        if is_figure_key(key) and isinstance(value, str) and key not in given \
-                and not getattr(cfg, "publish", False):
+        if is_figure_key(key) and isinstance(value, str) and key not in given:
             setattr(cfg, key, str(Path(cfg.out_dir) / Path(value).name))
     return cfg
 

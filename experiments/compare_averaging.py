@@ -19,6 +19,7 @@ from pathlib import Path
 
 from experiments import common
 from wagpt.configurator import main
+from wagpt.offline_averaging import method_label
 from wagpt.report import markdown_table, plot_curves
 
 
@@ -53,8 +54,7 @@ def analyze(cfg, started):
     out, seeds = Path(cfg.out_dir), cfg.seed_values()
     results = [common.read_json(out / f"s{seed}" / "averaging" / "results.json")
                for seed in seeds]
-    best = [{b["method"] if b["source"] == "snapshots" else f"{b['method']} ({b['source']})": b
-             for b in r["best"]} for r in results]
+    best = [{method_label(b): b for b in r["best"]} for r in results]
     methods = [m for m in best[0] if all(m in b for b in best)]
     raw = [b["raw"]["val_loss"] for b in best]
     rows = []

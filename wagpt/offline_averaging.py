@@ -837,13 +837,12 @@ def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entr
     are committed; every rank takes part in choosing). Settings whose loss is not finite are
     never chosen, and weights that are not finite never written (the returned record then
     holds the error, raised once the ranks have met)."""
-    losses = {r["setting"]: _choice_loss(r) for r in step_rows}   # held-out where measured
-    reported = {r["setting"]: r["val_loss"] for r in step_rows}
+    rows = {r["setting"]: {k: r[k] for k in ("val_loss", "select_loss")} for r in step_rows}
     if runtime.ddp:
         every = [None] * runtime.world_size
-        dist.all_gather_object(every, (losses, reported), group=runtime.control_group)
-        losses = {k: v for part, _ in every for k, v in part.items()}
-        reported = {k: v for _, part in every for k, v in part.items()}
+        dist.all_gather_object(every, rows, group=runtime.control_group)
+        rows = {k: v for part in every for k, v in part.items()}
+    losses = {label: _choice_loss(row) for label, row in rows.items()}   # held-out if measured
     named = [s for s in plan.settings if s.label in losses and
              cfg.save in ("best", s.method, s.label)]
     if not named:
@@ -872,8 +871,7 @@ def save_average(cfg, runtime, model, model_args, plan, swapped, step_rows, entr
                    **({"data": record.data} if record.data else {})}, run=record.run)
     return {"label": choice.label, "step": entry.step,
             "path": str(Path(cfg.out_dir) / relative / path.name),
-            "val_loss": reported[choice.label], "select_loss": losses[choice.label]
-            if losses[choice.label] != reported[choice.label] else None}
+            **rows[choice.label]}
 
 
 @contextmanager
@@ -1030,13 +1028,14 @@ def posthoc_widths(rows):
             for r in rows if r["source"] == "profiles" and r["step"] == last]
 
 
-def _method_cell(b):
+def method_label(b):
+    """A best-settings entry's method, with its source where it is not the snapshots."""
     return b["method"] if b["source"] == "snapshots" else f"{b['method']} ({b['source']})"
 
 
 def format_table(best):
     table = markdown_table(best, [
-        ("method", _method_cell), ("best setting", "setting"),
+        ("method", method_label), ("best setting", "setting"),
         ("val loss", lambda b: f"{b['val_loss']:.4f}"),
         ("gain over raw", lambda b: "" if b["method"] == "raw" or b["gain"] is None
          else f"{b['gain']:+.4f}"),
