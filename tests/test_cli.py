@@ -195,7 +195,8 @@ sweep = load_config(offline_averaging.AverageConfig, ["--ckpt_dir=x", "--methods
 settings = offline_averaging.expand_settings(sweep, first_step=0)
 assert [s.label for s in settings] == ["toy[toy_rate=0.25]", "toy[toy_rate=0.75]"]
 assert "averaging: toy" in help_text(train.TrainConfig, "", "train.py")
-assert "r: weight of the new iterate" in help_text(offline_averaging.AverageConfig, "", "average.py")
+help_average = help_text(offline_averaging.AverageConfig, "", "average.py")
+assert "r: weight of the new iterate" in help_average
 print("toy method ok")
 '''
 

@@ -1,6 +1,7 @@
-"""wagpt/hf_gpt2.py: a transformers GPT-2 folder loads into our GPT with HF's logits, export -> import ->
-export is the identity bit for bit, and what model.py cannot represent is refused by name.
-Nothing here reaches the hub: the models are tiny random GPT2LMHeadModels saved to tmp folders."""
+"""wagpt/hf_gpt2.py: a transformers GPT-2 folder loads into our GPT with HF's logits, export ->
+import -> export is the identity bit for bit, and what model.py cannot represent is refused by
+name. Nothing here reaches the hub: the models are tiny random GPT2LMHeadModels saved to tmp
+folders."""
 
 import json
 import os

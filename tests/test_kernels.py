@@ -37,8 +37,8 @@ from wagpt import kernels
 OPS = kernels.triton_ops()
 if not OPS.INTERPRETED:
     raise RuntimeError("wagpt/kernels/averaging_triton.py was imported before TRITON_INTERPRET=1 "
-                       "was set (something called kernels.triton_ops() at import time), so its kernels "
-                       "are compiled for a GPU and these CPU tests cannot run them")
+                       "was set (something called kernels.triton_ops() at import time), so its "
+                       "kernels are compiled for a GPU and these CPU tests cannot run them")
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = OPS.BLOCK

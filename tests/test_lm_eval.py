@@ -63,7 +63,8 @@ def test_lm_eval_scores_an_exported_model_on_the_local_task(tmp_path, monkeypatc
         tasks=["shakespeare_cloze"], device="cpu", batch_size=8, bootstrap_iters=0,
         task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
 
-    docs = [json.loads(line) for line in (TASKS / "shakespeare_cloze.jsonl").read_text().splitlines()]
+    lines = (TASKS / "shakespeare_cloze.jsonl").read_text().splitlines()
+    docs = [json.loads(line) for line in lines]
     samples = sorted(results["samples"]["shakespeare_cloze"], key=lambda s: s["doc_id"])
     assert len(samples) == len(docs) == 24
     correct = correct_norm = 0
@@ -78,7 +79,8 @@ def test_lm_eval_scores_an_exported_model_on_the_local_task(tmp_path, monkeypatc
             assert math.isclose(theirs, ours[-1], abs_tol=2e-4), (doc["context"], choice)
         correct += max(range(4), key=lambda i: ours[i]) == doc["label"]
         # acc_norm: log-likelihood per character of the choice, as lm-eval defines it
-        correct_norm += max(range(4), key=lambda i: ours[i] / len(doc["choices"][i])) == doc["label"]
+        best_norm = max(range(4), key=lambda i: ours[i] / len(doc["choices"][i]))
+        correct_norm += best_norm == doc["label"]
     scores = results["results"]["shakespeare_cloze"]
     assert scores["acc,none"] == correct / len(docs)
     assert scores["acc_norm,none"] == correct_norm / len(docs)

@@ -1,4 +1,5 @@
-"""model.py on tiny models: shapes, init, tying, causality, optimizer groups, FLOPs, peaks, sampling."""
+"""model.py on tiny models: shapes, init, tying, causality, optimizer groups, FLOPs, peaks,
+sampling."""
 
 import math
 

@@ -187,10 +187,10 @@ def test_a_stored_profile_is_reconstructed_as_itself():
 
 
 def test_continuous_and_exact_fits_differ_for_narrow_profiles_only():
-    """The finding of docs/averaging.md (continuous vs exact). Updated every step, stored every 2 steps up to t = 20
-    (σ_rel 0.05 is then 1 step wide): 20 profiles span the 20 iterates, so the exact fit is
-    exact, while the continuous one misses by 10%. Stored every 500 steps up to 5000: both
-    fits agree to ~1e-5."""
+    """The finding of docs/averaging.md (continuous vs exact). Updated every step, stored every 2
+    steps up to t = 20 (σ_rel 0.05 is then 1 step wide): 20 profiles span the 20 iterates, so
+    the exact fit is exact, while the continuous one misses by 10%. Stored every 500 steps up
+    to 5000: both fits agree to ~1e-5."""
     narrow = [(t, g) for t in range(2, 21, 2) for g in (G05, G10)]
     target = (20, sigma_rel_to_gamma(0.02))
     exact = solve_coefficients(narrow, target)

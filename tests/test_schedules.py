@@ -1,4 +1,5 @@
-"""wagpt/schedules.py: golden multipliers for every schedule and cooldown shape, validation, from_config.
+"""wagpt/schedules.py: golden multipliers for every schedule and cooldown shape, validation,
+from_config.
 
 The expected numbers are written out by hand (exact fractions, or cos/sqrt of simple angles given
 to 16+ digits) rather than recomputed with the formulas under test.
