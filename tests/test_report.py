@@ -79,6 +79,24 @@ def test_small_multiples_keep_each_curve_in_its_style(tmp_path, monkeypatch):
         report.plot_curves(curves, tmp_path / "h.png", "t", groups={"x": ["raw", "c"]})
 
 
+def test_a_sweep_on_a_log_axis_is_labelled_with_its_own_values(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    real = plt.figure
+    monkeypatch.setattr(plt, "figure", lambda *a, **k: figures.append(real(*a, **k)) or
+                        figures[-1])
+    lrs = [2.5e-3, 5e-3, 1e-2, 2e-2]
+    curves = {"cosine": [(lr, 2 + (lr - 0.01) ** 2) for lr in lrs],
+              "wsd": [(lr, 1.9 + (lr - 0.01) ** 2) for lr in lrs]}
+    report.plot_curves(curves, tmp_path / "s.png", "t", xlabel="peak learning rate",
+                       xscale="log", groups={"T = 500": ["cosine", "wsd"]})
+    (fig,) = figures
+    bottom = [ax for ax in fig.axes if ax.get_xlabel() == "peak learning rate"][0]
+    assert bottom.get_xscale() == "log"
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["0.0025", "0.005", "0.01", "0.02"]
+    assert not any(t.get_text() for t in bottom.get_xticklabels(minor=True))
+
+
 def test_a_long_clipping_note_is_wrapped_and_counts_many_curves():
     many = [f"lawa[lawa_interval={d}], LR 0.001" for d in (25, 50, 100, 200, 400)]
     note = report._clip_note(1.71, 3.49, many)
