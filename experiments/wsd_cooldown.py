@@ -48,8 +48,10 @@ class WsdCooldownConfig(common.ExperimentConfig):
     # regime
     lengths: list[int] = field(default_factory=lambda: [500, 1000, 2000])  # run lengths T; the
                                    # constant-LR run is the longest
-    learning_rates: list[float] = field(default_factory=lambda: [2.5e-3, 5e-3, 1e-2, 2e-2])
-                                   # peak LRs, swept for WSD and cosine at every T
+    learning_rates: list[float] = field(
+        default_factory=lambda: [1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2])  # peak LRs, swept for WSD
+                                   # and cosine at every T (1.25e-3 was added when WSD at
+                                   # T = 2000 came out best at 2.5e-3, then the lowest)
     shapes: list[str] = field(default_factory=lambda: ["1-sqrt", "linear", "cosine", "square"])
                                    # cooldown shapes compared at the longest T (20%)
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])  # 1-sqrt cooldown
