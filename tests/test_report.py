@@ -79,6 +79,27 @@ def test_small_multiples_keep_each_curve_in_its_style(tmp_path, monkeypatch):
         report.plot_curves(curves, tmp_path / "h.png", "t", groups={"x": ["raw", "c"]})
 
 
+def test_a_groups_title_sits_above_its_clipping_note(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    real = plt.figure
+    monkeypatch.setattr(plt, "figure", lambda *a, **k: figures.append(real(*a, **k)) or
+                        figures[-1])
+    steps = range(0, 500, 50)
+    curves = {f"constant LR 0.00{i}, a long label": [(s, 2 + i / 100 - s / 500) for s in steps]
+              for i in range(1, 4)}
+    curves["diverged"] = [(s, 2 + s / 5) for s in steps]
+    report.plot_curves(curves, tmp_path / "g.png", "t",
+                       groups={"T = 500: each at its best LR": list(curves)})
+    (fig,) = figures
+    fig.canvas.draw()
+    top = next(ax for ax in fig.axes if ax.get_title(loc="left"))
+    notes = [t for t in top.texts if "partly outside" in t.get_text()]
+    assert notes
+    title = top.title if top.get_title() else top._left_title
+    assert not title.get_window_extent().overlaps(notes[0].get_window_extent())
+
+
 def test_a_sweep_on_a_log_axis_is_labelled_with_its_own_values(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     figures = []

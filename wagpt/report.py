@@ -180,8 +180,6 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
                 bottom.plot(*zip(*gains[label]), color=colors[label], **rest)
                 _band(bottom, gains[label], gain_spread.get(label), colors[label])
         bottom.axhline(0.0, color="black", linewidth=1.5)
-        if group_title is not None:
-            top.set_title(group_title, fontsize=10, loc="left")
         if col == 0:
             top.set_ylabel(f"{ylabel} ({unit})" if unit else ylabel)
             over = references[0] if len(references) == 1 else "its reference"
@@ -204,11 +202,15 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
                            (bottom, gains)):
             ax.grid(alpha=0.3)
             clipped = _limit_y(ax, values)
+            note_lines = 0
             if clipped:   # said above the axes, never silent, never over the data
                 lo, hi = ax.get_ylim()
-                ax.text(1.0, 1.01, _clip_note(lo, hi, clipped, width=60 if grouped else 90),
-                        transform=ax.transAxes, fontsize=7, va="bottom", ha="right",
-                        color="dimgray", clip_on=False)
+                note = _clip_note(lo, hi, clipped, width=60 if grouped else 90)
+                note_lines = note.count("\n") + 1
+                ax.text(1.0, 1.01, note, transform=ax.transAxes, fontsize=7, va="bottom",
+                        ha="right", color="dimgray", clip_on=False)
+            if ax is top and group_title is not None:   # above the note, not under it
+                top.set_title(group_title, fontsize=10, loc="left", pad=6 + 9 * note_lines)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if grouped:   # one legend for every panel, below them, as wide as the figure needs
