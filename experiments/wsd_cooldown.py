@@ -5,7 +5,7 @@ shapes, three cooldown lengths, one long constant-LR run with cooldowns branched
 cosine run per length (and what each costs), and windowed averaging / SWA read off the
 constant-LR run vs a real cooldown.
 
-    python -m experiments.wsd_cooldown                   # ~2 h on 2 cores
+    python -m experiments.wsd_cooldown                   # ~1.5 h on 2 cores
     python -m experiments.wsd_cooldown --smoke=True --seeds=1 --out_dir=/tmp/x
 
 The default recipe otherwise (100 warmup steps, batch 12 x 64, AdamW).
