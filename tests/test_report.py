@@ -11,6 +11,16 @@ from wagpt.configurator import load_config
 from wagpt.errors import ConfigError
 
 
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures plot_curves makes, in order (it closes them; they stay readable)."""
+    import matplotlib.pyplot as plt
+    made = []
+    real = plt.figure
+    monkeypatch.setattr(plt, "figure", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    return made
+
+
 def test_markdown_table():
     rows = [{"a": 1, "b": None}, {"a": 2, "b": "x"}]
     assert report.markdown_table(rows, [("A", "a"), ("twice", lambda r: 2 * r["a"]),
@@ -53,12 +63,7 @@ def test_plot_marks_every_curve_and_says_what_is_outside(tmp_path, monkeypatch):
     assert not any("partly outside" in t for t in texts[before:])
 
 
-def test_small_multiples_keep_each_curve_in_its_style(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-    figures = []
-    real = plt.figure
-    monkeypatch.setattr(plt, "figure", lambda *a, **k: figures.append(real(*a, **k)) or
-                        figures[-1])
+def test_small_multiples_keep_each_curve_in_its_style(tmp_path, figures):
     steps = range(0, 400, 50)
     curves = {"raw": [(s, 3 - s / 500) for s in steps],
               "a": [(s, 2.9 - s / 500) for s in steps[:4]],
@@ -79,12 +84,7 @@ def test_small_multiples_keep_each_curve_in_its_style(tmp_path, monkeypatch):
         report.plot_curves(curves, tmp_path / "h.png", "t", groups={"x": ["raw", "c"]})
 
 
-def test_a_groups_title_sits_above_its_clipping_note(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-    figures = []
-    real = plt.figure
-    monkeypatch.setattr(plt, "figure", lambda *a, **k: figures.append(real(*a, **k)) or
-                        figures[-1])
+def test_a_groups_title_sits_above_its_clipping_note(tmp_path, figures):
     steps = range(0, 500, 50)
     curves = {f"constant LR 0.00{i}, a long label": [(s, 2 + i / 100 - s / 500) for s in steps]
               for i in range(1, 4)}
@@ -100,12 +100,7 @@ def test_a_groups_title_sits_above_its_clipping_note(tmp_path, monkeypatch):
     assert not title.get_window_extent().overlaps(notes[0].get_window_extent())
 
 
-def test_a_sweep_on_a_log_axis_is_labelled_with_its_own_values(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-    figures = []
-    real = plt.figure
-    monkeypatch.setattr(plt, "figure", lambda *a, **k: figures.append(real(*a, **k)) or
-                        figures[-1])
+def test_a_sweep_on_a_log_axis_is_labelled_with_its_own_values(tmp_path, figures):
     lrs = [2.5e-3, 5e-3, 1e-2, 2e-2]
     curves = {"cosine": [(lr, 2 + (lr - 0.01) ** 2) for lr in lrs],
               "wsd": [(lr, 1.9 + (lr - 0.01) ** 2) for lr in lrs]}
