@@ -1126,6 +1126,9 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
         for line in proc.stdout:
             if line.startswith("iter "):
                 break
+        deadline = time.monotonic() + 120   # a loaded machine can take seconds to the first
+        while checkpoint.latest_resume(out) is None and time.monotonic() < deadline:   # save
+            time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         proc.communicate(timeout=60)
