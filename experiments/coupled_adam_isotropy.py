@@ -7,7 +7,7 @@ val loss. Claims tested: Adam's second moment makes the embeddings anisotropic (
 of all rows, large for rare tokens) and Coupled Adam removes it; and, on large enough data,
 Coupled Adam also lowers the loss.
 
-    python -m experiments.coupled_adam_isotropy          # ~1.5 h on 2 cores
+    python -m experiments.coupled_adam_isotropy          # ~1 h on 2 cores
     python -m experiments.coupled_adam_isotropy --smoke=True --seeds=1 --out_dir=/tmp/x
 
 Per seed, data size and optimizer: the default 4-layer, 128-wide model with the GPT-2
