@@ -1120,15 +1120,21 @@ def test_kill_9_at_random_points_leaves_every_file_loadable_and_resumable(tiny_d
     killed_mid_write = {"checkpoint": 0, "snapshot": 0, "profile": 0, "log": 0}
     for trial in range(FAULT_TRIALS):
         start = ["--init_from=resume"] if checkpoint.latest_resume(out) else []
-        proc = subprocess.Popen([sys.executable, "train.py", "--max_iters=100000", *start,
-                                 *common], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+        # far more steps than a trial reaches, but not so many that the disk plan (a snapshot
+        # and a profile per step) exceeds a small disk: 100000 steps would plan 29 GiB
+        proc = subprocess.Popen([sys.executable, "train.py",
+                                 f"--max_iters={1000 * (FAULT_TRIALS + 1)}", *start, *common],
+                                cwd=REPO, env=env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         for line in proc.stdout:
             if line.startswith("iter "):
                 break
-        deadline = time.monotonic() + 120   # a loaded machine can take seconds to the first
-        while checkpoint.latest_resume(out) is None and time.monotonic() < deadline:   # save
+        deadline = time.monotonic() + 120   # a loaded machine can take seconds to the first save
+        while (checkpoint.latest_resume(out) is None and proc.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.05)
+        assert proc.poll() is None, f"trial {trial}: train.py stopped before the kill: " \
+                                    f"{proc.stderr.read()[-2000:]}"
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         proc.communicate(timeout=60)
