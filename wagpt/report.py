@@ -189,7 +189,7 @@ def plot_curves(curves, path, title, xlabel="step", ylabel="val loss", reference
                 ax.set_ylabel(panel_label)
         bottom.set_xlabel(xlabel)
         top.set_xscale(xscale)
-        xs = sorted({x for k in members if k in curves for x, _ in curves[k]})
+        xs = sorted({x for label in members for x, _ in shown[label]})
         if xscale == "log" and 0 < len(xs) <= 8:   # a sweep: label its own values, plainly
             top.set_xticks(xs, [f"{x:g}" for x in xs])
             top.minorticks_off()
